@@ -1,0 +1,319 @@
+"""A TD vCPU: TDH.VP.ENTER, guest execution one instruction per step, and the TD exit back to the host.
+
+Guest accesses with the shared bit set are translated by a hardware walk of the shared EPT (KVM's direct root
+in host memory), setting A and D bits as the CPU does; private ones go through the TDX module's S-EPT.
+References: tdx-module.md §4 (epochs at entry and exit), §5.3 (what an access does), §6.4 (zero-step).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Generator
+from typing import Any
+
+import attrs
+
+from tdxdbg.hw import insn as guest
+from tdxdbg.hw.ept import (
+    EPT_RWX,
+    EXIT_QUAL_RWX_SHIFT,
+    PAGE_SIZE,
+    Access,
+    EptBit,
+    ExitQual,
+    ExitReason,
+    entry_pfn,
+    is_present,
+    pt_index,
+)
+from tdxdbg.hw.memory import HostMemory
+from tdxdbg.hw.tdx import epoch
+from tdxdbg.hw.tdx.guest_calls import (
+    EptViolation,
+    TdcallResult,
+    log_epf,
+    tdg_mem_page_accept,
+    translate_private,
+    would_fault,
+)
+from tdxdbg.hw.tdx.leaves import Seamcall, Tdcall
+from tdxdbg.hw.tdx.locks import LockMode, release, try_acquire
+from tdxdbg.hw.tdx.module import TdxModule
+from tdxdbg.hw.tdx.seamcall import TdxStep
+from tdxdbg.hw.tdx.status import OperandId, TdxStatus, describe
+from tdxdbg.hw.tdx.td import Lifecycle, OpState, TdConfig, VcpuState, lifecycle_key, op_state_key, vcpu_key
+from tdxdbg.runtime.step import Step
+
+RUN_OP_STATES = frozenset({OpState.RUNNABLE, OpState.LIVE_EXPORT, OpState.LIVE_IMPORT})
+# GLA valid + access to the final translation: what a data access that faults on its GPA reports.
+DATA_ACCESS_QUAL = ExitQual.GLA_VALID | ExitQual.GLA_TRANSLATED
+# Entry-permission bit each access needs.
+NEEDED = {Access.READ: EptBit.READ, Access.WRITE: EptBit.WRITE, Access.FETCH: EptBit.EXEC}
+
+
+@attrs.frozen(slots=True)
+class TdExit:
+    """What TDH.VP.ENTER returned: RAX (the exit reason, or an error status when the TD was not entered),
+    RCX (exit qualification), RDX (extended exit qualification), R8 (GPA) and the TDVMCALL registers."""
+
+    rax: int
+    reason: ExitReason | None = None
+    exit_qual: int = 0
+    ext_qual: int = 0
+    gpa: int = 0
+    r10: int = 0
+    r11: int = 0
+    r12: int = 0
+    r13: int = 0
+    entered: bool = True
+
+    @property
+    def error(self) -> bool:
+        return self.reason is None
+
+    def __str__(self) -> str:
+        if self.reason is None:
+            return f"TDH.VP.ENTER failed: {describe(self.rax)}"
+        return f"TD exit {self.reason.name} gpa={self.gpa:#x}"
+
+
+class TdVcpu:
+    """One vCPU of a TD running a guest program. Architectural state (epoch, association, RIP) is in the World;
+    the guest program's own Python state is not, since stepping backwards never re-executes it."""
+
+    def __init__(self, module: TdxModule, memory: HostMemory, tdr: int, index: int,
+                 program: guest.GuestProgram) -> None:
+        self.module = module
+        self.memory = memory
+        self.world = module.world
+        self.tdr = tdr
+        self.index = index
+        self.tdvpr = module.create_vcpu(tdr, index)
+        self._program = program
+        self._pending: guest.Insn | None = None
+        self._started = False
+        self._halted = False
+        self._vmcall_result: TdcallResult | None = None
+        self.world.set(self.rip_key, 0)
+
+    # -- keys ------------------------------------------------------------------------------------------------
+    @property
+    def rip_key(self) -> tuple[str, int]:
+        return ("vcpu.rip", self.tdvpr)
+
+    @property
+    def kick_key(self) -> tuple[str, int]:
+        return ("vcpu.kick", self.tdvpr)
+
+    @property
+    def eptp_key(self) -> tuple[str, int]:
+        return ("vcpu.shared_eptp", self.tdvpr)
+
+    # -- host-side controls ------------------------------------------------------------------------------
+    @property
+    def halted(self) -> bool:
+        """The guest program has finished."""
+        return self._halted
+
+    @property
+    def in_guest(self) -> bool:
+        return self.world.peek(vcpu_key(self.tdvpr)).in_guest
+
+    def set_shared_eptp(self, root_pfn: int) -> None:
+        """VMWRITE of SHARED_EPT_POINTER in the TD VMCS (KVM `tdx_load_mmu_pgd`)."""
+        self.world.set(self.eptp_key, root_pfn)
+
+    def kick(self) -> None:
+        """An IPI: a vCPU in guest mode exits with EXTERNAL_INTERRUPT before its next instruction."""
+        if self.world.get(vcpu_key(self.tdvpr)).in_guest:
+            self.world.set(self.kick_key, True)
+
+    def complete_tdvmcall(self, r10: int, r11: int = 0) -> None:
+        """The host's answer to the pending TDG.VP.VMCALL; the guest sees it at the next TD entry."""
+        self._vmcall_result = TdcallResult(0, r10=r10, r11=r11)
+
+    # -- TDH.VP.ENTER ------------------------------------------------------------------------------------------
+    def enter(self) -> Generator[Step, None, TdExit]:
+        """TDH.VP.ENTER: enter the TD, run the guest until something exits to the host, and return the exit."""
+        w, m = self.world, self.module
+        key = vcpu_key(self.tdvpr)
+        st: VcpuState = w.get(key)
+        tdr = st.tdr
+        cfg: TdConfig = w.get(("tdx.td", tdr))
+        rip = w.get(self.rip_key)
+        injected = m.count_call(Seamcall.TDH_VP_ENTER)
+        status = injected
+        if status is None:
+            if w.get(lifecycle_key(tdr)) is not Lifecycle.TD_KEYS_CONFIGURED:
+                status = TdxStatus.TDX_TD_KEYS_NOT_CONFIGURED
+            elif w.get(op_state_key(tdr)) not in RUN_OP_STATES:
+                status = TdxStatus.TDX_OP_STATE_INCORRECT
+            elif not try_acquire(w, epoch.epoch_lock_key(tdr), LockMode.SHARED, w.task):
+                status = TdxStatus.TDX_OPERAND_BUSY | OperandId.TD_EPOCH
+        if status is not None:
+            return (yield from self._not_entered(TdExit(status, entered=False), injected is not None))
+        # `adjust_tlb_tracking_state`: count this vCPU in the current epoch; flush if it missed an epoch.
+        td_epoch = epoch.enter(w, tdr)
+        release(w, epoch.epoch_lock_key(tdr), LockMode.SHARED, w.task)
+        flush = st.vcpu_epoch != td_epoch
+        if st.epf_gpas:
+            # `td_entry_stepping_filter`: refuse to enter while a recorded GPA would still fault.
+            tree = ("tdx.tree_lock", tdr)
+            if not try_acquire(w, tree, LockMode.EXCLUSIVE, w.task):
+                epoch.leave(w, tdr, td_epoch)
+                return (yield from self._not_entered(
+                    TdExit(TdxStatus.TDX_OPERAND_BUSY | OperandId.SEPT_TREE, entered=False), False))
+            yield Step(TdxStep.SEAMCALL, {"leaf": Seamcall.TDH_VP_ENTER, "rcx": self.tdvpr << 12,
+                                          "locks": ("sept_tree:exclusive",), "stepping_filter": st.epf_gpas})
+            faulting = next((g for g in st.epf_gpas if would_fault(m, cfg, g)), None)
+            release(w, tree, LockMode.EXCLUSIVE, w.task)
+            if faulting is not None:
+                epoch.leave(w, tdr, td_epoch)
+                return (yield from self._not_entered(
+                    TdExit(ExitReason.EPT_VIOLATION, ExitReason.EPT_VIOLATION, gpa=faulting, entered=False), False))
+            st = attrs.evolve(st, epf_count=0, epf_gpas=())
+        w.set(key, attrs.evolve(st, associated=True, in_guest=True, vcpu_epoch=td_epoch, entry_rip=rip))
+        yield Step(TdxStep.TD_ENTRY, {"vcpu": self.index, "epoch": td_epoch, "flush": flush, "rip": rip})
+        if self._vmcall_result is not None:
+            self._complete(self._vmcall_result)
+            self._vmcall_result = None
+        exit = yield from self._run_guest(cfg)
+        # TD exit: leave the epoch this vCPU entered in.
+        st = w.get(key)
+        epoch.leave(w, tdr, st.vcpu_epoch)
+        if exit.reason is ExitReason.EPT_VIOLATION and not exit.gpa & cfg.shared_bit:
+            st = log_epf(m, self.tdvpr, exit.gpa, w.get(self.rip_key))
+        w.set(key, attrs.evolve(st, in_guest=False))
+        yield Step(TdxStep.TD_EXIT, self._exit_payload(exit))
+        return exit
+
+    def _not_entered(self, exit: TdExit, injected: bool) -> Generator[Step, None, TdExit]:
+        payload = self._exit_payload(exit)
+        payload["injected"] = injected
+        yield Step(TdxStep.SEAMCALL_RETURN if exit.error else TdxStep.TD_EXIT, payload)
+        return exit
+
+    def _exit_payload(self, exit: TdExit) -> dict[str, Any]:
+        return {"leaf": Seamcall.TDH_VP_ENTER, "vcpu": self.index, "rax": exit.rax,
+                "reason": exit.reason.name if exit.reason else None, "status": describe(exit.rax) if exit.error
+                else "TDX_SUCCESS", "error": exit.error, "gpa": exit.gpa, "exit_qual": exit.exit_qual,
+                "ext_qual": exit.ext_qual, "entered": exit.entered}
+
+    # -- guest execution --------------------------------------------------------------------------------------
+    def _current(self) -> guest.Insn | None:
+        if self._halted:
+            return None
+        if not self._started:
+            self._started = True
+            try:
+                self._pending = next(self._program)
+            except StopIteration:
+                self._halted = True
+        return self._pending
+
+    def _complete(self, result: Any) -> None:
+        """The pending instruction retired with `result`: RIP moves and the program gets the result."""
+        w = self.world
+        w.set(self.rip_key, w.get(self.rip_key) + 1)
+        try:
+            self._pending = self._program.send(result)
+        except StopIteration:
+            self._pending = None
+            self._halted = True
+
+    def _run_guest(self, cfg: TdConfig) -> Generator[Step, None, TdExit]:
+        w = self.world
+        while True:
+            if w.get(self.kick_key):
+                w.delete(self.kick_key)
+                return TdExit(ExitReason.EXTERNAL_INTERRUPT, ExitReason.EXTERNAL_INTERRUPT)
+            insn = self._current()
+            if insn is None:
+                return TdExit(ExitReason.HLT, ExitReason.HLT)
+            if isinstance(insn, guest.MemAccess):
+                outcome = self._access(cfg, insn)
+                payload = {"vcpu": self.index, "access": insn.access.value, "gpa": insn.gpa,
+                           "shared": bool(insn.gpa & cfg.shared_bit)}
+                if isinstance(outcome, TdExit):
+                    payload["exit"] = "EPT_VIOLATION"
+                    yield Step(TdxStep.GUEST_ACCESS, payload)
+                    return outcome
+                payload["value"] = outcome if isinstance(outcome, int) else None
+                payload["ve"] = isinstance(outcome, guest.VirtualizationException)
+                yield Step(TdxStep.GUEST_ACCESS, payload)
+                self._complete(outcome)
+            elif insn.leaf is Tdcall.TDG_MEM_PAGE_ACCEPT:
+                result = yield from tdg_mem_page_accept(self.module, self.tdvpr, insn.rcx)
+                if isinstance(result, EptViolation):
+                    return TdExit(ExitReason.EPT_VIOLATION, ExitReason.EPT_VIOLATION, result.exit_qual,
+                                  result.ext_qual, result.gpa)
+                self._complete(result)
+            elif insn.leaf is Tdcall.TDG_VP_VMCALL:
+                # Exits to the host with the call's registers; RIP moves when the host completes it.
+                return TdExit(ExitReason.TDCALL, ExitReason.TDCALL, r10=insn.r10, r11=insn.r11,
+                              r12=insn.r12, r13=insn.r13)
+            elif insn.leaf is Tdcall.TDG_VP_INFO:
+                yield Step(TdxStep.TDCALL_RETURN, {"leaf": insn.leaf, "status": "TDX_SUCCESS", "rax": 0})
+                self._complete(TdcallResult(0, rcx=int(cfg.gpaw)))
+            else:
+                yield Step(TdxStep.TDCALL_RETURN, {"leaf": insn.leaf, "status": "TDX_OPERAND_INVALID|RAX",
+                                                   "rax": TdxStatus.TDX_OPERAND_INVALID})
+                self._complete(TdcallResult(TdxStatus.TDX_OPERAND_INVALID | OperandId.RAX))
+
+    def _access(self, cfg: TdConfig, insn: guest.MemAccess) -> int | TdExit | guest.VirtualizationException | None:
+        """Translate and perform one access. Returns the value read (None for a write), a TD exit, or a #VE."""
+        gpa = insn.gpa
+        qual = insn.access.exit_qual | DATA_ACCESS_QUAL
+        if gpa & cfg.shared_bit:
+            res = self._walk_shared(cfg, gpa, insn.access)
+            if isinstance(res, int):
+                return self._data(res, gpa, insn)
+            return res
+        t = translate_private(self.module, cfg, gpa, qual)
+        if t.pfn is not None:
+            return self._data(t.pfn, gpa, insn)
+        if t.ve:
+            return guest.VirtualizationException(gpa, int(qual), pending=True)
+        assert t.violation is not None
+        v = t.violation
+        exit_qual = v.exit_qual if v.ext_qual else int(qual)
+        return TdExit(ExitReason.EPT_VIOLATION, ExitReason.EPT_VIOLATION, exit_qual, v.ext_qual, v.gpa)
+
+    def _data(self, pfn: int, gpa: int, insn: guest.MemAccess) -> int | None:
+        offset = gpa & (PAGE_SIZE - 1)
+        if insn.access is Access.WRITE:
+            self.memory.write_word(pfn, offset, insn.value)
+            return None
+        return self.memory.read_word(pfn, offset)
+
+    def _walk_shared(self, cfg: TdConfig, gpa: int,
+                     access: Access) -> int | TdExit | guest.VirtualizationException:
+        """The CPU's walk of the shared EPT: A bits on every entry used, D on the leaf of a write.
+        A non-present entry exits to the host when SVE is set and becomes a #VE in the guest when it is clear."""
+        mem = self.memory
+        table = self.world.get(self.eptp_key)
+        qual = access.exit_qual | DATA_ACCESS_QUAL
+        page_gpa = gpa & ~(PAGE_SIZE - 1)
+        if not table:
+            return TdExit(ExitReason.EPT_VIOLATION, ExitReason.EPT_VIOLATION, int(qual), 0, page_gpa)
+        level = int(cfg.root_level)
+        perms = int(EPT_RWX)
+        while True:
+            idx = pt_index(gpa, level)
+            e = mem.read_entry(table, idx)
+            perms &= e
+            if not is_present(e):
+                if e & EptBit.SUPPRESS_VE:
+                    return TdExit(ExitReason.EPT_VIOLATION, ExitReason.EPT_VIOLATION, int(qual), 0, page_gpa)
+                return guest.VirtualizationException(page_gpa, int(qual))
+            leaf = level == 0 or bool(e & EptBit.PAGE_SIZE)
+            if leaf and not perms & NEEDED[access]:
+                return TdExit(ExitReason.EPT_VIOLATION, ExitReason.EPT_VIOLATION,
+                              int(qual) | (perms << EXIT_QUAL_RWX_SHIFT), 0, page_gpa)
+            new = e | EptBit.ACCESSED
+            if leaf and access is Access.WRITE:
+                new |= EptBit.DIRTY
+            if new != e:
+                mem.write_entry(table, idx, new)
+            if leaf:
+                return entry_pfn(e) + ((gpa >> 12) & ((1 << (9 * level)) - 1))
+            table, level = entry_pfn(e), level - 1

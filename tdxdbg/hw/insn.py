@@ -1,0 +1,65 @@
+"""Guest instructions a TD vCPU executes, and what each one returns to the guest.
+
+A guest program is a generator that yields instructions and receives their results; the vCPU runs it one
+instruction per step while in guest mode. An instruction that causes a TD exit is re-executed after the host
+handles the exit (RIP does not move), except a TDG.VP.VMCALL, which the host completes.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Generator
+from typing import Any
+
+import attrs
+
+from tdxdbg.hw.ept import Access
+from tdxdbg.hw.tdx.leaves import Tdcall
+
+
+@attrs.frozen(slots=True)
+class MemAccess:
+    """A read, write or instruction fetch of 8 bytes at an 8-byte-aligned GPA (shared bit included)."""
+
+    access: Access
+    gpa: int
+    value: int = 0
+
+
+@attrs.frozen(slots=True)
+class TdcallInsn:
+    """TDCALL with its input registers (R10-R13 for TDG.VP.VMCALL)."""
+
+    leaf: Tdcall
+    rcx: int = 0
+    rdx: int = 0
+    r10: int = 0
+    r11: int = 0
+    r12: int = 0
+    r13: int = 0
+
+
+Insn = MemAccess | TdcallInsn
+
+
+@attrs.frozen(slots=True)
+class VirtualizationException:
+    """A #VE delivered to the guest: an EPT violation the CPU or the TDX module converted."""
+
+    gpa: int
+    exit_qual: int
+    pending: bool = False
+
+
+def read(gpa: int) -> MemAccess:
+    return MemAccess(Access.READ, gpa)
+
+
+def write(gpa: int, value: int) -> MemAccess:
+    return MemAccess(Access.WRITE, gpa, value)
+
+
+def fetch(gpa: int) -> MemAccess:
+    return MemAccess(Access.FETCH, gpa)
+
+
+GuestProgram = Generator[Insn, Any, None]

@@ -1,0 +1,142 @@
+"""Host physical memory: a deterministic page allocator, page contents and page-table words.
+
+All of it lives in the World, so stepping backwards restores allocations and contents too.
+
+Keys:
+  ("mem.next",)            next never-used pfn
+  ("mem.free",)            head of the free list (LIFO: the most recently freed page is reused first)
+  ("mem.free_next", pfn)   free-list link
+  ("mem.owner", pfn)       who allocated the page (a short label), absent when free
+  ("mem.data", pfn)        contents of a data page: a dict {byte offset: 64-bit value}, copied on write;
+                           absent means all zeroes
+  ("pte", pfn, index)      an 8-byte entry of a page used as a page table; absent means 0
+"""
+
+from __future__ import annotations
+
+from tdxdbg.hw.ept import ENTRY_BYTES, PAGE_SHIFT, PAGE_SIZE, PT_ENTRIES
+from tdxdbg.runtime.world import MISSING, World
+
+# The first pfn handed out (256 MiB): low memory is the host kernel's, and small pfns would look like GPAs.
+FIRST_PFN = 0x10000
+WORD_MASK = (1 << 64) - 1
+
+K_NEXT = ("mem.next",)
+K_FREE = ("mem.free",)
+
+
+class OutOfMemory(Exception):
+    pass
+
+
+class HostMemory:
+    """Pages, their contents and page-table entries, stored in the World."""
+
+    def __init__(self, world: World, total_pages: int = 1 << 24) -> None:
+        self.world = world
+        self.limit = FIRST_PFN + total_pages
+
+    def init(self) -> None:
+        self.world.set(K_NEXT, FIRST_PFN)
+        self.world.set(K_FREE, None)
+
+    # -- allocation ----------------------------------------------------------------------------------------
+    def alloc(self, owner: str) -> int:
+        """Allocate one 4K page; its contents read as zero."""
+        w = self.world
+        pfn = w.get(K_FREE)
+        if pfn is not None:
+            w.set(K_FREE, w.get(("mem.free_next", pfn)))
+            w.delete(("mem.free_next", pfn))
+        else:
+            pfn = w.get(K_NEXT)
+            if pfn >= self.limit:
+                raise OutOfMemory(f"host memory exhausted at pfn {pfn:#x}")
+            w.set(K_NEXT, pfn + 1)
+        w.set(("mem.owner", pfn), owner)
+        return pfn
+
+    def alloc_contiguous(self, count: int, owner: str, align: int = 1) -> int:
+        """Allocate `count` never-used contiguous pages starting at a multiple of `align` (huge pages)."""
+        w = self.world
+        start = w.get(K_NEXT)
+        start = (start + align - 1) // align * align
+        if start + count > self.limit:
+            raise OutOfMemory(f"no {count} contiguous pages left")
+        w.set(K_NEXT, start + count)
+        for pfn in range(start, start + count):
+            w.set(("mem.owner", pfn), owner)
+        return start
+
+    def free(self, pfn: int) -> None:
+        w = self.world
+        if w.get(("mem.owner", pfn)) is None:
+            raise ValueError(f"double free of pfn {pfn:#x}")
+        w.delete(("mem.owner", pfn))
+        self._clear(pfn)
+        w.set(("mem.free_next", pfn), w.get(K_FREE))
+        w.set(K_FREE, pfn)
+
+    def owner(self, pfn: int) -> str | None:
+        return self.world.get(("mem.owner", pfn))
+
+    def is_allocated(self, pfn: int) -> bool:
+        return self.world.get(("mem.owner", pfn)) is not None
+
+    # -- data pages --------------------------------------------------------------------------------------
+    def read_word(self, pfn: int, offset: int) -> int:
+        data = self.world.get(("mem.data", pfn))
+        return 0 if data is None else data.get(offset & (PAGE_SIZE - 1) & ~(ENTRY_BYTES - 1), 0)
+
+    def write_word(self, pfn: int, offset: int, value: int) -> None:
+        key = ("mem.data", pfn)
+        data = dict(self.world.get(key) or {})
+        offset = offset & (PAGE_SIZE - 1) & ~(ENTRY_BYTES - 1)
+        value &= WORD_MASK
+        if value:
+            data[offset] = value
+        else:
+            data.pop(offset, None)
+        self.world.set(key, data or None)
+
+    def zero_page(self, pfn: int) -> None:
+        self.world.delete(("mem.data", pfn))
+
+    def copy_page(self, src: int, dst: int) -> None:
+        self.world.set(("mem.data", dst), self.world.get(("mem.data", src)))
+
+    def page_data(self, pfn: int) -> dict[int, int]:
+        return dict(self.world.get(("mem.data", pfn)) or {})
+
+    # -- page-table pages -------------------------------------------------------------------------------
+    def read_entry(self, table_pfn: int, index: int) -> int:
+        return self.world.get(("pte", table_pfn, index), 0)
+
+    def write_entry(self, table_pfn: int, index: int, value: int) -> None:
+        self.world.set(("pte", table_pfn, index), value if value else MISSING)
+
+    def table_entries(self, table_pfn: int) -> dict[int, int]:
+        """Non-zero entries of a table page, unrecorded (for views)."""
+        peek = self.world.peek
+        out = {}
+        for i in range(PT_ENTRIES):
+            v = peek(("pte", table_pfn, i))
+            if v:
+                out[i] = v
+        return out
+
+    def _clear(self, pfn: int) -> None:
+        w = self.world
+        w.delete(("mem.data", pfn))
+        for i in range(PT_ENTRIES):
+            if ("pte", pfn, i) in w:
+                w.delete(("pte", pfn, i))
+
+
+def pfn_to_hpa(pfn: int) -> int:
+    return pfn << PAGE_SHIFT
+
+
+def hpa_to_pfn(hpa: int) -> int:
+    return hpa >> PAGE_SHIFT
+

@@ -1,0 +1,116 @@
+"""Locks inside the TDX module: shared/exclusive (sharex) locks and per-entry locks with host priority.
+
+All lock state lives in the World so that contention replays and rewinds with everything else. Every acquire is
+a try-lock: the TDX module never spins, it returns TDX_OPERAND_BUSY with the operand that was busy
+(tdx-module `tdx_locks.h`; reference tdx-module.md §6).
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Hashable
+
+import attrs
+
+from tdxdbg.runtime.world import World
+
+
+class LockMode(enum.Enum):
+    SHARED = "shared"
+    EXCLUSIVE = "exclusive"
+
+
+@attrs.frozen(slots=True)
+class Sharex:
+    """A sharex lock: one exclusive holder, or any number of shared holders."""
+
+    exclusive: str | None = None
+    shared: tuple[str, ...] = ()
+
+    @property
+    def free(self) -> bool:
+        return self.exclusive is None and not self.shared
+
+
+FREE_LOCK = Sharex()
+
+
+def try_acquire(world: World, key: Hashable, mode: LockMode, holder: str) -> bool:
+    lock: Sharex = world.get(key, FREE_LOCK)
+    if lock.exclusive is not None:
+        return False
+    if mode is LockMode.EXCLUSIVE:
+        if lock.shared:
+            return False
+        world.set(key, Sharex(exclusive=holder))
+    else:
+        world.set(key, Sharex(shared=(*lock.shared, holder)))
+    return True
+
+
+def release(world: World, key: Hashable, mode: LockMode, holder: str) -> None:
+    lock: Sharex = world.get(key, FREE_LOCK)
+    if mode is LockMode.EXCLUSIVE:
+        if lock.exclusive != holder:
+            raise RuntimeError(f"{holder} releases {key} it does not hold exclusively")
+        world.delete(key)
+        return
+    shared = list(lock.shared)
+    shared.remove(holder)
+    if shared:
+        world.set(key, Sharex(shared=tuple(shared)))
+    else:
+        world.delete(key)
+
+
+@attrs.frozen(slots=True)
+class EntryLock:
+    """The TDEL bit of an S-EPT entry and its host-priority (HP) bit."""
+
+    holder: str | None = None
+    host_priority: bool = False
+
+
+FREE_ENTRY_LOCK = EntryLock()
+
+
+def entry_lock_key(table_pfn: int, index: int) -> tuple[str, int, int]:
+    return ("tdx.tdel", table_pfn, index)
+
+
+def host_acquire_entry(world: World, key: Hashable, holder: str) -> bool:
+    """`sept_lock_acquire_host`: on contention set HP so the guest's next attempt yields to the host."""
+    lock: EntryLock = world.get(key, FREE_ENTRY_LOCK)
+    if lock.holder is not None:
+        if not lock.host_priority:
+            world.set(key, EntryLock(lock.holder, True))
+        return False
+    world.set(key, EntryLock(holder, False))
+    return True
+
+
+class GuestLockResult(enum.Enum):
+    ACQUIRED = "acquired"
+    BUSY = "busy"
+    HOST_PRIORITY = "host_priority"
+
+
+def guest_acquire_entry(world: World, key: Hashable, holder: str) -> GuestLockResult:
+    """`sept_lock_acquire_guest`: a held entry is BUSY; a free entry with HP set is yielded to the host."""
+    lock: EntryLock = world.get(key, FREE_ENTRY_LOCK)
+    if lock.holder is not None:
+        return GuestLockResult.BUSY
+    if lock.host_priority:
+        return GuestLockResult.HOST_PRIORITY
+    world.set(key, EntryLock(holder, False))
+    return GuestLockResult.ACQUIRED
+
+
+def release_entry(world: World, key: Hashable, holder: str) -> None:
+    lock: EntryLock = world.get(key, FREE_ENTRY_LOCK)
+    if lock.holder != holder:
+        raise RuntimeError(f"{holder} releases entry lock {key} held by {lock.holder}")
+    if lock.host_priority:
+        world.set(key, EntryLock(None, True))
+    else:
+        world.delete(key)

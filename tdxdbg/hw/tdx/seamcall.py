@@ -1,0 +1,93 @@
+"""What a SEAMCALL is: its registers in flight, its result, and the registry of leaf handlers."""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+import attrs
+
+from tdxdbg.hw.tdx.leaves import Seamcall
+from tdxdbg.hw.tdx.sept import FREE_ENTRY, SeptEntry
+from tdxdbg.hw.tdx.status import describe, is_error, status_name
+
+if TYPE_CHECKING:
+    from tdxdbg.hw.tdx.module import TdxModule
+    from tdxdbg.hw.tdx.td import TdConfig
+
+
+class TdxStep(enum.Enum):
+    """Step kinds the TDX module and TD vCPUs produce."""
+
+    SEAMCALL = "seamcall"
+    SEAMCALL_RETURN = "seamcall_return"
+    TDCALL = "tdcall"
+    TDCALL_RETURN = "tdcall_return"
+    TD_ENTRY = "td_entry"
+    TD_EXIT = "td_exit"
+    GUEST_ACCESS = "guest_access"
+
+
+@attrs.frozen(slots=True)
+class SeamcallResult:
+    leaf: Seamcall
+    rax: int
+    rcx: int = 0
+    rdx: int = 0
+    r8: int = 0
+
+    @property
+    def status(self) -> str:
+        return status_name(self.rax)
+
+    @property
+    def ok(self) -> bool:
+        return not is_error(self.rax)
+
+    def __str__(self) -> str:
+        return f"{self.leaf.dotted} = {describe(self.rax)}"
+
+
+@attrs.define(slots=True)
+class Call:
+    """One SEAMCALL in flight: its registers, what the checks found, and the locks it holds."""
+
+    leaf: Seamcall
+    rcx: int
+    rdx: int
+    r8: int
+    r9: int
+    caller: str
+    cfg: TdConfig | None = None
+    gpa: int = 0
+    level: int = 0
+    table: int = 0
+    index: int = 0
+    entry: SeptEntry = FREE_ENTRY
+    walk_level: int = 0
+    page: int = 0
+    locks: list[tuple[str, Any, Any]] = attrs.Factory(list)
+
+
+Prepare = Callable[["TdxModule", Call], "SeamcallResult | None"]
+Execute = Callable[["TdxModule", Call], "SeamcallResult"]
+
+
+@attrs.frozen(slots=True)
+class Handler:
+    prepare: Prepare
+    execute: Execute
+
+
+HANDLERS: dict[Seamcall, Handler] = {}
+
+
+def handler(leaf: Seamcall) -> Callable[[type], type]:
+    """Register a class with `prepare` and `execute` static methods as the handler of `leaf`."""
+
+    def register(cls: type) -> type:
+        HANDLERS[leaf] = Handler(cls.prepare, cls.execute)
+        return cls
+
+    return register

@@ -1,0 +1,139 @@
+"""Runtime: advances tasks one step at a time, records frames and runs checks after each one."""
+
+from __future__ import annotations
+
+import enum
+import traceback
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any
+
+from tdxdbg.runtime.frame import Frame, Violation, capture_locals, capture_stack
+from tdxdbg.runtime.scheduler import Scheduler, ScheduleSpec
+from tdxdbg.runtime.step import Step, StepKind
+from tdxdbg.runtime.task import Task, TaskState
+from tdxdbg.runtime.timeline import Timeline
+from tdxdbg.runtime.world import World
+
+# A check sees the world after a frame, plus that frame's step, effects and footprint.
+Check = Callable[[World, Step, tuple, tuple], Iterable[Violation]]
+
+
+class StopReason(enum.Enum):
+    DONE = "done"            # every task finished
+    STUCK = "stuck"          # tasks remain but none is runnable
+    MAX_FRAMES = "max_frames"
+    BREAK = "break"          # the caller's stop predicate matched
+
+
+class Runtime:
+    """Owns the World, the tasks, the scheduler and the timeline.
+
+    Same world, tasks and schedule give the same frames: nothing here reads a clock or unseeded randomness.
+    """
+
+    def __init__(self, world: World, tasks: Sequence[Task], schedule: ScheduleSpec | None = None,
+                 checks: Sequence[Check] = (), record_locals: bool = True) -> None:
+        names = [t.name for t in tasks]
+        if len(set(names)) != len(names):
+            raise ValueError(f"task names must be unique: {names}")
+        self.world = world
+        self.tasks = list(tasks)
+        self.scheduler = Scheduler(schedule or ScheduleSpec())
+        self.checks = list(checks)
+        self.record_locals = record_locals
+        self.timeline = Timeline(world.snapshot())
+        world.take_effects()
+
+    # -- queries -----------------------------------------------------------------------------------------
+    def task(self, name: str) -> Task:
+        for t in self.tasks:
+            if t.name == name:
+                return t
+        raise KeyError(name)
+
+    def runnable(self) -> list[int]:
+        world = self.world
+        return [i for i, t in enumerate(self.tasks) if t.runnable(world)]
+
+    @property
+    def finished(self) -> bool:
+        return all(t.finished for t in self.tasks)
+
+    # -- execution ---------------------------------------------------------------------------------------
+    def step(self, forced: str | None = None) -> Frame | None:
+        """Run one step of the scheduled (or forced) task; None when nothing can run."""
+        runnable = self.runnable()
+        if not runnable:
+            return None
+        index = len(self.timeline)
+        i = self.scheduler.pick(self.tasks, runnable, index, forced)
+        task = self.tasks[i]
+        world = self.world
+        world.task = task.name
+        world.take_effects()  # drop reads made by wait predicates
+        task.wait = None
+        task.state = TaskState.READY
+        gen = task.gen
+        try:
+            step = gen.send(None)
+        except StopIteration as stop:
+            task.state = TaskState.DONE
+            task.result = stop.value
+            step = Step(StepKind.TASK_DONE, {"result": stop.value})
+        except Exception as exc:  # an engine bug becomes a red frame, never a traceback
+            task.state = TaskState.FAILED
+            task.error = f"{type(exc).__name__}: {exc}"
+            step = Step(StepKind.TASK_ERROR, {"error": task.error,
+                                              "traceback": "".join(traceback.format_exception(exc))})
+        else:
+            if step.wait is not None:
+                task.wait = step.wait
+                task.state = TaskState.WAITING
+        effects, reads = world.take_effects()
+        if task.finished:
+            stack: tuple = ()
+            local_values: tuple = ()
+        else:
+            stack = capture_stack(gen)
+            local_values = capture_locals(gen) if self.record_locals else ()
+        violations: tuple[Violation, ...] = ()
+        if self.checks:
+            found = [v for check in self.checks for v in check(world, step, effects, reads)]
+            if found:
+                violations = tuple(found)
+            world.take_effects()
+        frame = Frame(index, task.name, step, stack, effects, reads, local_values, violations)
+        self.timeline.append(frame, world)
+        return frame
+
+    def run(self, max_frames: int | None = None,
+            stop: Callable[[Frame], bool] | None = None) -> StopReason:
+        """Step until every task is done, nothing can run, `max_frames` more frames ran, or `stop` matches."""
+        count = 0
+        while True:
+            if max_frames is not None and count >= max_frames:
+                return StopReason.MAX_FRAMES
+            frame = self.step()
+            if frame is None:
+                return StopReason.DONE if self.finished else StopReason.STUCK
+            count += 1
+            if stop is not None and stop(frame):
+                return StopReason.BREAK
+
+    @property
+    def schedule(self) -> list[str]:
+        """The picks so far: replaying them as an `order` reproduces these frames."""
+        return [f.task for f in self.timeline.frames]
+
+
+def replay(build: Callable[[], tuple[World, Sequence[Task]]], schedule: ScheduleSpec,
+           picks: Sequence[str], then: str | None = None, **kwargs: Any) -> Runtime:
+    """Rebuild from scratch, replay `picks`, then optionally force `then`: a fork of the timeline."""
+    world, tasks = build()
+    rt = Runtime(world, tasks, schedule, **kwargs)
+    for name in picks:
+        if rt.step(forced=name) is None:
+            raise ValueError(f"cannot replay pick {name!r}: nothing runnable")
+    if then is not None:
+        rt.step(forced=then)
+    return rt

@@ -1,0 +1,104 @@
+"""World: every piece of mutable state, as a flat map of keys to immutable values.
+
+All writes go through `set`/`delete`, which record (key, old, new); all reads through `get`, which record the key.
+The runtime collects both per frame: the frame's effects and its footprint.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Hashable, Iterator
+from typing import Any
+
+
+class _Missing:
+    __slots__ = ()
+
+    def __repr__(self) -> str:
+        return "MISSING"
+
+    def __reduce__(self) -> str:
+        return "MISSING"
+
+
+MISSING: Any = _Missing()
+
+Effect = tuple[Hashable, Any, Any]
+
+
+class World:
+    """The flat state map. Values must be immutable (ints, strings, tuples, frozen attrs)."""
+
+    __slots__ = ("_reads", "_state", "_writes", "task")
+
+    def __init__(self, state: dict[Hashable, Any] | None = None) -> None:
+        self._state: dict[Hashable, Any] = dict(state) if state else {}
+        self._writes: list[Effect] = []
+        self._reads: list[Hashable] = []
+        # Name of the task whose step is running; not state, so not recorded.
+        self.task: str = ""
+
+    # -- recorded access -------------------------------------------------------------------------------
+    def get(self, key: Hashable, default: Any = None) -> Any:
+        self._reads.append(key)
+        return self._state.get(key, default)
+
+    def set(self, key: Hashable, value: Any) -> None:
+        state = self._state
+        old = state.get(key, MISSING)
+        if old is value:
+            return
+        self._writes.append((key, old, value))
+        if value is MISSING:
+            del state[key]
+        else:
+            state[key] = value
+
+    def delete(self, key: Hashable) -> None:
+        if key in self._state:
+            self.set(key, MISSING)
+
+    # -- unrecorded access (checks, views, tests) --------------------------------------------------------
+    def peek(self, key: Hashable, default: Any = None) -> Any:
+        return self._state.get(key, default)
+
+    def __contains__(self, key: Hashable) -> bool:
+        return key in self._state
+
+    def keys(self) -> Iterator[Hashable]:
+        return iter(self._state)
+
+    def items(self) -> Iterator[tuple[Hashable, Any]]:
+        return iter(self._state.items())
+
+    def snapshot(self) -> dict[Hashable, Any]:
+        return dict(self._state)
+
+    def __len__(self) -> int:
+        return len(self._state)
+
+    # -- frame boundaries (used by the runtime) --------------------------------------------------------------
+    def take_effects(self) -> tuple[tuple[Effect, ...], tuple[Hashable, ...]]:
+        """Return and reset the writes and the distinct keys read since the last call."""
+        writes = tuple(self._writes)
+        reads = tuple(dict.fromkeys(self._reads)) if self._reads else ()
+        self._writes.clear()
+        self._reads.clear()
+        return writes, reads
+
+
+def apply_effects(state: dict[Hashable, Any], effects: tuple[Effect, ...]) -> None:
+    """Replay a frame's writes forwards onto a plain state dict."""
+    for key, _old, new in effects:
+        if new is MISSING:
+            state.pop(key, None)
+        else:
+            state[key] = new
+
+
+def undo_effects(state: dict[Hashable, Any], effects: tuple[Effect, ...]) -> None:
+    """Undo a frame's writes, newest first."""
+    for key, old, _new in reversed(effects):
+        if old is MISSING:
+            state.pop(key, None)
+        else:
+            state[key] = old
