@@ -7,12 +7,17 @@ import traceback
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
-from tdxdbg.runtime.frame import Frame, Violation, capture_locals, capture_stack
-from tdxdbg.runtime.scheduler import Scheduler, ScheduleSpec
+from tdxdbg.runtime.frame import Frame, LocalsCache, Violation, capture
+from tdxdbg.runtime.scheduler import Policy, Scheduler, ScheduleSpec
 from tdxdbg.runtime.step import Step, StepKind
 from tdxdbg.runtime.task import Task, TaskState
 from tdxdbg.runtime.timeline import Timeline
 from tdxdbg.runtime.world import World
+
+_READY = TaskState.READY
+_WAITING = TaskState.WAITING
+_DONE = TaskState.DONE
+_FAILED = TaskState.FAILED
 
 # A check sees the world after a frame, plus that frame's step, effects and footprint.
 Check = Callable[[World, Step, tuple, tuple], Iterable[Violation]]
@@ -42,6 +47,7 @@ class Runtime:
         self.checks = list(checks)
         self.record_locals = record_locals
         self.timeline = Timeline(world.snapshot())
+        self._locals_cache: dict[str, LocalsCache] = {t.name: {} for t in self.tasks}
         world.take_effects()
 
     # -- queries -----------------------------------------------------------------------------------------
@@ -53,7 +59,12 @@ class Runtime:
 
     def runnable(self) -> list[int]:
         world = self.world
-        return [i for i, t in enumerate(self.tasks) if t.runnable(world)]
+        out = []
+        for i, t in enumerate(self.tasks):
+            state = t.state
+            if state is TaskState.READY or (state is TaskState.WAITING and t.wait is not None and t.wait(world)):
+                out.append(i)
+        return out
 
     @property
     def finished(self) -> bool:
@@ -62,17 +73,30 @@ class Runtime:
     # -- execution ---------------------------------------------------------------------------------------
     def step(self, forced: str | None = None) -> Frame | None:
         """Run one step of the scheduled (or forced) task; None when nothing can run."""
-        runnable = self.runnable()
+        world = self.world
+        tasks = self.tasks
+        runnable = []
+        for i, t in enumerate(tasks):
+            state = t.state
+            if state is _READY or (state is _WAITING and t.wait is not None and t.wait(world)):
+                runnable.append(i)
         if not runnable:
             return None
-        index = len(self.timeline)
-        i = self.scheduler.pick(self.tasks, runnable, index, forced)
-        task = self.tasks[i]
-        world = self.world
+        frames = self.timeline.frames
+        index = len(frames)
+        if len(runnable) == 1 and forced is None and index >= len(self.scheduler.spec.order) \
+                and self.scheduler.spec.policy is not Policy.RANDOM:
+            choice = runnable[0]
+            self.scheduler._last = choice
+        else:
+            choice = self.scheduler.pick(tasks, runnable, index, forced)
+        task = tasks[choice]
         world.task = task.name
-        world.take_effects()  # drop reads made by wait predicates
+        reads = world._reads
+        writes = world._writes
+        reads.clear()  # reads made by wait predicates belong to no frame
         task.wait = None
-        task.state = TaskState.READY
+        task.state = _READY
         gen = task.gen
         try:
             step = gen.send(None)
@@ -88,21 +112,25 @@ class Runtime:
         else:
             if step.wait is not None:
                 task.wait = step.wait
-                task.state = TaskState.WAITING
-        effects, reads = world.take_effects()
-        if task.finished:
+                task.state = _WAITING
+        # The frame's effects and footprint (inlined World.take_effects: this is the hottest path).
+        effects = tuple(writes) if writes else ()
+        n = len(reads)
+        footprint = () if not n else (reads[0],) if n == 1 else tuple(dict.fromkeys(reads))
+        writes.clear()
+        reads.clear()
+        if task.state is _DONE or task.state is _FAILED:
             stack: tuple = ()
             local_values: tuple = ()
         else:
-            stack = capture_stack(gen)
-            local_values = capture_locals(gen) if self.record_locals else ()
+            stack, local_values = capture(gen, self._locals_cache[task.name] if self.record_locals else None)
         violations: tuple[Violation, ...] = ()
         if self.checks:
-            found = [v for check in self.checks for v in check(world, step, effects, reads)]
+            found = [v for check in self.checks for v in check(world, step, effects, footprint)]
             if found:
                 violations = tuple(found)
             world.take_effects()
-        frame = Frame(index, task.name, step, stack, effects, reads, local_values, violations)
+        frame = Frame(index, task.name, step, stack, effects, footprint, local_values, violations)
         self.timeline.append(frame, world)
         return frame
 

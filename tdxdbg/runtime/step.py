@@ -4,9 +4,7 @@ from __future__ import annotations
 
 import enum
 from collections.abc import Callable, Mapping
-from typing import Any
-
-import attrs
+from typing import Any, NamedTuple
 
 
 class StepKind(enum.Enum):
@@ -21,17 +19,29 @@ class StepKind(enum.Enum):
 _EMPTY: Mapping[str, Any] = {}
 
 
-@attrs.frozen(slots=True)
-class Step:
+class Step(NamedTuple):
     """A preemption point: `kind` (any enum member) and a payload of plain values.
 
-    `wait`, when given, is a predicate over the World: the task is not runnable until it holds
-    (a task spinning on a lock yields a Step with a wait instead of busy-looping).
+    `wait`, when given, is a predicate over the World (use `world.peek`): the task is not runnable until it
+    holds, so a task waiting on a lock yields a Step with a wait instead of busy-looping.
+    A NamedTuple rather than an attrs class: millions are created and kept, so construction cost and size matter.
     """
 
     kind: enum.Enum
-    payload: Mapping[str, Any] = _EMPTY
-    wait: Callable[[Any], bool] | None = attrs.field(default=None, eq=False, repr=False)
+    payload: Any = _EMPTY
+    wait: Callable[[Any], bool] | None = None
 
     def get(self, name: str, default: Any = None) -> Any:
-        return self.payload.get(name, default)
+        """A payload field, whether the payload is a mapping or a NamedTuple."""
+        payload = self.payload
+        if isinstance(payload, Mapping):
+            return payload.get(name, default)
+        return getattr(payload, name, default)
+
+    def fields(self) -> dict[str, Any]:
+        """The payload as a dict (for views and export)."""
+        payload = self.payload
+        if isinstance(payload, Mapping):
+            return dict(payload)
+        as_dict = getattr(payload, "_asdict", None)
+        return as_dict() if as_dict is not None else {"value": payload}

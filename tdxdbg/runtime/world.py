@@ -79,10 +79,16 @@ class World:
     # -- frame boundaries (used by the runtime) --------------------------------------------------------------
     def take_effects(self) -> tuple[tuple[Effect, ...], tuple[Hashable, ...]]:
         """Return and reset the writes and the distinct keys read since the last call."""
-        writes = tuple(self._writes)
-        reads = tuple(dict.fromkeys(self._reads)) if self._reads else ()
-        self._writes.clear()
-        self._reads.clear()
+        w, r = self._writes, self._reads
+        writes = tuple(w) if w else ()
+        if not r:
+            reads: tuple[Hashable, ...] = ()
+        elif len(r) == 1:
+            reads = (r[0],)
+        else:
+            reads = tuple(dict.fromkeys(r))
+        w.clear()
+        r.clear()
         return writes, reads
 
 

@@ -18,7 +18,7 @@ from tdxdbg.hw.tdx import epoch, lifecycle_leaves, sept_leaves  # noqa: F401
 from tdxdbg.hw.tdx.leaves import Seamcall
 from tdxdbg.hw.tdx.locks import LockMode, entry_lock_key, host_acquire_entry, release, release_entry, try_acquire
 from tdxdbg.hw.tdx.pamt import PageType, Pamt, get_pamt, set_pamt
-from tdxdbg.hw.tdx.seamcall import HANDLERS, Call, SeamcallResult, TdxStep
+from tdxdbg.hw.tdx.seamcall import HANDLERS, Call, SeamcallEntry, SeamcallResult, SeamcallReturn, TdxStep
 from tdxdbg.hw.tdx.sept import FREE_ENTRY, SeptEntry, SeptState, arch_info
 from tdxdbg.hw.tdx.status import OperandId, TdxStatus
 from tdxdbg.hw.tdx.td import (
@@ -56,7 +56,7 @@ def walk_sept(get: Callable[..., Any], cfg: TdConfig, gpa: int, target: int) -> 
     Returns (level reached, table pfn, index, entry). Host leaves fail when the level is not `target`; the
     guest's ACCEPT walk and hardware translation use the same rule without locks.
     """
-    table, level = cfg.sept_root, int(cfg.root_level)
+    table, level = cfg.sept_root, cfg.root_level
     while True:
         idx = pt_index(gpa, level)
         e = get(("sept", table, idx), FREE_ENTRY)
@@ -138,24 +138,22 @@ class TdxModule:
             result = h.prepare(self, c)
             if result is not None:
                 self.release_all(c)
-        yield Step(TdxStep.SEAMCALL, {
-            "leaf": leaf, "rcx": rcx, "rdx": rdx, "r8": r8, "r9": r9, "gpa": c.gpa, "level": c.level,
-            "locks": tuple(f"{kind}:{mode.value}" for kind, _key, mode in c.locks),
-            "injected": injected is not None,
-        })
+        yield Step(TdxStep.SEAMCALL, SeamcallEntry(
+            leaf, rcx, rdx, r8, r9, c.gpa, c.level,
+            tuple([(kind, mode is LockMode.EXCLUSIVE) for kind, _key, mode in c.locks]), injected is not None))
         if result is None:
             assert h is not None
             result = h.execute(self, c)
             self.release_all(c)
-        yield Step(TdxStep.SEAMCALL_RETURN, {
-            "leaf": leaf, "rax": result.rax, "rcx": result.rcx, "rdx": result.rdx, "r8": result.r8,
-            "gpa": c.gpa, "level": c.level, "status": result.status, "error": not result.ok,
-            "injected": injected is not None,
-        })
+        yield Step(TdxStep.SEAMCALL_RETURN, SeamcallReturn(
+            leaf, result.rax, result.rcx, result.rdx, result.r8, c.gpa, c.level, injected is not None))
         return result
 
     def count_call(self, leaf: Seamcall) -> int | None:
-        """Count this call of `leaf`; return the status to inject instead of running it, if one is configured."""
+        """Count this call of `leaf`; return the status to inject instead of running it, if one is configured.
+        Calls are counted (in the World, so rewinding restores the count) only when injection is configured."""
+        if not self.inject:
+            return None
         key = ("tdx.calls", leaf)
         n = self.world.get(key, 0) + 1
         self.world.set(key, n)

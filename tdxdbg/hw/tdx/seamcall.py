@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import enum
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import attrs
 
@@ -27,6 +27,41 @@ class TdxStep(enum.Enum):
     TD_ENTRY = "td_entry"
     TD_EXIT = "td_exit"
     GUEST_ACCESS = "guest_access"
+
+
+class SeamcallEntry(NamedTuple):
+    """Payload of a SEAMCALL step: the registers and what the module's checks took (locks as (name, exclusive))."""
+
+    leaf: Seamcall
+    rcx: int
+    rdx: int
+    r8: int
+    r9: int
+    gpa: int
+    level: int
+    locks: tuple[tuple[str, bool], ...]
+    injected: bool
+
+
+class SeamcallReturn(NamedTuple):
+    """Payload of a SEAMCALL_RETURN step: the output registers."""
+
+    leaf: Seamcall
+    rax: int
+    rcx: int
+    rdx: int
+    r8: int
+    gpa: int
+    level: int
+    injected: bool
+
+    @property
+    def status(self) -> str:
+        return describe(self.rax)
+
+    @property
+    def error(self) -> bool:
+        return is_error(self.rax)
 
 
 @attrs.frozen(slots=True)

@@ -7,7 +7,7 @@ import enum
 
 import attrs
 
-from tdxdbg.hw.ept import Gpaw, Level
+from tdxdbg.hw.ept import Gpaw
 from tdxdbg.runtime.world import World
 
 
@@ -70,17 +70,21 @@ class TdConfig:
     attributes: TdAttr
     hkid: int
     tdcs: tuple[int, ...]
+    # Derived once: they are read on every walk, and enum properties are slow.
+    sept_root: int = attrs.field(init=False)
+    root_level: int = attrs.field(init=False)
+    shared_bit: int = attrs.field(init=False)
 
-    @property
-    def sept_root(self) -> int:
+    @sept_root.default
+    def _sept_root(self) -> int:
         return self.tdcs[SEPT_ROOT_PAGE_INDEX]
 
-    @property
-    def root_level(self) -> Level:
-        return self.gpaw.root_level
+    @root_level.default
+    def _root_level(self) -> int:
+        return int(self.gpaw.root_level)
 
-    @property
-    def shared_bit(self) -> int:
+    @shared_bit.default
+    def _shared_bit(self) -> int:
         return self.gpaw.shared_bit
 
     @property
