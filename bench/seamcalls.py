@@ -13,13 +13,13 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from tdxdbg.hw.cpu import TdVcpu  # noqa: E402
-from tdxdbg.hw.ept import Level  # noqa: E402
-from tdxdbg.hw.insn import TdcallInsn  # noqa: E402
-from tdxdbg.hw.machine import Machine, drive  # noqa: E402
-from tdxdbg.hw.tdx.leaves import Seamcall, Tdcall  # noqa: E402
-from tdxdbg.runtime import Runtime, Task  # noqa: E402
-from tdxdbg.runtime.scheduler import Policy, ScheduleSpec  # noqa: E402
+from tdxdbg.hw.cpu import TdVcpu
+from tdxdbg.hw.ept import Level
+from tdxdbg.hw.insn import TdcallInsn
+from tdxdbg.hw.machine import Machine, drive
+from tdxdbg.hw.tdx.leaves import Seamcall, Tdcall
+from tdxdbg.runtime import Runtime, Task
+from tdxdbg.runtime.scheduler import Policy, ScheduleSpec
 
 PAGES = 10_000
 BASE_GPA = 0x4000_0000

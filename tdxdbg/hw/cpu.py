@@ -170,7 +170,7 @@ class TdVcpu:
                 epoch.leave(w, tdr, td_epoch)
                 return (yield from self._not_entered(
                     TdExit(ExitReason.EPT_VIOLATION, ExitReason.EPT_VIOLATION, gpa=faulting, entered=False), False))
-            st = attrs.evolve(st, epf_count=0, epf_gpas=())
+            # The filter leaves the log as it is; only forward progress at a TD exit resets it.
         w.set(key, attrs.evolve(st, associated=True, in_guest=True, vcpu_epoch=td_epoch, entry_rip=rip))
         yield Step(TdxStep.TD_ENTRY, {"vcpu": self.index, "epoch": td_epoch, "flush": flush, "rip": rip})
         if self._vmcall_result is not None:
@@ -182,7 +182,13 @@ class TdVcpu:
         epoch.leave(w, tdr, st.vcpu_epoch)
         if exit.reason is ExitReason.EPT_VIOLATION and not exit.gpa & cfg.shared_bit:
             st = log_epf(m, self.tdvpr, exit.gpa, w.get(self.rip_key))
+        elif (st.epf_count or st.epf_gpas) and w.get(self.rip_key) != st.entry_rip:
+            # `vmexit_stepping_filter`: forward progress at any TD exit resets the zero-step log.
+            st = attrs.evolve(st, epf_count=0, epf_gpas=())
         w.set(key, attrs.evolve(st, in_guest=False))
+        # A kick that arrived after the guest's last instruction is taken by the host on this exit, not at the
+        # next entry.
+        w.delete(self.kick_key)
         yield Step(TdxStep.TD_EXIT, self._exit_payload(exit))
         return exit
 
@@ -304,14 +310,16 @@ class TdVcpu:
             if not is_present(e):
                 if e & EptBit.SUPPRESS_VE:
                     return TdExit(ExitReason.EPT_VIOLATION, ExitReason.EPT_VIOLATION, int(qual), 0, page_gpa)
-                return guest.VirtualizationException(page_gpa, int(qual))
+                # The #VE information area reports the full faulting GPA (the guest's MMIO emulation uses it).
+                return guest.VirtualizationException(gpa, int(qual))
             leaf = level == 0 or bool(e & EptBit.PAGE_SIZE)
             if leaf and not perms & NEEDED[access]:
                 return TdExit(ExitReason.EPT_VIOLATION, ExitReason.EPT_VIOLATION,
                               int(qual) | (perms << EXIT_QUAL_RWX_SHIFT), 0, page_gpa)
-            new = e | EptBit.ACCESSED
+            # Plain ints in the World: `int | EptBit` would store an EptBit pseudo-member.
+            new = e | int(EptBit.ACCESSED)
             if leaf and access is Access.WRITE:
-                new |= EptBit.DIRTY
+                new |= int(EptBit.DIRTY)
             if new != e:
                 mem.write_entry(table, idx, new)
             if leaf:

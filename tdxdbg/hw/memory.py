@@ -9,7 +9,8 @@ Keys:
   ("mem.owner", pfn)       who allocated the page (a short label), absent when free
   ("mem.data", pfn)        contents of a data page: a dict {byte offset: 64-bit value}, copied on write;
                            absent means all zeroes
-  ("pte", pfn, index)      an 8-byte entry of a page used as a page table; absent means 0
+  ("pte", pfn, index)      an 8-byte entry of a page used as a page table; absent means the table's fill value
+  ("mem.fill", pfn)        the value every entry of a page-table page was initialised to (absent: 0)
 """
 
 from __future__ import annotations
@@ -109,25 +110,39 @@ class HostMemory:
         return dict(self.world.get(("mem.data", pfn)) or {})
 
     # -- page-table pages -------------------------------------------------------------------------------
+    def alloc_table(self, owner: str, fill: int = 0) -> int:
+        """Allocate a page-table page whose 512 entries all read as `fill` (KVM fills its tables with
+        SHADOW_NONPRESENT_VALUE, so a TD never sees a #VE-able zero entry)."""
+        pfn = self.alloc(owner)
+        if fill:
+            self.world.set(("mem.fill", pfn), fill)
+        return pfn
+
     def read_entry(self, table_pfn: int, index: int) -> int:
-        return self.world.get(("pte", table_pfn, index), 0)
+        value = self.world.get(("pte", table_pfn, index))
+        if value is None:
+            return self.world.peek(("mem.fill", table_pfn), 0)
+        return value
 
     def write_entry(self, table_pfn: int, index: int, value: int) -> None:
-        self.world.set(("pte", table_pfn, index), value if value else MISSING)
+        fill = self.world.peek(("mem.fill", table_pfn), 0)
+        self.world.set(("pte", table_pfn, index), value if value != fill else MISSING)
 
     def table_entries(self, table_pfn: int) -> dict[int, int]:
-        """Non-zero entries of a table page, unrecorded (for views)."""
+        """Entries of a table page that differ from its fill value, unrecorded (for views)."""
         peek = self.world.peek
+        fill = peek(("mem.fill", table_pfn), 0)
         out = {}
         for i in range(PT_ENTRIES):
             v = peek(("pte", table_pfn, i))
-            if v:
+            if v is not None and v != fill:
                 out[i] = v
         return out
 
     def _clear(self, pfn: int) -> None:
         w = self.world
         w.delete(("mem.data", pfn))
+        w.delete(("mem.fill", pfn))
         for i in range(PT_ENTRIES):
             if ("pte", pfn, i) in w:
                 w.delete(("pte", pfn, i))

@@ -45,7 +45,8 @@ class World:
     def set(self, key: Hashable, value: Any) -> None:
         state = self._state
         old = state.get(key, MISSING)
-        if old is value:
+        # Writing an equal value is no change: keeps "stop when X changes" honest.
+        if old is value or (old.__class__ is value.__class__ and old == value):
             return
         self._writes.append((key, old, value))
         if value is MISSING:

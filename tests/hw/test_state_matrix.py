@@ -1,6 +1,6 @@
 """The allowed-state matrix (tdx-module.md §3.2, `seamcall_sept_state_lookup`), restricted to the modelled states.
 
-Every leaf × state pair is built for real (SEPT.ADD / AUG / guest ACCEPT / BLOCK) at level 1 (a 2M entry, the
+Every (leaf, state) pair is built for real (SEPT.ADD / AUG / guest ACCEPT / BLOCK) at level 1 (a 2M entry, the
 only level where all seven states exist), then the leaf is called on that entry.
 
 OP_STATE: the matrix is checked in INITIALIZED, because in RUNNABLE the block-and-track rule (§3.2 "additional

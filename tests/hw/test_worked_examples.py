@@ -516,10 +516,11 @@ def test_arch_free_constant_matches_sheet() -> None:
 
 
 def test_vp_enter_in_initialized_op_state_incorrect(env_init: Env) -> None:
-    """tdh_vp_enter is allowed only in RUNNABLE/LIVE_* (op_state_lookup row 0): INITIALIZED -> TDX_OP_STATE_INCORRECT."""
+    """tdh_vp_enter is allowed only in RUNNABLE/LIVE_* (op_state_lookup row 0): INITIALIZED ->
+    TDX_OP_STATE_INCORRECT 0xC000060800000000, not entered."""
     v, _ = env_init.vcpu([insn.read(0)])
     ex = env_init.enter(v)
     assert (ex.rax, ex.entered) == (0xC000060800000000, False)
     assert drive(v.enter(), env_init.world, "v").rax == 0xC000060800000000
-    assert OpState.INITIALIZED is env_init.tdx.op_state(env_init.tdr)
-    assert EPT_ENTRY_STATE_INCORRECT_RCX == 0xC0000B0D00000001
+    assert env_init.tdx.op_state(env_init.tdr) is OpState.INITIALIZED
+    assert env_init.refcount() == (0, 0)

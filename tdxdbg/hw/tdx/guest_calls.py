@@ -181,20 +181,23 @@ def log_epf(m: TdxModule, tdvpr: int, gpa: int, rip: int) -> VcpuState:
     from the 7th, record the GPA for the next TD entry's stepping filter."""
     key = vcpu_key(tdvpr)
     st: VcpuState = m.world.get(key)
+    new = st
     if rip != st.entry_rip:
+        # Forward progress: reset, then count this exit too (the module falls through to the count).
         new = attrs.evolve(st, epf_count=0, epf_gpas=())
-    elif st.epf_count < STEPPING_EPF_THRESHOLD:
-        new = attrs.evolve(st, epf_count=st.epf_count + 1)
-    elif gpa not in st.epf_gpas and len(st.epf_gpas) < EPF_GPA_LIST_SIZE:
-        new = attrs.evolve(st, epf_gpas=(*st.epf_gpas, gpa))
-    else:
-        new = st
+    if new.epf_count < STEPPING_EPF_THRESHOLD:
+        new = attrs.evolve(new, epf_count=new.epf_count + 1)
+    elif gpa not in new.epf_gpas and len(new.epf_gpas) < EPF_GPA_LIST_SIZE:
+        new = attrs.evolve(new, epf_gpas=(*new.epf_gpas, gpa))
     m.world.set(key, new)
     return new
 
 
 def would_fault(m: TdxModule, cfg: TdConfig, gpa: int) -> bool:
-    """`is_epf_expected`: a full RWX private translation of `gpa` would still take an EPT violation."""
+    """`is_epf_expected`: a full RWX private translation of `gpa` would still take a non-convertible EPT
+    violation. A PENDING page of a TD with pending #VE enabled would become a #VE, so it does not count."""
     _level, _t, _i, e = walk_sept(m.world.get, cfg, gpa, Level.PT)
+    if e.state is SeptState.PENDING:
+        return cfg.pending_ve_disable
     return e.state is not SeptState.MAPPED
 

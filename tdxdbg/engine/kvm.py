@@ -1,0 +1,188 @@
+"""struct kvm for a TD: the VM-wide state KVM keeps, its locks, KVM_BUG_ON, and RET_PF values per era.
+
+All of it lives in the World under "kvm." keys; the Python object holds configuration only.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Generator
+from typing import Any, NamedTuple
+
+import attrs
+
+from tdxdbg.engine.steps import EngineStep, LockEvent
+from tdxdbg.hw.ept import Gpaw
+from tdxdbg.hw.machine import Machine
+from tdxdbg.hw.tdx.td import OpState, TdAttr
+from tdxdbg.runtime.step import Step
+from tdxdbg.runtime.world import World
+
+Gen = Generator[Step, None, Any]
+
+
+class RetPf(enum.Enum):
+    """RET_PF_* names; each variant maps them to its era's values (`ret_pf_values`)."""
+
+    RET_PF_CONTINUE = "RET_PF_CONTINUE"
+    RET_PF_RETRY = "RET_PF_RETRY"
+    RET_PF_EMULATE = "RET_PF_EMULATE"
+    RET_PF_WRITE_PROTECTED = "RET_PF_WRITE_PROTECTED"
+    RET_PF_INVALID = "RET_PF_INVALID"
+    RET_PF_FIXED = "RET_PF_FIXED"
+    RET_PF_SPURIOUS = "RET_PF_SPURIOUS"
+
+
+# v6.12+ (mmu_internal.h with RET_PF_WRITE_PROTECTED).
+RET_PF_V612 = {RetPf.RET_PF_CONTINUE: 0, RetPf.RET_PF_RETRY: 1, RetPf.RET_PF_EMULATE: 2,
+               RetPf.RET_PF_WRITE_PROTECTED: 3, RetPf.RET_PF_INVALID: 4, RetPf.RET_PF_FIXED: 5,
+               RetPf.RET_PF_SPURIOUS: 6}
+# v5.16 .. v6.11, the numbering the v7 TDX series was written against.
+RET_PF_V516 = {RetPf.RET_PF_CONTINUE: 0, RetPf.RET_PF_RETRY: 1, RetPf.RET_PF_EMULATE: 2,
+               RetPf.RET_PF_INVALID: 3, RetPf.RET_PF_FIXED: 4, RetPf.RET_PF_SPURIOUS: 5}
+
+
+class TdState(enum.Enum):
+    """kvm_tdx->state."""
+
+    TD_STATE_UNINITIALIZED = 0
+    TD_STATE_INITIALIZED = 1
+    TD_STATE_RUNNABLE = 2
+
+
+class MmuLock(NamedTuple):
+    """kvm->mmu_lock, an rwlock: one writer or any number of readers (task names)."""
+
+    writer: str | None = None
+    readers: tuple[str, ...] = ()
+
+
+FREE_MMU_LOCK = MmuLock()
+
+K_MMU_LOCK = ("kvm.mmu_lock",)
+K_VM_DEAD = ("kvm.vm_dead",)
+K_VM_BUGGED = ("kvm.vm_bugged",)
+K_TD_STATE = ("kvm.tdx_state",)
+K_NR_PREMAPPED = ("kvm.nr_premapped",)
+K_WAIT_FOR_SEPT_ZAP = ("kvm.wait_for_sept_zap",)
+K_HKID = ("kvm.hkid_assigned",)
+K_PRE_FAULT_ALLOWED = ("kvm.pre_fault_allowed",)
+
+
+@attrs.frozen(slots=True)
+class TdConfigSpec:
+    """How the VM was created: KVM_TDX_INIT_VM parameters that matter here."""
+
+    gpaw: Gpaw = Gpaw.GPAW_48
+    sept_ve_disable: bool = True
+    runnable: bool = True
+    nx_huge_page_workaround: bool = False
+    host_maxphyaddr: int = 52
+
+
+class KvmBase:
+    """The parts of struct kvm / kvm_arch / kvm_tdx every other piece uses."""
+
+    name = "upstream"
+    description = "The merged kernel code (TDX in kvm/next, ~v6.14-6.15)."
+    ret_pf_values: dict[RetPf, int] = RET_PF_V612
+
+    def __init__(self, machine: Machine, spec: TdConfigSpec | None = None) -> None:
+        self.machine = machine
+        self.world: World = machine.world
+        self.memory = machine.memory
+        self.tdx_module = machine.tdx
+        self.spec = spec or TdConfigSpec()
+        attributes = TdAttr.SEPT_VE_DISABLE if self.spec.sept_ve_disable else TdAttr(0)
+        op_state = OpState.RUNNABLE if self.spec.runnable else OpState.INITIALIZED
+        self.tdr = self.tdx_module.create_td(self.spec.gpaw, attributes, op_state)
+        # kvm->arch.gfn_direct_bits: the shared bit as a gfn (TDX_SHARED_BIT_PWL_4/5).
+        self.gfn_direct_bits = self.spec.gpaw.shared_bit >> 12
+        self.root_level = int(self.spec.gpaw.root_level) + 1   # KVM levels: PML4 = 4
+        w = self.world
+        w.set(K_TD_STATE, TdState.TD_STATE_RUNNABLE if self.spec.runnable else TdState.TD_STATE_INITIALIZED)
+        w.set(K_PRE_FAULT_ALLOWED, self.spec.runnable)
+        w.set(K_HKID, True)
+        self.vcpus: list[Any] = []
+
+    # -- RET_PF ------------------------------------------------------------------------------------------------
+    def ret_pf_value(self, ret: RetPf) -> int:
+        return self.ret_pf_values[ret]
+
+    # -- VM state ------------------------------------------------------------------------------------------
+    @property
+    def vm_dead(self) -> bool:
+        return bool(self.world.get(K_VM_DEAD))
+
+    def kvm_vm_dead(self, reason: str) -> Gen:
+        """kvm_vm_dead: no vCPU runs again; every ioctl fails with -EIO."""
+        self.world.set(K_VM_DEAD, reason)
+        yield Step(EngineStep.KVM_BUG, {"message": reason, "bug": False})
+
+    def kvm_bug_on(self, cond: bool, message: str) -> Gen:
+        """KVM_BUG_ON: when `cond` holds, mark the VM bugged and dead (a red frame). Returns `cond`."""
+        if not cond:
+            return False
+        self.world.set(K_VM_BUGGED, message)
+        self.world.set(K_VM_DEAD, message)
+        yield Step(EngineStep.KVM_BUG, {"message": message, "bug": True})
+        return True
+
+    def warn_on_once(self, cond: bool, message: str) -> Gen:
+        if cond:
+            yield Step(EngineStep.WARN, {"message": message})
+        return cond
+
+    # -- mmu_lock ------------------------------------------------------------------------------------------
+    def mmu_lock_state(self) -> MmuLock:
+        return self.world.get(K_MMU_LOCK, FREE_MMU_LOCK)
+
+    def holds_mmu_lock_write(self) -> bool:
+        return self.world.get(K_MMU_LOCK, FREE_MMU_LOCK).writer == self.world.task
+
+    def holds_mmu_lock(self) -> bool:
+        lk = self.world.get(K_MMU_LOCK, FREE_MMU_LOCK)
+        return lk.writer == self.world.task or self.world.task in lk.readers
+
+    def read_lock(self) -> Gen:
+        """read_lock(&kvm->mmu_lock): waits while a writer holds it."""
+        w = self.world
+        while True:
+            lk: MmuLock = w.get(K_MMU_LOCK, FREE_MMU_LOCK)
+            if lk.writer is None:
+                w.set(K_MMU_LOCK, MmuLock(None, (*lk.readers, w.task)))
+                yield Step(EngineStep.LOCK, LockEvent("mmu_lock", "read", "acquire"))
+                return
+            yield Step(EngineStep.LOCK_WAIT, LockEvent("mmu_lock", "read", "wait"), _no_writer)
+
+    def read_unlock(self) -> Gen:
+        w = self.world
+        lk: MmuLock = w.get(K_MMU_LOCK, FREE_MMU_LOCK)
+        readers = list(lk.readers)
+        readers.remove(w.task)
+        w.set(K_MMU_LOCK, MmuLock(None, tuple(readers)) if readers else FREE_MMU_LOCK)
+        yield Step(EngineStep.LOCK, LockEvent("mmu_lock", "read", "release"))
+
+    def write_lock(self) -> Gen:
+        """write_lock(&kvm->mmu_lock): waits until no reader and no writer hold it."""
+        w = self.world
+        while True:
+            lk: MmuLock = w.get(K_MMU_LOCK, FREE_MMU_LOCK)
+            if lk.writer is None and not lk.readers:
+                w.set(K_MMU_LOCK, MmuLock(w.task, ()))
+                yield Step(EngineStep.LOCK, LockEvent("mmu_lock", "write", "acquire"))
+                return
+            yield Step(EngineStep.LOCK_WAIT, LockEvent("mmu_lock", "write", "wait"), _unlocked)
+
+    def write_unlock(self) -> Gen:
+        self.world.set(K_MMU_LOCK, FREE_MMU_LOCK)
+        yield Step(EngineStep.LOCK, LockEvent("mmu_lock", "write", "release"))
+
+
+def _no_writer(world: World) -> bool:
+    return world.peek(K_MMU_LOCK, FREE_MMU_LOCK).writer is None
+
+
+def _unlocked(world: World) -> bool:
+    lk = world.peek(K_MMU_LOCK, FREE_MMU_LOCK)
+    return lk.writer is None and not lk.readers

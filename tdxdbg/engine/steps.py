@@ -1,0 +1,85 @@
+"""Step kinds and payloads the engine yields: what a kernel engineer watches while stepping."""
+
+from __future__ import annotations
+
+import enum
+from typing import NamedTuple
+
+
+class EngineStep(enum.Enum):
+    FAULT = "fault"                    # kvm_mmu_page_fault entered for an EPT violation
+    FAULTIN = "faultin"                # kvm_mmu_faultin_pfn decided pfn / exit
+    ITER = "iter"                      # tdp_iter moved and read an SPTE
+    SPTE_CMPXCHG = "spte_cmpxchg"      # try_cmpxchg64 on an SPTE (freeze is a cmpxchg to FROZEN_SPTE)
+    SPTE_WRITE = "spte_write"          # a plain or xchg write (unfreeze, non-atomic set)
+    HANDLE_CHANGED = "handle_changed"  # handle_changed_spte
+    HOOK = "hook"                      # a kvm_x86_ops external-SPT hook called
+    HOOK_RETURN = "hook_return"        # ... and what it returned
+    SP_ALLOC = "sp_alloc"
+    SP_FREE = "sp_free"
+    RET_PF = "ret_pf"                  # a RET_PF_* decision
+    LOCK = "lock"                      # a lock taken or released
+    LOCK_WAIT = "lock_wait"            # waiting for a lock
+    KVM_BUG = "kvm_bug"                # KVM_BUG_ON fired: the VM is dead
+    WARN = "warn"                      # WARN_ON_ONCE fired
+    EXIT = "exit"                      # a TD exit being handled
+    USER_EXIT = "user_exit"            # exit to userspace (memory fault, hypercall)
+    INVALIDATE = "invalidate"          # mmu_invalidate begin/end
+    HOST_OP = "host_op"                # a host (userspace) action starts
+    GUEST_OP = "guest_op"              # the guest program's operation finished
+    KICK = "kick"                      # vCPUs kicked out of guest mode
+    ROOT = "root"                      # root allocated, invalidated, put
+
+
+class IterPos(NamedTuple):
+    """A tdp_iter position: the SPTE at (table, index) that maps `gfn` at `level`, and its value when read."""
+
+    root: str          # "mirror" or "direct"
+    level: int
+    gfn: int
+    index: int
+    table: int         # pfn of the page-table page (sptep = table HPA + 8 * index)
+    old_spte: int
+
+    @property
+    def sptep(self) -> int:
+        return (self.table << 12) | (self.index << 3)
+
+
+class SpteChange(NamedTuple):
+    """An SPTE write: where, what it held, what was written, and (for cmpxchg) whether it took."""
+
+    root: str
+    level: int
+    gfn: int
+    table: int
+    index: int
+    old: int
+    new: int
+    ok: bool = True
+    what: str = ""     # "freeze", "unfreeze", "restore", "zap", ...
+
+    @property
+    def sptep(self) -> int:
+        return (self.table << 12) | (self.index << 3)
+
+
+class HookCall(NamedTuple):
+    name: str
+    gfn: int
+    level: int
+    pfn: int = 0
+    ret: int | None = None
+
+
+class RetPf(NamedTuple):
+    name: str
+    value: int
+    gfn: int
+    private: bool
+
+
+class LockEvent(NamedTuple):
+    lock: str
+    mode: str        # "read" / "write"
+    action: str      # "acquire", "release", "wait"
