@@ -10,7 +10,8 @@ from __future__ import annotations
 import errno
 from typing import TYPE_CHECKING, Any
 
-from tdxdbg.engine.kvm import Gen, KvmBase, RetPf
+from tdxdbg.engine.gmem import GmemOps
+from tdxdbg.engine.kvm import Gen, RetPf
 from tdxdbg.engine.mmu_page import (
     K_ROOTS,
     AttrFilter,
@@ -63,7 +64,7 @@ def root_kind(is_mirror: bool) -> str:
     return "mirror" if is_mirror else "direct"
 
 
-class TdpMmuOps(KvmBase):
+class TdpMmuOps(GmemOps):
     """tdp_mmu.c as methods, so a variant overrides exactly the functions its patch changes."""
 
     # -- struct kvm_mmu_page bookkeeping -------------------------------------------------------------------
@@ -254,7 +255,7 @@ class TdpMmuOps(KvmBase):
     def kvm_tdp_mmu_map(self, vcpu: Any, fault: KvmPageFault) -> Gen:
         """Walk to the goal level, linking new tables on the way, then install the leaf. mmu_lock held for read."""
         root = self.tdp_mmu_get_root_for_fault(vcpu, fault)
-        yield from self.kvm_mmu_hugepage_adjust(vcpu, fault)
+        self.kvm_mmu_hugepage_adjust(vcpu, fault)
         ret = RetPf.RET_PF_RETRY
         self.rcu_read_lock()
         it = self.iter_for(root, PG_LEVEL_4K, fault.gfn)
@@ -667,5 +668,5 @@ class TdpMmuOps(KvmBase):
     def tdx_flush_remote_tlbs(self) -> Gen:
         raise NotImplementedError
 
-    def kvm_mmu_hugepage_adjust(self, vcpu: Any, fault: KvmPageFault) -> Gen:
+    def kvm_mmu_hugepage_adjust(self, vcpu: Any, fault: KvmPageFault) -> None:
         raise NotImplementedError

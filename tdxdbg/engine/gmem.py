@@ -1,0 +1,177 @@
+"""Memslots, per-gfn memory attributes, guest_memfd and the shared (userspace) backing, and the mmu_invalidate
+sequence that makes faults racing an invalidation retry (virt/kvm/kvm_main.c, guest_memfd.c; reference
+kernel-tdp-mmu.md §1.5, §6)."""
+
+from __future__ import annotations
+
+import bisect
+from typing import Any, NamedTuple
+
+from tdxdbg.engine.kvm import KvmBase
+from tdxdbg.engine.spte import PG_LEVEL_4K, PgLevel, kvm_pages_per_hpage
+from tdxdbg.engine.steps import EngineStep
+from tdxdbg.runtime.step import Step
+
+K_MEMSLOTS = ("kvm.memslots",)
+K_ATTRS = ("kvm.private_ranges",)
+K_INVALIDATE = ("kvm.mmu_invalidate",)
+HUGE_2M = kvm_pages_per_hpage(PgLevel.PG_LEVEL_2M)
+
+
+class Memslot(NamedTuple):
+    """struct kvm_memory_slot: gfns [base_gfn, base_gfn + npages)."""
+
+    id: int
+    base_gfn: int
+    npages: int
+    guest_memfd: bool = False
+    readonly: bool = False
+    dirty_log: bool = False
+    invalid: bool = False
+
+    def contains(self, gfn: int) -> bool:
+        return self.base_gfn <= gfn < self.base_gfn + self.npages
+
+
+class MmuInvalidate(NamedTuple):
+    """kvm->mmu_invalidate_seq, _in_progress and the range being invalidated."""
+
+    seq: int = 0
+    in_progress: int = 0
+    start: int = 0
+    end: int = 0
+
+
+class GmemOps(KvmBase):
+    """Memory the guest sees: where a gfn's page comes from and how userspace changes that."""
+
+    # -- memslots ----------------------------------------------------------------------------------------------
+    def memslots(self) -> tuple[Memslot, ...]:
+        return self.world.get(K_MEMSLOTS, ())
+
+    def add_memslot(self, slot: Memslot) -> None:
+        """KVM_SET_USER_MEMORY_REGION2 (create), at set-up."""
+        self.world.set(K_MEMSLOTS, tuple(sorted((*self.memslots(), slot), key=lambda s: s.base_gfn)))
+
+    def kvm_vcpu_gfn_to_memslot(self, gfn: int) -> Memslot | None:
+        for slot in self.world.get(K_MEMSLOTS, ()):
+            if slot.contains(gfn):
+                return slot
+        return None
+
+    def _replace_slot(self, slot_id: int, **changes: Any) -> Memslot:
+        slots = list(self.memslots())
+        for i, s in enumerate(slots):
+            if s.id == slot_id:
+                slots[i] = s._replace(**changes)
+                self.world.set(K_MEMSLOTS, tuple(slots))
+                return slots[i]
+        raise KeyError(slot_id)
+
+    # -- memory attributes ------------------------------------------------------------------------------------
+    def private_ranges(self) -> tuple[tuple[int, int], ...]:
+        return self.world.get(K_ATTRS, ())
+
+    def kvm_mem_is_private(self, gfn: int) -> bool:
+        ranges = self.world.get(K_ATTRS, ())
+        i = bisect.bisect_right(ranges, (gfn, 1 << 64)) - 1
+        return i >= 0 and ranges[i][0] <= gfn < ranges[i][1]
+
+    def range_has_uniform_attributes(self, start: int, end: int) -> bool:
+        """No private/shared boundary inside [start, end) (the KVM_LPAGE_MIXED_FLAG test)."""
+        first = self.kvm_mem_is_private(start)
+        for a, b in self.world.get(K_ATTRS, ()):
+            if start < a < end or start < b < end:
+                return False
+        return first == self.kvm_mem_is_private(end - 1)
+
+    def set_private_ranges(self, start: int, end: int, private: bool) -> None:
+        """Store the attribute for [start, end): the xarray update of kvm_vm_set_mem_attributes."""
+        out: list[tuple[int, int]] = []
+        for a, b in self.private_ranges():
+            if b <= start or a >= end:
+                out.append((a, b))
+                continue
+            if a < start:
+                out.append((a, start))
+            if b > end:
+                out.append((end, b))
+        if private:
+            out.append((start, end))
+        out.sort()
+        merged: list[tuple[int, int]] = []
+        for a, b in out:
+            if merged and merged[-1][1] >= a:
+                merged[-1] = (merged[-1][0], max(merged[-1][1], b))
+            else:
+                merged.append((a, b))
+        self.world.set(K_ATTRS, tuple(merged))
+
+    # -- backing memory --------------------------------------------------------------------------------------
+    def kvm_gmem_get_pfn(self, slot: Memslot, gfn: int) -> int:
+        """guest_memfd: the file's page for this gfn, allocated (zeroed) on first use."""
+        key = ("gmem.pfn", slot.id, gfn)
+        pfn = self.world.get(key)
+        if pfn is None:
+            pfn = self.memory.alloc("gmem")
+            self.world.set(key, pfn)
+        return pfn
+
+    def hva_to_pfn(self, slot: Memslot, gfn: int) -> tuple[int, int]:
+        """The shared backing (userspace memory): 2 MiB transparent huge pages, allocated on first touch.
+        Returns (pfn, host mapping level)."""
+        chunk = gfn // HUGE_2M
+        key = ("hva.chunk", slot.id, chunk)
+        base = self.world.get(key)
+        if base is None:
+            base = self.memory.alloc_contiguous(HUGE_2M, "hva", align=HUGE_2M)
+            self.world.set(key, base)
+        return base + gfn % HUGE_2M, self.host_mapping_level(slot, gfn)
+
+    def host_mapping_level(self, slot: Memslot, gfn: int) -> int:
+        """The backing is a 2M THP when the whole 2M range lies inside the slot."""
+        base = gfn - gfn % HUGE_2M
+        if slot.guest_memfd or slot.dirty_log:
+            return PG_LEVEL_4K
+        if base >= slot.base_gfn and base + HUGE_2M <= slot.base_gfn + slot.npages:
+            return PgLevel.PG_LEVEL_2M
+        return PG_LEVEL_4K
+
+    def mark_page_dirty_in_slot(self, slot: Memslot | None, gfn: int) -> None:
+        if slot is None or not slot.dirty_log:
+            return
+        key = ("kvm.dirty_bitmap", slot.id)
+        bitmap = self.world.get(key, frozenset())
+        if gfn not in bitmap:
+            self.world.set(key, bitmap | {gfn})
+
+    # -- mmu_invalidate ------------------------------------------------------------------------------------
+    def mmu_invalidate_seq(self) -> int:
+        return self.world.get(K_INVALIDATE, MmuInvalidate()).seq
+
+    def kvm_mmu_invalidate_begin(self, start: int, end: int) -> None:
+        inv: MmuInvalidate = self.world.get(K_INVALIDATE, MmuInvalidate())
+        if inv.in_progress:
+            start, end = min(start, inv.start), max(end, inv.end)
+        self.world.set(K_INVALIDATE, MmuInvalidate(inv.seq, inv.in_progress + 1, start, end))
+
+    def kvm_mmu_invalidate_end(self) -> None:
+        inv: MmuInvalidate = self.world.get(K_INVALIDATE, MmuInvalidate())
+        left = inv.in_progress - 1
+        self.world.set(K_INVALIDATE, MmuInvalidate(inv.seq + 1, left, inv.start if left else 0,
+                                                   inv.end if left else 0))
+
+    def mmu_invalidate_retry_gfn(self, mmu_seq: int, gfn: int) -> bool:
+        inv: MmuInvalidate = self.world.get(K_INVALIDATE, MmuInvalidate())
+        if inv.in_progress and inv.start <= gfn < inv.end:
+            return True
+        return inv.seq != mmu_seq
+
+    def mmu_invalidate_retry_gfn_unsafe(self, mmu_seq: int, gfn: int) -> bool:
+        """The lockless pre-check: same test, read without mmu_lock."""
+        return self.mmu_invalidate_retry_gfn(mmu_seq, gfn)
+
+    def invalidate_step(self, what: str, start: int, end: int) -> Step:
+        inv = self.world.get(K_INVALIDATE, MmuInvalidate())
+        return Step(EngineStep.INVALIDATE, {"what": what, "start": start, "end": end, "seq": inv.seq,
+                                            "in_progress": inv.in_progress})

@@ -1,0 +1,247 @@
+"""KVM's side of the userspace ioctls that change guest memory: KVM_SET_MEMORY_ATTRIBUTES, guest_memfd hole
+punching, mmu-notifier invalidation of the shared backing, memslot deletion, dirty logging, pre-faulting,
+KVM_TDX_INIT_MEM_REGION / FINALIZE and VM destruction (reference kernel-tdp-mmu.md §6)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from tdxdbg.engine.gmem import Memslot
+from tdxdbg.engine.kvm import K_PRE_FAULT_ALLOWED, Gen
+from tdxdbg.engine.mmu import PFERR_GUEST_FINAL_MASK, PFERR_PRIVATE_ACCESS, PFERR_WRITE_MASK
+from tdxdbg.engine.mmu_page import AttrFilter, RootTypes
+from tdxdbg.engine.spte import PG_LEVEL_4K
+from tdxdbg.engine.steps import EngineStep
+from tdxdbg.engine.tdx import EINVAL, TdxOps
+from tdxdbg.runtime.step import Step
+
+K_DESTROYING = ("kvm.destroying",)
+
+
+class IoctlOps(TdxOps):
+    """What KVM does when userspace changes memory."""
+
+    def kvm_unmap_gfn_range(self, start: int, end: int, attr_filter: AttrFilter, may_block: bool = True) -> Gen:
+        flush = yield from self.kvm_tdp_mmu_unmap_gfn_range(start, end, attr_filter, may_block, False)
+        if flush:
+            yield from self.kvm_flush_remote_tlbs_range(start, end)
+        return flush
+
+    def kvm_flush_remote_tlbs_range(self, start: int, end: int) -> Gen:
+        """Shared-EPT translations are flushed with the same TDH.MEM.TRACK + kick as private ones."""
+        yield from self.tdx_flush_remote_tlbs()
+
+    # -- KVM_SET_MEMORY_ATTRIBUTES -------------------------------------------------------------------------
+    def kvm_vm_set_mem_attributes(self, start: int, end: int, private: bool) -> Gen:
+        """Begin an invalidation, zap the alias that stops being valid, store the attribute, end it."""
+        yield Step(EngineStep.HOST_OP, {"op": "KVM_SET_MEMORY_ATTRIBUTES", "start": start, "end": end,
+                                        "private": private})
+        yield from self.write_lock()
+        self.kvm_mmu_invalidate_begin(start, end)
+        yield self.invalidate_step("begin", start, end)
+        # kvm_arch_pre_set_memory_attributes: going private zaps the shared alias, going shared the private one.
+        attr_filter = AttrFilter.KVM_FILTER_SHARED if private else AttrFilter.KVM_FILTER_PRIVATE
+        yield from self.kvm_unmap_gfn_range(start, end, attr_filter)
+        yield from self.write_unlock()
+        self.set_private_ranges(start, end, private)
+        yield from self.write_lock()
+        self.kvm_mmu_invalidate_end()
+        yield self.invalidate_step("end", start, end)
+        yield from self.write_unlock()
+        return 0
+
+    # -- guest_memfd -----------------------------------------------------------------------------------------
+    def kvm_gmem_punch_hole(self, start: int, end: int) -> Gen:
+        """fallocate(PUNCH_HOLE) on guest_memfd: zap private mappings of the range, then free its pages."""
+        yield Step(EngineStep.HOST_OP, {"op": "guest_memfd PUNCH_HOLE", "start": start, "end": end})
+        yield from self.write_lock()
+        self.kvm_mmu_invalidate_begin(start, end)
+        yield self.invalidate_step("begin", start, end)
+        yield from self.kvm_unmap_gfn_range(start, end, AttrFilter.KVM_FILTER_PRIVATE)
+        yield from self.write_unlock()
+        self.truncate_gmem(start, end)
+        yield from self.write_lock()
+        self.kvm_mmu_invalidate_end()
+        yield self.invalidate_step("end", start, end)
+        yield from self.write_unlock()
+        return 0
+
+    def truncate_gmem(self, start: int, end: int) -> None:
+        """Drop the guest_memfd pages of [start, end): their contents are gone, later faults get new pages."""
+        w = self.world
+        for slot in self.memslots():
+            if not slot.guest_memfd:
+                continue
+            lo, hi = max(start, slot.base_gfn), min(end, slot.base_gfn + slot.npages)
+            for gfn in range(lo, hi):
+                key = ("gmem.pfn", slot.id, gfn)
+                pfn = w.get(key)
+                if pfn is not None:
+                    w.delete(key)
+                    self.memory.free(pfn)
+
+    # -- mmu notifier on the shared backing -----------------------------------------------------------------
+    def kvm_mmu_notifier_invalidate_range_start(self, start: int, end: int) -> Gen:
+        yield from self.write_lock()
+        self.kvm_mmu_invalidate_begin(start, end)
+        yield self.invalidate_step("begin", start, end)
+        # The notifier speaks for userspace memory: only shared mappings are affected.
+        yield from self.kvm_unmap_gfn_range(start, end, AttrFilter.KVM_FILTER_SHARED)
+        yield from self.write_unlock()
+
+    def kvm_mmu_notifier_invalidate_range_end(self, start: int, end: int) -> Gen:
+        yield from self.write_lock()
+        self.kvm_mmu_invalidate_end()
+        yield self.invalidate_step("end", start, end)
+        yield from self.write_unlock()
+
+    def discard_shared_backing(self, start: int, end: int) -> None:
+        """MADV_DONTNEED of the userspace backing: the next touch gets fresh (zeroed) pages."""
+        w = self.world
+        for slot in self.memslots():
+            lo, hi = max(start, slot.base_gfn), min(end, slot.base_gfn + slot.npages)
+            if lo >= hi:
+                continue
+            for chunk in range(lo // 512, (hi - 1) // 512 + 1):
+                key = ("hva.chunk", slot.id, chunk)
+                base = w.get(key)
+                if base is None:
+                    continue
+                w.delete(key)
+                for pfn in range(base, base + 512):
+                    self.memory.free(pfn)
+
+    # -- memslots -----------------------------------------------------------------------------------------------
+    def kvm_delete_memslot(self, slot_id: int) -> Gen:
+        """Mark the slot invalid (faults on it retry), zap its leaves in both roots, then remove it."""
+        slot = next(s for s in self.memslots() if s.id == slot_id)
+        yield Step(EngineStep.HOST_OP, {"op": "KVM_SET_USER_MEMORY_REGION2 (delete)", "slot": slot_id})
+        self._replace_slot(slot_id, invalid=True)
+        yield Step(EngineStep.HOST_OP, {"op": "memslot marked KVM_MEMSLOT_INVALID", "slot": slot_id})
+        yield from self.kvm_mmu_zap_memslot_leafs(slot)
+        self.world.set(("kvm.memslots",), tuple(s for s in self.memslots() if s.id != slot_id))
+        yield Step(EngineStep.HOST_OP, {"op": "memslot removed", "slot": slot_id})
+        return 0
+
+    def kvm_mmu_zap_memslot_leafs(self, slot: Memslot) -> Gen:
+        """TDX treats the SLOT_ZAP_ALL quirk as off: zap only this slot's leaves, private and shared."""
+        yield from self.write_lock()
+        yield from self.kvm_unmap_gfn_range(slot.base_gfn, slot.base_gfn + slot.npages,
+                                            AttrFilter.KVM_FILTER_PRIVATE | AttrFilter.KVM_FILTER_SHARED)
+        yield from self.write_unlock()
+
+    def kvm_set_dirty_logging(self, slot_id: int, enable: bool) -> Gen:
+        """KVM_MEM_LOG_DIRTY_PAGES on a (non-guest_memfd) slot: split huge pages, then write-protect."""
+        slot = self._replace_slot(slot_id, dirty_log=enable)
+        yield Step(EngineStep.HOST_OP, {"op": f"dirty logging {'on' if enable else 'off'}", "slot": slot_id})
+        if not enable:
+            return 0
+        start, end = slot.base_gfn, slot.base_gfn + slot.npages
+        for root in self.roots():
+            if self.tdp_mmu_root_match(root, RootTypes.KVM_DIRECT_ROOTS):
+                yield from self.tdp_mmu_split_huge_pages_root(root, start, end, PG_LEVEL_4K)
+        yield from self.write_lock()
+        changed = False
+        for root in self.roots():
+            if self.tdp_mmu_root_match(root, RootTypes.KVM_DIRECT_ROOTS):
+                changed |= yield from self.wrprot_gfn_range(root, start, end)
+        if changed:
+            yield from self.tdx_flush_remote_tlbs()
+        yield from self.write_unlock()
+        return 0
+
+    # -- pre-faulting and build time -----------------------------------------------------------------------
+    def kvm_arch_vcpu_pre_fault_memory(self, vcpu: Any, gpa: int, size: int) -> Gen:
+        """KVM_PRE_FAULT_MEMORY: map each page through the fault path as a private or shared write."""
+        yield Step(EngineStep.HOST_OP, {"op": "KVM_PRE_FAULT_MEMORY", "gpa": gpa, "size": size})
+        if not self.world.get(K_PRE_FAULT_ALLOWED):
+            yield Step(EngineStep.WARN, {"message": "KVM_PRE_FAULT_MEMORY before finalize: -EOPNOTSUPP"})
+            return EINVAL
+        yield from self.kvm_mmu_load(vcpu)
+        for page in range(gpa, gpa + size, 4096):
+            err = PFERR_WRITE_MASK | PFERR_GUEST_FINAL_MASK
+            if self.tdx_is_private_gpa(page):
+                err |= PFERR_PRIVATE_ACCESS
+            r = yield from self.kvm_tdp_map_page(vcpu, page, err)
+            if isinstance(r, int) and r < 0:
+                return r
+        return 0
+
+    def kvm_tdx_init_mem_region(self, vcpu: Any, gpa: int, size: int, measure: bool = True) -> Gen:
+        """KVM_TDX_INIT_MEM_REGION: populate private pages from a source buffer, before finalize."""
+        yield Step(EngineStep.HOST_OP, {"op": "KVM_TDX_INIT_MEM_REGION", "gpa": gpa, "size": size})
+        yield from self.kvm_mmu_load(vcpu)
+        for page in range(gpa, gpa + size, 4096):
+            gfn = page >> 12
+            slot = self.kvm_vcpu_gfn_to_memslot(gfn)
+            if slot is None or not slot.guest_memfd or not self.kvm_mem_is_private(gfn):
+                yield Step(EngineStep.WARN, {"message": f"INIT_MEM_REGION of a non-private gpa {page:#x}: -EINVAL"})
+                return EINVAL
+            src = self.memory.alloc("vmm:initial-image")
+            # The initial image: each page starts with its own GPA, so a guest can check what it booted with.
+            self.memory.write_word(src, 0, page)
+            pfn = self.kvm_gmem_get_pfn(slot, gfn)
+            ret = yield from self.tdx_gmem_post_populate(vcpu, gfn, pfn, src, measure)
+            self.memory.free(src)
+            if ret:
+                return ret
+        return 0
+
+    # -- teardown --------------------------------------------------------------------------------------------
+    def kvm_destroy_vm(self) -> Gen:
+        """Close guest_memfd (private leaves go while the HKID is assigned), release the HKID, zap the direct
+        roots, tear down every root (mirror tables are reclaimed now), reclaim the TD's control pages."""
+        yield Step(EngineStep.HOST_OP, {"op": "destroy VM"})
+        self.world.set(K_DESTROYING, True)
+        yield from self.kvm_make_all_cpus_request_outside_guest_mode()
+        yield Step(EngineStep.HOST_OP, {"op": "waiting for vCPU threads to stop"},
+                   lambda w: all(v.stopped_key is None or w.peek(v.stopped_key) for v in self.vcpus))
+        for slot in self.memslots():
+            if slot.guest_memfd:
+                yield from self.kvm_gmem_release(slot)
+        ret = yield from self.tdx_mmu_release_hkid()
+        if ret:
+            return ret
+        yield from self.kvm_tdp_mmu_zap_all()
+        yield from self.kvm_mmu_uninit_tdp_mmu()
+        yield from self.tdx_reclaim_td_control_pages()
+        return 0
+
+    def kvm_gmem_release(self, slot: Memslot) -> Gen:
+        start, end = slot.base_gfn, slot.base_gfn + slot.npages
+        yield Step(EngineStep.HOST_OP, {"op": "guest_memfd release", "slot": slot.id})
+        yield from self.write_lock()
+        self.kvm_mmu_invalidate_begin(start, end)
+        yield from self.kvm_unmap_gfn_range(start, end, AttrFilter.KVM_FILTER_PRIVATE)
+        self.kvm_mmu_invalidate_end()
+        yield from self.write_unlock()
+        self.truncate_gmem(start, end)
+
+    def kvm_mmu_uninit_tdp_mmu(self) -> Gen:
+        """Invalidate every root (mirror too, now that nothing runs) and zap them; page tables are freed."""
+        yield from self.write_lock()
+        yield from self.kvm_tdp_mmu_invalidate_roots(RootTypes.KVM_VALID_ROOTS)
+        yield from self.write_unlock()
+        # The vCPUs' own references go first (kvm_mmu_unload when each vCPU is destroyed).
+        for vcpu in self.vcpus:
+            for root in (vcpu.mirror_root, vcpu.direct_root):
+                if root:
+                    yield from self.kvm_tdp_mmu_put_root(root)
+        yield from self.kvm_tdp_mmu_zap_invalidated_roots(shared=False)
+        yield from self.warn_on_once(bool(self.roots()), "TDP MMU roots left after teardown")
+
+    def kvm_mmu_load(self, vcpu: Any) -> Gen:
+        """mmu_alloc_direct_roots: the mirror root (once) and the direct root, then load the direct root into
+        the TD VMCS SHARED_EPT_POINTER (tdx_load_mmu_pgd)."""
+        if vcpu.direct_root and not self.sptep_to_sp(vcpu.direct_root).role.invalid:
+            return
+        if not vcpu.mirror_root:
+            root = yield from self.kvm_tdp_mmu_alloc_root(mirror=True)
+            vcpu.set_root("mirror", root)
+        if vcpu.direct_root:
+            # kvm_mmu_free_obsolete_roots: drop the vCPU's reference on the invalid root.
+            yield from self.kvm_tdp_mmu_put_root(vcpu.direct_root)
+        root = yield from self.kvm_tdp_mmu_alloc_root(mirror=False)
+        vcpu.set_root("direct", root)
+        vcpu.hw.set_shared_eptp(root)
+

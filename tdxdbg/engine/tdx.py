@@ -1,0 +1,395 @@
+"""KVM's TDX glue (arch/x86/kvm/vmx/tdx.c): the external-SPT hooks that turn mirror-SPTE changes into SEAMCALLs,
+TLB tracking, the no-vCPUs-enter retry for zaps, the EPT-violation handler with its local retry loop, MapGPA,
+build-time memory (KVM_TDX_INIT_MEM_REGION, finalize) and HKID release (reference kernel-tdp-mmu.md §5).
+"""
+
+from __future__ import annotations
+
+import errno
+from typing import Any
+
+from tdxdbg.engine.kvm import (
+    K_HKID,
+    K_NR_PREMAPPED,
+    K_PRE_FAULT_ALLOWED,
+    K_TD_STATE,
+    K_WAIT_FOR_SEPT_ZAP,
+    Gen,
+    RetPf,
+    TdState,
+)
+from tdxdbg.engine.mmu import (
+    EIO,
+    PFERR_FETCH_MASK,
+    PFERR_GUEST_FINAL_MASK,
+    PFERR_GUEST_PAGE_MASK,
+    PFERR_PRESENT_MASK,
+    PFERR_PRIVATE_ACCESS,
+    PFERR_WRITE_MASK,
+    MmuOps,
+)
+from tdxdbg.engine.spte import PG_LEVEL_4K
+from tdxdbg.engine.steps import EngineStep, HookCall
+from tdxdbg.hw.ept import ExitQual
+from tdxdbg.hw.tdx.guest_calls import ExtExitQualType
+from tdxdbg.hw.tdx.leaves import Seamcall
+from tdxdbg.hw.tdx.seamcall import SeamcallResult
+from tdxdbg.hw.tdx.status import OperandId, TdxStatus, is_error, status_base
+from tdxdbg.runtime.step import Step
+
+EBUSY = -errno.EBUSY
+EINVAL = -errno.EINVAL
+# EPT_VIOLATION_* exit-qualification bits KVM tests (vmx.h).
+EPT_VIOLATION_ACC_READ = int(ExitQual.READ)
+EPT_VIOLATION_ACC_WRITE = int(ExitQual.WRITE)
+EPT_VIOLATION_ACC_INSTR = int(ExitQual.FETCH)
+EPT_VIOLATION_PROT_MASK = int(ExitQual.GPA_READABLE | ExitQual.GPA_WRITABLE | ExitQual.GPA_EXECUTABLE)
+EPT_VIOLATION_EXEC_FOR_RING3_LIN = int(ExitQual.GPA_EXEC_USER)
+EPT_VIOLATION_GVA_TRANSLATED = int(ExitQual.GLA_TRANSLATED)
+TDX_EXT_EXIT_QUAL_TYPE_MASK = 0xF
+# TDX_EXTENDMR_CHUNKSIZE: TDH.MR.EXTEND measures 256 bytes at a time.
+TDX_EXTENDMR_CHUNKSIZE = 256
+
+
+def pg_level_to_tdx_sept_level(level: int) -> int:
+    return level - 1
+
+
+def tdx_operand_busy(err: int) -> bool:
+    return status_base(err) == TdxStatus.TDX_OPERAND_BUSY
+
+
+class TdxOps(MmuOps):
+    """The TDX side of kvm_x86_ops and the TDX exit handlers."""
+
+    @property
+    def tdr_pa(self) -> int:
+        return self.tdr << 12
+
+    def td_state(self) -> TdState:
+        return self.world.get(K_TD_STATE)
+
+    def is_hkid_assigned(self) -> bool:
+        return bool(self.world.get(K_HKID))
+
+    def seamcall(self, leaf: Seamcall, rcx: int = 0, rdx: int | None = None, r8: int = 0, r9: int = 0) -> Gen:
+        result: SeamcallResult = yield from self.tdx_module.seamcall(
+            leaf, rcx, self.tdr_pa if rdx is None else rdx, r8, r9)
+        return result
+
+    def _hook(self, name: str, gfn: int, level: int, pfn: int = 0) -> Step:
+        return Step(EngineStep.HOOK, HookCall(name, gfn, level, pfn))
+
+    def _hook_ret(self, name: str, gfn: int, level: int, ret: int) -> Step:
+        return Step(EngineStep.HOOK_RETURN, HookCall(name, gfn, level, 0, ret))
+
+    # -- kvm_x86_ops.link_external_spt -------------------------------------------------------------------------
+    def link_external_spt(self, gfn: int, level: int, external_spt: int) -> Gen:
+        yield self._hook("link_external_spt", gfn, level, external_spt)
+        ret = yield from self.tdx_sept_link_private_spt(gfn, level, external_spt)
+        yield self._hook_ret("link_external_spt", gfn, level, ret)
+        return ret
+
+    def tdx_sept_link_private_spt(self, gfn: int, level: int, external_spt: int) -> Gen:
+        """TDH.MEM.SEPT.ADD: BUSY is -EBUSY for the fault path to retry; anything else kills the VM."""
+        r = yield from self.seamcall(Seamcall.TDH_MEM_SEPT_ADD, (gfn << 12) | pg_level_to_tdx_sept_level(level),
+                                     None, external_spt << 12)
+        if tdx_operand_busy(r.rax):
+            return EBUSY
+        if (yield from self.kvm_bug_on(is_error(r.rax), f"TDH.MEM.SEPT.ADD failed: {r}")):
+            return EIO
+        return 0
+
+    # -- kvm_x86_ops.set_external_spte -------------------------------------------------------------------------
+    def set_external_spte(self, gfn: int, level: int, pfn: int) -> Gen:
+        yield self._hook("set_external_spte", gfn, level, pfn)
+        ret = yield from self.tdx_sept_set_private_spte(gfn, level, pfn)
+        yield self._hook_ret("set_external_spte", gfn, level, ret)
+        return ret
+
+    def tdx_sept_set_private_spte(self, gfn: int, level: int, pfn: int) -> Gen:
+        """A runnable TD gets TDH.MEM.PAGE.AUG; before finalize the page is only counted (PAGE.ADD comes later)."""
+        if (yield from self.kvm_bug_on(level != PG_LEVEL_4K, "TODO: handle large pages")):
+            return EIO
+        if self.td_state() is TdState.TD_STATE_RUNNABLE:
+            ret = yield from self.tdx_mem_page_aug(gfn, level, pfn)
+            return ret
+        ret = yield from self.tdx_mem_page_record_premap_cnt(gfn, level, pfn)
+        return ret
+
+    def tdx_mem_page_aug(self, gfn: int, level: int, pfn: int) -> Gen:
+        r = yield from self.seamcall(Seamcall.TDH_MEM_PAGE_AUG, (gfn << 12) | pg_level_to_tdx_sept_level(level),
+                                     None, pfn << 12)
+        if tdx_operand_busy(r.rax):
+            return EBUSY
+        if (yield from self.kvm_bug_on(is_error(r.rax), f"TDH.MEM.PAGE.AUG failed: {r}")):
+            return EIO
+        return 0
+
+    def tdx_mem_page_record_premap_cnt(self, gfn: int, level: int, pfn: int) -> Gen:
+        if (yield from self.kvm_bug_on(bool(self.world.get(K_PRE_FAULT_ALLOWED)),
+                                       "premapping a page after pre-faults were allowed")):
+            return EIO
+        self.world.set(K_NR_PREMAPPED, self.world.get(K_NR_PREMAPPED, 0) + 1)
+        return 0
+
+    # -- kvm_x86_ops.remove_external_spte ------------------------------------------------------------------------
+    def remove_external_spte_hook(self, gfn: int, level: int, pfn: int) -> Gen:
+        yield self._hook("remove_external_spte", gfn, level, pfn)
+        ret = yield from self.tdx_sept_remove_private_spte(gfn, level, pfn)
+        yield self._hook_ret("remove_external_spte", gfn, level, ret)
+        return ret
+
+    def tdx_sept_remove_private_spte(self, gfn: int, level: int, pfn: int) -> Gen:
+        """RANGE.BLOCK, TRACK (+ kick), PAGE.REMOVE, PHYMEM.PAGE.WBINVD, then clear the page."""
+        if (yield from self.kvm_bug_on(not self.is_hkid_assigned(),
+                                       "removing a private page after the HKID was released")):
+            return EIO
+        if (yield from self.kvm_bug_on(level != PG_LEVEL_4K, "TODO: handle large pages")):
+            return EIO
+        ret = yield from self.tdx_sept_zap_private_spte(gfn, level, pfn)
+        if ret <= 0:
+            return ret
+        # TDX requires TLB tracking before dropping a private page.
+        yield from self.tdx_track()
+        ret = yield from self.tdx_sept_drop_private_spte(gfn, level, pfn)
+        return ret
+
+    def tdh_do_no_vcpus(self, leaf: Seamcall, rcx: int, rdx: int | None = None) -> Gen:
+        """Try once; on BUSY keep every vCPU out of the TD (wait_for_sept_zap + kick) and try once more."""
+        r = yield from self.seamcall(leaf, rcx, rdx)
+        if tdx_operand_busy(r.rax):
+            yield from self.tdx_no_vcpus_enter_start()
+            r = yield from self.seamcall(leaf, rcx, rdx)
+            yield from self.tdx_no_vcpus_enter_stop()
+        return r
+
+    def tdx_sept_zap_private_spte(self, gfn: int, level: int, pfn: int) -> Gen:
+        """TDH.MEM.RANGE.BLOCK. Returns 1 to go on, 0 when done already (a premapped page), or -EIO."""
+        r = yield from self.tdh_do_no_vcpus(Seamcall.TDH_MEM_RANGE_BLOCK,
+                                            (gfn << 12) | pg_level_to_tdx_sept_level(level))
+        if (self.td_state() is not TdState.TD_STATE_RUNNABLE
+                and r.rax == TdxStatus.TDX_EPT_ENTRY_STATE_INCORRECT | OperandId.RCX):
+            # A page mapped before finalize that never got PAGE.ADD: nothing in the S-EPT to remove.
+            self.world.set(K_NR_PREMAPPED, self.world.get(K_NR_PREMAPPED, 0) - 1)
+            return 0
+        if (yield from self.kvm_bug_on(is_error(r.rax), f"TDH.MEM.RANGE.BLOCK failed: {r}")):
+            return EIO
+        return 1
+
+    def tdx_sept_drop_private_spte(self, gfn: int, level: int, pfn: int) -> Gen:
+        r = yield from self.tdh_do_no_vcpus(Seamcall.TDH_MEM_PAGE_REMOVE,
+                                            (gfn << 12) | pg_level_to_tdx_sept_level(level))
+        if (yield from self.kvm_bug_on(is_error(r.rax), f"TDH.MEM.PAGE.REMOVE failed: {r}")):
+            return EIO
+        keyed = (pfn << 12) | (self.tdx_module.config(self.tdr).hkid << 46)
+        r = yield from self.seamcall(Seamcall.TDH_PHYMEM_PAGE_WBINVD, keyed, 0)
+        if (yield from self.kvm_bug_on(is_error(r.rax), f"TDH.PHYMEM.PAGE.WBINVD failed: {r}")):
+            return EIO
+        # tdx_quirk_reset_paddr: clear the page before the host reuses it.
+        self.memory.zero_page(pfn)
+        return 0
+
+    def tdx_track(self) -> Gen:
+        """TDH.MEM.TRACK, then kick every vCPU so none still runs in the old epoch. Write lock held."""
+        if self.td_state() is not TdState.TD_STATE_RUNNABLE:
+            return
+        yield from self.warn_on_once(not self.holds_mmu_lock_write(), "tdx_track without the mmu_lock write lock")
+        r = yield from self.tdh_do_no_vcpus(Seamcall.TDH_MEM_TRACK, self.tdr_pa, 0)
+        yield from self.kvm_bug_on(is_error(r.rax), f"TDH.MEM.TRACK failed: {r}")
+        yield from self.kvm_make_all_cpus_request_outside_guest_mode()
+
+    def tdx_flush_remote_tlbs(self) -> Gen:
+        if self.is_hkid_assigned():
+            yield from self.tdx_track()
+
+    def tdx_no_vcpus_enter_start(self) -> Gen:
+        self.world.set(K_WAIT_FOR_SEPT_ZAP, True)
+        yield from self.kvm_make_all_cpus_request_outside_guest_mode()
+
+    def tdx_no_vcpus_enter_stop(self) -> Gen:
+        self.world.set(K_WAIT_FOR_SEPT_ZAP, False)
+        yield Step(EngineStep.KICK, {"what": "wait_for_sept_zap cleared"})
+
+    def kvm_make_all_cpus_request_outside_guest_mode(self) -> Gen:
+        """KVM_REQ_OUTSIDE_GUEST_MODE: IPI every vCPU in guest mode and wait for each to leave it."""
+        kicked = []
+        for vcpu in self.vcpus:
+            if vcpu.hw.in_guest:
+                vcpu.hw.kick()
+                kicked.append(vcpu.hw.kick_key)
+        keys = tuple(kicked)
+        yield Step(EngineStep.KICK, {"what": "KVM_REQ_OUTSIDE_GUEST_MODE", "vcpus": len(keys)},
+                   (lambda w: not any(w.peek(k) for k in keys)) if keys else None)
+
+    # -- kvm_x86_ops.free_external_spt ------------------------------------------------------------------------
+    def free_external_spt(self, gfn: int, level: int, external_spt: int) -> Gen:
+        yield self._hook("free_external_spt", gfn, level, external_spt)
+        ret = yield from self.tdx_sept_free_private_spt(gfn, level, external_spt)
+        yield self._hook_ret("free_external_spt", gfn, level, ret)
+        return ret
+
+    def tdx_sept_free_private_spt(self, gfn: int, level: int, external_spt: int) -> Gen:
+        """Only after the HKID is released: KVM never zaps mirror page tables while the TD is alive."""
+        if (yield from self.kvm_bug_on(self.is_hkid_assigned(),
+                                       "freeing an S-EPT page while the HKID is assigned")):
+            return EIO
+        ret = yield from self.tdx_reclaim_page(external_spt)
+        return ret
+
+    def tdx_reclaim_page(self, pfn: int) -> Gen:
+        r = yield from self.seamcall(Seamcall.TDH_PHYMEM_PAGE_RECLAIM, pfn << 12, 0)
+        if is_error(r.rax):
+            yield from self.warn_on_once(True, f"TDH.PHYMEM.PAGE.RECLAIM failed: {r}")
+            return EIO
+        self.memory.zero_page(pfn)
+        return 0
+
+    # -- EPT violations ------------------------------------------------------------------------------------------
+    def tdx_is_private_gpa(self, gpa: int) -> bool:
+        return not (gpa >> 12) & self.gfn_direct_bits
+
+    def tdx_is_sept_violation_unexpected_pending(self, exit: Any) -> bool:
+        eeq_type = exit.ext_qual & TDX_EXT_EXIT_QUAL_TYPE_MASK
+        if eeq_type != ExtExitQualType.PENDING_EPT_VIOLATION:
+            return False
+        return not exit.exit_qual & (EPT_VIOLATION_PROT_MASK | EPT_VIOLATION_EXEC_FOR_RING3_LIN)
+
+    def tdx_handle_ept_violation(self, vcpu: Any, exit: Any) -> Gen:
+        """Private violations are always writes and retried locally, so the guest is not re-entered (which
+        would feed zero-step mitigation) while the fault can still be fixed here."""
+        gpa = exit.gpa
+        local_retry = False
+        if self.tdx_is_private_gpa(gpa):
+            if self.tdx_is_sept_violation_unexpected_pending(exit):
+                yield from self.kvm_vm_dead(f"Guest access before accepting {gpa:#x} on vCPU {vcpu.index}")
+                return EIO
+            exit_qual = EPT_VIOLATION_ACC_WRITE
+            local_retry = True
+        else:
+            exit_qual = exit.exit_qual
+            if (yield from self.kvm_bug_on(bool(exit_qual & EPT_VIOLATION_ACC_INSTR),
+                                           "instruction fetch from shared memory")):
+                return EIO
+        ret: Any = RetPf.RET_PF_RETRY
+        retries = 0
+        while True:
+            ret = yield from self.__vmx_handle_ept_violation(vcpu, gpa, exit_qual)
+            if ret is not RetPf.RET_PF_RETRY or not local_retry:
+                break
+            if self.kvm_vcpu_has_events(vcpu):
+                break
+            if self.vm_dead:
+                ret = EIO
+                break
+            slot = self.kvm_vcpu_gfn_to_memslot((gpa >> 12) & ~self.gfn_direct_bits)
+            if slot is not None and slot.invalid:
+                break
+            retries += 1
+            yield Step(EngineStep.EXIT, {"vcpu": vcpu.index, "what": "local retry", "gpa": gpa, "retry": retries})
+        vcpu.fault_retries = retries
+        return ret
+
+    def __vmx_handle_ept_violation(self, vcpu: Any, gpa: int, exit_qual: int) -> Gen:
+        """vmx/common.h: exit qualification -> page-fault error code (+ PFERR_PRIVATE_ACCESS)."""
+        error_code = 0
+        if exit_qual & EPT_VIOLATION_ACC_READ:
+            error_code |= 0  # reads carry no PFERR bit
+        if exit_qual & EPT_VIOLATION_ACC_WRITE:
+            error_code |= PFERR_WRITE_MASK
+        if exit_qual & EPT_VIOLATION_ACC_INSTR:
+            error_code |= PFERR_FETCH_MASK
+        if exit_qual & EPT_VIOLATION_PROT_MASK:
+            error_code |= PFERR_PRESENT_MASK
+        error_code |= PFERR_GUEST_FINAL_MASK if exit_qual & EPT_VIOLATION_GVA_TRANSLATED else PFERR_GUEST_PAGE_MASK
+        if self.tdx_is_private_gpa(gpa):
+            error_code |= PFERR_PRIVATE_ACCESS
+        ret = yield from self.kvm_mmu_page_fault(vcpu, gpa, error_code)
+        return ret
+
+    def kvm_vcpu_has_events(self, vcpu: Any) -> bool:
+        """A pending kick (IPI) ends the local retry loop so the request is processed."""
+        return bool(self.world.get(vcpu.hw.kick_key))
+
+    # -- build time ----------------------------------------------------------------------------------------
+    def tdx_gmem_post_populate(self, vcpu: Any, gfn: int, pfn: int, src_pfn: int, measure: bool) -> Gen:
+        """KVM_TDX_INIT_MEM_REGION for one page: map it in the mirror tree through the fault path (premapped),
+        then TDH.MEM.PAGE.ADD from the source page and TDH.MR.EXTEND over it."""
+        gpa = gfn << 12
+        ret = yield from self.kvm_tdp_map_page(vcpu, gpa, PFERR_GUEST_FINAL_MASK | PFERR_PRIVATE_ACCESS
+                                               | PFERR_WRITE_MASK)
+        if ret is not RetPf.RET_PF_FIXED and ret is not RetPf.RET_PF_SPURIOUS:
+            return ret if isinstance(ret, int) else EIO
+        r = yield from self.seamcall(Seamcall.TDH_MEM_PAGE_ADD, gpa, None, pfn << 12, src_pfn << 12)
+        if tdx_operand_busy(r.rax):
+            return EBUSY
+        if (yield from self.kvm_bug_on(is_error(r.rax), f"TDH.MEM.PAGE.ADD failed: {r}")):
+            return EIO
+        self.world.set(K_NR_PREMAPPED, self.world.get(K_NR_PREMAPPED, 0) - 1)
+        if measure:
+            for off in range(0, 4096, TDX_EXTENDMR_CHUNKSIZE):
+                r = yield from self.seamcall(Seamcall.TDH_MR_EXTEND, gpa + off)
+                if (yield from self.kvm_bug_on(is_error(r.rax), f"TDH.MR.EXTEND failed: {r}")):
+                    return EIO
+        return 0
+
+    def kvm_tdp_map_page(self, vcpu: Any, gpa: int, error_code: int) -> Gen:
+        """Map one page through the normal fault path, retrying RET_PF_RETRY (KVM_PRE_FAULT_MEMORY, populate)."""
+        while True:
+            r = yield from self.kvm_mmu_do_page_fault(vcpu, gpa, error_code, prefetch=False)
+            if r is not RetPf.RET_PF_RETRY or self.vm_dead:
+                return r
+
+    def tdx_td_finalize(self) -> Gen:
+        """KVM_TDX_FINALIZE_VM: every premapped page must have been PAGE.ADDed."""
+        if self.world.get(K_NR_PREMAPPED, 0):
+            yield Step(EngineStep.WARN, {"message": "finalize with premapped pages left: -EINVAL"})
+            return EINVAL
+        r = yield from self.seamcall(Seamcall.TDH_MR_FINALIZE, self.tdr_pa, 0)
+        if tdx_operand_busy(r.rax):
+            return EBUSY
+        if is_error(r.rax):
+            yield Step(EngineStep.WARN, {"message": f"TDH.MR.FINALIZE failed: {r}"})
+            return EIO
+        self.world.set(K_TD_STATE, TdState.TD_STATE_RUNNABLE)
+        self.world.set(K_PRE_FAULT_ALLOWED, True)
+        return 0
+
+    # -- teardown ----------------------------------------------------------------------------------------------
+    def tdx_mmu_release_hkid(self) -> Gen:
+        """vm_pre_destroy: flush every vCPU, VPFLUSHDONE, CACHE.WB, KEY.FREEID. Failure leaks the HKID."""
+        for vcpu in self.vcpus:
+            r = yield from self.seamcall(Seamcall.TDH_VP_FLUSH, vcpu.hw.tdvpr << 12, 0)
+            if is_error(r.rax) and status_base(r.rax) != TdxStatus.TDX_VCPU_NOT_ASSOCIATED:
+                yield Step(EngineStep.WARN, {"message": f"TDH.VP.FLUSH failed: {r}"})
+                return EIO
+        r = yield from self.seamcall(Seamcall.TDH_MNG_VPFLUSHDONE, self.tdr_pa, 0)
+        if is_error(r.rax):
+            yield Step(EngineStep.WARN, {"message": f"TDH.MNG.VPFLUSHDONE failed, leaking HKID: {r}"})
+            return EIO
+        while True:
+            r = yield from self.seamcall(Seamcall.TDH_PHYMEM_CACHE_WB, 0, 0)
+            if status_base(r.rax) != TdxStatus.TDX_INTERRUPTED_RESUMABLE:
+                break
+        if is_error(r.rax):
+            yield Step(EngineStep.WARN, {"message": f"TDH.PHYMEM.CACHE.WB failed, leaking HKID: {r}"})
+            return EIO
+        r = yield from self.seamcall(Seamcall.TDH_MNG_KEY_FREEID, self.tdr_pa, 0)
+        if is_error(r.rax):
+            yield Step(EngineStep.WARN, {"message": f"TDH.MNG.KEY.FREEID failed, leaking HKID: {r}"})
+            return EIO
+        self.world.set(K_HKID, False)
+        return 0
+
+    def tdx_reclaim_td_control_pages(self) -> Gen:
+        """tdx_vm_destroy: vCPU pages, then the TDCS pages, then the TDR (which needs CHLDCNT == 0)."""
+        cfg = self.tdx_module.config(self.tdr)
+        for vcpu in self.vcpus:
+            yield from self.tdx_reclaim_page(vcpu.hw.tdvpr)
+        for page in cfg.tdcs:
+            yield from self.tdx_reclaim_page(page)
+        ret = yield from self.tdx_reclaim_page(self.tdr)
+        if not ret:
+            r = yield from self.seamcall(Seamcall.TDH_PHYMEM_PAGE_WBINVD, self.tdr_pa, 0)
+            yield from self.warn_on_once(is_error(r.rax), f"TDH.PHYMEM.PAGE.WBINVD of the TDR failed: {r}")
+        self.world.set(K_TD_STATE, TdState.TD_STATE_UNINITIALIZED)

@@ -1,0 +1,213 @@
+"""struct kvm_vcpu for a TD and the vCPU thread: KVM_RUN (enter the TD, take the exit, handle it, re-enter),
+with the userspace (VMM) half that answers exits to userspace, as QEMU's vCPU thread would."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from tdxdbg.engine.kvm import K_VM_DEAD, K_WAIT_FOR_SEPT_ZAP, Gen, RetPf
+from tdxdbg.engine.mmu import EFAULT
+from tdxdbg.engine.steps import EngineStep
+from tdxdbg.hw.cpu import TdExit, TdVcpu
+from tdxdbg.hw.ept import ExitReason
+from tdxdbg.hw.insn import GuestProgram
+from tdxdbg.hw.tdx.leaves import Tdvmcall, TdvmcallStatus
+from tdxdbg.runtime.step import Step
+
+# TDX_MAP_GPA_MAX_LEN: KVM exits to userspace for at most 2 MiB of a MapGPA at a time.
+TDX_MAP_GPA_MAX_LEN = 2 << 20
+KVM_HC_MAP_GPA_RANGE = 12
+KVM_MAP_GPA_RANGE_ENCRYPTED = 1 << 4
+KVM_MAP_GPA_RANGE_DECRYPTED = 0
+
+
+class KvmVcpu:
+    """One vCPU: the emulated TD vCPU plus what KVM keeps for it (its roots, the fault in progress)."""
+
+    def __init__(self, kvm: Any, index: int, program: GuestProgram) -> None:
+        self.kvm = kvm
+        self.index = index
+        self.name = f"vcpu{index}"
+        self.hw = TdVcpu(kvm.tdx_module, kvm.memory, kvm.tdr, index, program)
+        self.fault: Any = None
+        self.fault_retries = 0
+        self.memory_fault: tuple[int, int, bool] | None = None
+        # A MapGPA in progress: (next gpa, end) and the KVM_EXIT_HYPERCALL userspace is answering.
+        self.map_gpa: tuple[int, int] = (0, 0)
+        self.hypercall: tuple[int, int, int, int] | None = None
+        self.stopped_key = ("kvm.vcpu_stopped", index)
+        kvm.world.set(self.stopped_key, False)
+
+    def root_key(self, kind: str) -> tuple[str, int, str]:
+        return ("kvm.vcpu_root", self.index, kind)
+
+    @property
+    def mirror_root(self) -> int:
+        return self.kvm.world.get(self.root_key("mirror"), 0)
+
+    @property
+    def direct_root(self) -> int:
+        return self.kvm.world.get(self.root_key("direct"), 0)
+
+    def set_root(self, kind: str, root: int) -> None:
+        self.kvm.world.set(self.root_key(kind), root)
+
+
+class VcpuOps:
+    """The vCPU thread. Mixed into the VM class so variants can override exit handling."""
+
+    world: Any
+    vcpus: list[KvmVcpu]
+
+    def create_vcpu(self, program: GuestProgram) -> KvmVcpu:
+        vcpu = KvmVcpu(self, len(self.vcpus), program)
+        self.vcpus.append(vcpu)
+        return vcpu
+
+    def vcpu_thread(self, vcpu: KvmVcpu) -> Gen:
+        """Userspace's vCPU thread: KVM_RUN until the guest program ends, the VM dies or is destroyed."""
+        try:
+            yield from self.kvm_mmu_load(vcpu)
+            while True:
+                r = yield from self.kvm_arch_vcpu_ioctl_run(vcpu)
+                if r == 0 and vcpu.hw.halted:
+                    return "halted"
+                if r == EFAULT and vcpu.memory_fault is not None:
+                    r = 0  # KVM_EXIT_MEMORY_FAULT: -EFAULT with an exit reason userspace acts on
+                if r < 0:
+                    return f"KVM_RUN: {r}"
+                if r == 0:
+                    done = yield from self.vmm_handle_exit(vcpu)
+                    if done:
+                        return done
+        finally:
+            self.world.set(vcpu.stopped_key, True)
+
+    def kvm_arch_vcpu_ioctl_run(self, vcpu: KvmVcpu) -> Gen:
+        """KVM_RUN: enter and handle exits in the kernel until one needs userspace (0) or fails (< 0)."""
+        w = self.world
+        while True:
+            if w.get(K_VM_DEAD):
+                yield Step(EngineStep.EXIT, {"vcpu": vcpu.index, "what": "VM is dead: KVM_RUN returns -EIO"})
+                return -5
+            if w.get(("kvm.destroying",)):
+                return -4
+            if vcpu.hw.halted:
+                return 0
+            yield from self.kvm_mmu_load(vcpu)
+            if w.get(K_WAIT_FOR_SEPT_ZAP):
+                # tdx_vcpu_run: stay out of the TD while a zap retries with vCPUs kept out.
+                yield Step(EngineStep.EXIT, {"vcpu": vcpu.index, "what": "wait_for_sept_zap: not entering"},
+                           lambda world: not world.peek(K_WAIT_FOR_SEPT_ZAP))
+                continue
+            exit = yield from vcpu.hw.enter()
+            r = yield from self.tdx_handle_exit(vcpu, exit)
+            if r <= 0:
+                return r
+
+    def tdx_handle_exit(self, vcpu: KvmVcpu, exit: TdExit) -> Gen:
+        """Dispatch a TD exit. Returns 1 to re-enter, 0 to go to userspace, < 0 on error."""
+        if exit.error:
+            # TDH.VP.ENTER BUSY (S-EPT tree or epoch): exit reason -1, fastpath "handled": just re-enter.
+            yield Step(EngineStep.EXIT, {"vcpu": vcpu.index, "what": f"VP.ENTER failed: {exit}", "reenter": True})
+            return 1
+        reason = exit.reason
+        if reason is ExitReason.EPT_VIOLATION:
+            vcpu.fault_retries = 0
+            ret = yield from self.tdx_handle_ept_violation(vcpu, exit)
+            yield Step(EngineStep.EXIT, {
+                "vcpu": vcpu.index, "what": "EPT violation handled", "gpa": exit.gpa,
+                "private": self.tdx_is_private_gpa(exit.gpa),
+                "ret": ret.name if isinstance(ret, RetPf) else ret, "retries": vcpu.fault_retries})
+            if isinstance(ret, RetPf):
+                return 1
+            return ret
+        if reason is ExitReason.TDCALL:
+            ret = yield from self.handle_tdvmcall(vcpu, exit)
+            return ret
+        if reason is ExitReason.HLT:
+            return 0
+        return 1
+
+    # -- TDG.VP.VMCALL ----------------------------------------------------------------------------------------
+    def handle_tdvmcall(self, vcpu: KvmVcpu, exit: TdExit) -> Gen:
+        if exit.r11 == Tdvmcall.MAP_GPA:
+            ret = yield from self.tdx_map_gpa(vcpu, exit.r12, exit.r13)
+            return ret
+        vcpu.hw.complete_tdvmcall(TdvmcallStatus.SUBFUNC_UNSUPPORTED)
+        yield Step(EngineStep.EXIT, {"vcpu": vcpu.index, "what": f"TDVMCALL {exit.r11:#x} unsupported"})
+        return 1
+
+    def tdx_map_gpa(self, vcpu: KvmVcpu, gpa: int, size: int) -> Gen:
+        """Validate, then forward to userspace in chunks of at most 2 MiB (KVM_EXIT_HYPERCALL)."""
+        gpaw_limit = 1 << int(self.spec.gpaw)
+        shared_bit = self.spec.gpaw.shared_bit
+        if (not size or gpa + size > gpaw_limit or (gpa & shared_bit) != ((gpa + size - 1) & shared_bit)):
+            vcpu.hw.complete_tdvmcall(TdvmcallStatus.OPERAND_INVALID, gpa)
+            yield Step(EngineStep.EXIT, {"vcpu": vcpu.index, "what": "MapGPA: invalid operand", "gpa": gpa})
+            return 1
+        if gpa % 4096 or size % 4096:
+            vcpu.hw.complete_tdvmcall(TdvmcallStatus.ALIGN_ERROR, gpa)
+            yield Step(EngineStep.EXIT, {"vcpu": vcpu.index, "what": "MapGPA: misaligned", "gpa": gpa})
+            return 1
+        vcpu.map_gpa = (gpa, gpa + size)
+        yield from self.__tdx_map_gpa(vcpu)
+        return 0
+
+    def __tdx_map_gpa(self, vcpu: KvmVcpu) -> Gen:
+        nxt, end = vcpu.map_gpa
+        size = min(end - nxt, TDX_MAP_GPA_MAX_LEN)
+        private = not nxt & self.spec.gpaw.shared_bit
+        vcpu.hypercall = (KVM_HC_MAP_GPA_RANGE, nxt & ~self.spec.gpaw.shared_bit, size >> 12,
+                          KVM_MAP_GPA_RANGE_ENCRYPTED if private else KVM_MAP_GPA_RANGE_DECRYPTED)
+        yield Step(EngineStep.USER_EXIT, {"vcpu": vcpu.index, "reason": "KVM_EXIT_HYPERCALL",
+                                          "nr": KVM_HC_MAP_GPA_RANGE, "gpa": vcpu.hypercall[1],
+                                          "npages": size >> 12, "private": private})
+
+    def tdx_complete_vmcall_map_gpa(self, vcpu: KvmVcpu, ret: int) -> Gen:
+        """Userspace answered one chunk: next chunk, done, or RETRY with R11 = where to resume."""
+        nxt, end = vcpu.map_gpa
+        if ret:
+            vcpu.hw.complete_tdvmcall(TdvmcallStatus.RETRY if ret == -11 else TdvmcallStatus.OPERAND_INVALID, nxt)
+            return 1
+        nxt += vcpu.hypercall[2] << 12
+        vcpu.map_gpa = (nxt, end)
+        if nxt >= end:
+            vcpu.hw.complete_tdvmcall(TdvmcallStatus.SUCCESS)
+            yield Step(EngineStep.EXIT, {"vcpu": vcpu.index, "what": "MapGPA complete"})
+            return 1
+        if self.kvm_vcpu_has_events(vcpu):
+            vcpu.hw.complete_tdvmcall(TdvmcallStatus.RETRY, nxt)
+            return 1
+        yield from self.__tdx_map_gpa(vcpu)
+        return 0
+
+    # -- the VMM (userspace) half of the vCPU thread ---------------------------------------------------------
+    def vmm_handle_exit(self, vcpu: KvmVcpu) -> Gen:
+        """What QEMU does with an exit to userspace before the next KVM_RUN. Returns a reason to stop, or None."""
+        if vcpu.memory_fault is not None:
+            gpa, size, private = vcpu.memory_fault
+            vcpu.memory_fault = None
+            # An implicit conversion: make the range what the guest accessed it as.
+            yield from self.vmm_convert(gpa >> 12, (gpa + size) >> 12, private)
+            return None
+        hc = vcpu.hypercall
+        if hc is not None:
+            _nr, gpa, npages, attrs = hc
+            yield from self.vmm_convert(gpa >> 12, (gpa >> 12) + npages, bool(attrs & KVM_MAP_GPA_RANGE_ENCRYPTED))
+            vcpu.hypercall = None
+            r = yield from self.tdx_complete_vmcall_map_gpa(vcpu, 0)
+            if r == 0 and vcpu.hypercall is not None:
+                return (yield from self.vmm_handle_exit(vcpu))
+            return None
+        return "stopped"
+
+    def vmm_convert(self, start: int, end: int, private: bool) -> Gen:
+        """QEMU's kvm_convert_memory: flip the attributes, then discard the backing that is no longer used."""
+        yield from self.kvm_vm_set_mem_attributes(start, end, private)
+        if private:
+            yield from self.kvm_mmu_notifier_invalidate_range_start(start, end)
+            self.discard_shared_backing(start, end)
+            yield from self.kvm_mmu_notifier_invalidate_range_end(start, end)
+        else:
+            yield from self.kvm_gmem_punch_hole(start, end)

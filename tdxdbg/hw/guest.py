@@ -1,0 +1,86 @@
+"""Guest software: what the TD's Linux kernel does around the instructions the vCPU executes.
+
+Each function is a generator of guest instructions (see hw/insn.py) that receives their results, so a guest
+program composes them with `yield from`. Behaviour follows the Linux guest (arch/x86/coco/tdx/):
+`tdx_accept_memory` / `try_accept_one` and `tdx_map_gpa`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Generator
+from typing import Any
+
+from tdxdbg.hw.ept import Level, level_size
+from tdxdbg.hw.insn import Insn, TdcallInsn, VirtualizationException, fetch, read, write
+from tdxdbg.hw.tdx.guest_calls import TdcallResult
+from tdxdbg.hw.tdx.leaves import Tdcall, Tdvmcall, TdvmcallStatus
+from tdxdbg.hw.tdx.status import TdxStatus, status_base
+
+GuestGen = Generator[Insn, Any, Any]
+# tdx_map_gpa gives up after this many RETRY answers without progress.
+MAP_GPA_MAX_RETRIES = 3
+
+
+class GuestPanic(Exception):
+    """The guest kernel would panic (e.g. an unexpected #VE on private memory)."""
+
+
+def accept_memory(gpa: int, size: int, level: Level = Level.PT) -> GuestGen:
+    """Accept [gpa, gpa + size): try `level` where aligned, fall back to 4K on PAGE_SIZE_MISMATCH; retry BUSY;
+    ALREADY_ACCEPTED counts as done. An EPT-violation exit is KVM's business: the TDCALL simply runs again."""
+    end = gpa + size
+    while gpa < end:
+        lvl = level
+        while lvl > Level.PT and (gpa % level_size(lvl) or gpa + level_size(lvl) > end):
+            lvl = Level(lvl - 1)
+        while True:
+            res: TdcallResult = yield TdcallInsn(Tdcall.TDG_MEM_PAGE_ACCEPT, rcx=gpa | lvl)
+            base = status_base(res.rax)
+            if base in (TdxStatus.TDX_SUCCESS, TdxStatus.TDX_PAGE_ALREADY_ACCEPTED):
+                break
+            if base in (TdxStatus.TDX_OPERAND_BUSY, TdxStatus.TDX_OPERAND_BUSY_HOST_PRIORITY):
+                continue
+            if base == TdxStatus.TDX_PAGE_SIZE_MISMATCH and lvl > Level.PT:
+                lvl = Level(lvl - 1)
+                continue
+            raise GuestPanic(f"TDG.MEM.PAGE.ACCEPT({gpa:#x}, level {int(lvl)}) failed: {res}")
+        gpa += level_size(lvl)
+
+
+def map_gpa(gpa: int, size: int) -> GuestGen:
+    """TDG.VP.VMCALL<MapGPA>: the shared bit in `gpa` says which way. RETRY resumes from R11."""
+    end = gpa + size
+    retries = 0
+    while True:
+        res: TdcallResult = yield TdcallInsn(Tdcall.TDG_VP_VMCALL, r11=Tdvmcall.MAP_GPA, r12=gpa, r13=end - gpa)
+        if res.r10 == TdvmcallStatus.SUCCESS:
+            return
+        if res.r10 != TdvmcallStatus.RETRY:
+            raise GuestPanic(f"MapGPA({gpa:#x}, {end - gpa:#x}) failed: R10={res.r10:#x}")
+        if res.r11 == gpa:
+            retries += 1
+            if retries > MAP_GPA_MAX_RETRIES:
+                raise GuestPanic(f"MapGPA({gpa:#x}) made no progress")
+        else:
+            retries = 0
+        gpa = res.r11
+
+
+def read_value(gpa: int) -> GuestGen:
+    value = yield read(gpa)
+    if isinstance(value, VirtualizationException):
+        raise GuestPanic(f"Unexpected #VE on {'pending private' if value.pending else 'shared'} gpa {gpa:#x}")
+    return value
+
+
+def write_value(gpa: int, value: int) -> GuestGen:
+    res = yield write(gpa, value)
+    if isinstance(res, VirtualizationException):
+        raise GuestPanic(f"Unexpected #VE on {'pending private' if res.pending else 'shared'} gpa {gpa:#x}")
+
+
+def fetch_value(gpa: int) -> GuestGen:
+    value = yield fetch(gpa)
+    if isinstance(value, VirtualizationException):
+        raise GuestPanic(f"Unexpected #VE on instruction fetch at gpa {gpa:#x}")
+    return value
