@@ -1,0 +1,117 @@
+"""Building a TD and its tasks: the one place that turns a description of a VM into a World, a KVM instance
+and the tasks the runtime schedules. A Session rebuilds from the same setup to replay or fork a timeline."""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import sys
+from collections.abc import Callable, Generator
+from pathlib import Path
+from typing import Any
+
+import attrs
+
+from tdxdbg.engine.gmem import Memslot
+from tdxdbg.engine.kvm import TdConfigSpec
+from tdxdbg.engine.variants.upstream import Upstream
+from tdxdbg.hw.ept import Gpaw
+from tdxdbg.hw.insn import GuestProgram
+from tdxdbg.hw.machine import Machine
+from tdxdbg.hw.tdx.leaves import Seamcall
+from tdxdbg.runtime.step import Step
+from tdxdbg.runtime.task import Task
+
+GuestProgramFactory = Callable[[], GuestProgram]
+# A host program gets the VM and returns the generator its task runs.
+HostProgramFactory = Callable[[Any], Generator[Step, None, Any]]
+
+
+@attrs.frozen
+class VmSetup:
+    """Everything needed to build the same VM and tasks again, bit for bit."""
+
+    gpaw: Gpaw = Gpaw.GPAW_48
+    sept_ve_disable: bool = True
+    runnable: bool = True
+    variant: type = Upstream
+    memslots: tuple[Memslot, ...] = ()
+    private_ranges: tuple[tuple[int, int], ...] = ()
+    vcpu_programs: tuple[GuestProgramFactory, ...] = ()
+    host_programs: tuple[HostProgramFactory, ...] = ()
+    inject: tuple[tuple[Seamcall, int, int], ...] = ()   # (leaf, occurrence, status)
+
+
+@attrs.define
+class BuiltVm:
+    machine: Machine
+    kvm: Any
+    tasks: list[Task]
+
+
+def build_vm(setup: VmSetup) -> BuiltVm:
+    """A fresh machine, the VM with its memslots and attributes, and tasks vcpu0.. then host0.."""
+    machine = Machine()
+    spec = TdConfigSpec(gpaw=setup.gpaw, sept_ve_disable=setup.sept_ve_disable, runnable=setup.runnable)
+    kvm = setup.variant(machine, spec)
+    for slot in setup.memslots:
+        kvm.add_memslot(slot)
+    for start, end in setup.private_ranges:
+        kvm.set_private_ranges(start, end, True)
+    for leaf, occurrence, status in setup.inject:
+        machine.tdx.inject[(leaf, occurrence)] = status
+    tasks: list[Task] = []
+    for factory in setup.vcpu_programs:
+        vcpu = kvm.create_vcpu(factory())
+        tasks.append(Task(vcpu.name, kvm.vcpu_thread(vcpu), kind="vcpu"))
+    for i, factory in enumerate(setup.host_programs):
+        tasks.append(Task(f"host{i}", factory(kvm), kind="host"))
+    machine.world.take_effects()
+    return BuiltVm(machine, kvm, tasks)
+
+
+VARIANT_MODULES = {
+    "upstream": ("tdxdbg.engine.variants.upstream", "Upstream"),
+    "v7": ("tdxdbg.engine.variants.v7", "V7"),
+    "no-freeze": ("tdxdbg.engine.variants.broken", "NoFreeze"),
+    "zap-without-track": ("tdxdbg.engine.variants.broken", "ZapWithoutTrack"),
+    "atomic-mirror-zap": ("tdxdbg.engine.variants.broken", "AtomicMirrorZap"),
+}
+
+
+class VariantError(Exception):
+    pass
+
+
+def variant_names() -> list[str]:
+    return list(VARIANT_MODULES)
+
+
+def load_variant(spec: str, base_dir: Path | None = None) -> type:
+    """A shipped variant by name, or `path/to/file.py:ClassName` (relative to `base_dir`)."""
+    if spec in VARIANT_MODULES:
+        module_name, cls_name = VARIANT_MODULES[spec]
+        return getattr(importlib.import_module(module_name), cls_name)
+    path_text, sep, cls_name = spec.rpartition(":")
+    if not sep or not path_text.endswith(".py"):
+        raise VariantError(f"unknown variant {spec!r}: expected one of {', '.join(VARIANT_MODULES)} "
+                           "or path/to/file.py:ClassName")
+    path = Path(path_text)
+    if not path.is_absolute() and base_dir is not None:
+        path = base_dir / path
+    if not path.is_file():
+        raise VariantError(f"variant file {path} does not exist")
+    mod_name = f"tdxdbg_user_variant_{abs(hash(str(path.resolve())))}"
+    try:
+        module_spec = importlib.util.spec_from_file_location(mod_name, path)
+        assert module_spec is not None and module_spec.loader is not None
+        module = importlib.util.module_from_spec(module_spec)
+        sys.modules[mod_name] = module
+        module_spec.loader.exec_module(module)
+    except Exception as exc:  # a user's file: report, never a traceback
+        raise VariantError(f"{path}: cannot load variant: {type(exc).__name__}: {exc}") from None
+    cls = getattr(module, cls_name, None)
+    if not isinstance(cls, type) or not issubclass(cls, Upstream):
+        raise VariantError(f"{path}: {cls_name!r} is not a class derived from "
+                           "tdxdbg.engine.variants.upstream.Upstream")
+    return cls
