@@ -156,9 +156,10 @@ class MmuOps(TdpMmuOps):
             return RetPf.RET_PF_INVALID
         self.rcu_read_lock()
         it = self.iter_for(vcpu.direct_root, PG_LEVEL_4K, fault.gfn)
+        end = self.kvm_gfn_for_root(vcpu.direct_root, fault.gfn) + 1
         yield from it.start()
         last = None
-        while it.valid and it.gfn < fault.gfn + 1:
+        while it.valid and it.gfn < end:
             last = (it.table, it.index, it.level, it.gfn, it.old_spte)
             if not is_shadow_present_pte(it.old_spte) or is_last_spte(it.old_spte, it.level):
                 break

@@ -75,6 +75,10 @@ class TdpMmuOps(GmemOps):
         sp = self.world.get(sp_key(table))
         return sp is not None and sp.role.is_mirror
 
+    def kvm_gfn_for_root(self, root: int, gfn: int) -> int:
+        """The gfn an iterator over `root` reports for `gfn`: upstream gfns never carry the shared bit."""
+        return gfn
+
     def kvm_gfn_root_bits(self, root: int) -> int:
         """0 for mirror roots (private memory at its natural gfn), the shared bit for direct roots."""
         return 0 if self.sptep_to_sp(root).role.is_mirror else self.gfn_direct_bits
@@ -259,8 +263,9 @@ class TdpMmuOps(GmemOps):
         ret = RetPf.RET_PF_RETRY
         self.rcu_read_lock()
         it = self.iter_for(root, PG_LEVEL_4K, fault.gfn)
+        end = self.kvm_gfn_for_root(root, fault.gfn) + 1
         yield from it.start()
-        while it.valid and it.gfn < fault.gfn + 1:
+        while it.valid and it.gfn < end:
             if fault.nx_huge_page_workaround_enabled:
                 self.disallowed_hugepage_adjust(fault, it.old_spte, it.level)
             # A frozen SPTE means another task is mid-update: retry rather than allocate and free a table.
@@ -521,6 +526,7 @@ class TdpMmuOps(GmemOps):
         yield from self.warn_on_once(not self.holds_mmu_lock_write(), "tdp_mmu_zap_leafs without the write lock")
         self.rcu_read_lock()
         it = self.iter_for(root, PG_LEVEL_4K, start)
+        end = self.kvm_gfn_for_root(root, end)
         yield from it.start()
         while it.valid and it.gfn < end:
             if not is_shadow_present_pte(it.old_spte) or not is_last_spte(it.old_spte, it.level):
@@ -591,6 +597,7 @@ class TdpMmuOps(GmemOps):
         """Visit present leaves of a root in [start, end): yields steps, returns a list of (table, index, ...)."""
         found = []
         it = self.iter_for(root, PG_LEVEL_4K, start)
+        end = self.kvm_gfn_for_root(root, end)
         yield from it.start()
         while it.valid and it.gfn < end:
             if is_shadow_present_pte(it.old_spte) and is_last_spte(it.old_spte, it.level):
@@ -639,6 +646,7 @@ class TdpMmuOps(GmemOps):
         yield from self.read_lock()
         self.rcu_read_lock()
         it = self.iter_for(root, target_level + 1, start)
+        end = self.kvm_gfn_for_root(root, end)
         yield from it.start()
         while it.valid and it.gfn < end:
             if it.level > target_level and is_shadow_present_pte(it.old_spte) and is_large_pte(it.old_spte):

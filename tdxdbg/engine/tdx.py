@@ -274,7 +274,7 @@ class TdxOps(MmuOps):
         ret: Any = RetPf.RET_PF_RETRY
         retries = 0
         while True:
-            ret = yield from self.__vmx_handle_ept_violation(vcpu, gpa, exit_qual)
+            ret = yield from self.vmx_handle_ept_violation(vcpu, gpa, exit_qual)
             if ret is not RetPf.RET_PF_RETRY or not local_retry:
                 break
             if self.kvm_vcpu_has_events(vcpu):
@@ -290,8 +290,8 @@ class TdxOps(MmuOps):
         vcpu.fault_retries = retries
         return ret
 
-    def __vmx_handle_ept_violation(self, vcpu: Any, gpa: int, exit_qual: int) -> Gen:
-        """vmx/common.h: exit qualification -> page-fault error code (+ PFERR_PRIVATE_ACCESS)."""
+    def vmx_handle_ept_violation(self, vcpu: Any, gpa: int, exit_qual: int) -> Gen:
+        """__vmx_handle_ept_violation (vmx/common.h): exit qualification to page-fault error code."""
         error_code = 0
         if exit_qual & EPT_VIOLATION_ACC_READ:
             error_code |= 0  # reads carry no PFERR bit

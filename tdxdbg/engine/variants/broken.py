@@ -1,0 +1,102 @@
+"""Deliberately broken patches: each shows what the checks and the TDX module catch.
+
+- `no-freeze`: the mirror SPTE is published before the TDX module agreed (no FROZEN window).
+- `zap-without-track`: a private page is removed with RANGE.BLOCK then PAGE.REMOVE, skipping TDH.MEM.TRACK.
+- `atomic-mirror-zap`: private leaves are zapped under the mmu_lock *read* lock with a cmpxchg.
+"""
+
+from __future__ import annotations
+
+from tdxdbg.engine.kvm import Gen
+from tdxdbg.engine.mmu_page import AttrFilter
+from tdxdbg.engine.spte import (
+    PG_LEVEL_4K,
+    SHADOW_NONPRESENT_VALUE,
+    is_last_spte,
+    is_shadow_present_pte,
+    spte_to_pfn,
+)
+from tdxdbg.engine.steps import EngineStep
+from tdxdbg.engine.tdx import EBUSY
+from tdxdbg.engine.variants.upstream import Upstream
+from tdxdbg.runtime.step import Step
+
+
+class NoFreeze(Upstream):
+    """set_external_spte_present without the freeze: cmpxchg straight to the new value, then the SEAMCALL.
+    Another vCPU can see a present mirror SPTE whose S-EPT entry does not exist yet."""
+
+    name = "no-freeze"
+    description = "Mirror SPTE published before the SEAMCALL (no FROZEN_SPTE window)."
+
+    def set_external_spte_present(self, table: int, index: int, gfn: int, old: int, new: int,
+                                  level: int) -> Gen:
+        is_leaf = is_shadow_present_pte(new) and is_last_spte(new, level)
+        ok, _cur = yield from self.try_cmpxchg64(table, index, old, new, level, gfn, "publish (no freeze)")
+        if not ok:
+            return EBUSY
+        if is_leaf:
+            ret = yield from self.set_external_spte(gfn, level, spte_to_pfn(new))
+        else:
+            ret = yield from self.link_external_spt(gfn, level, self.get_external_spt(gfn, new, level))
+        if ret:
+            yield from self.kvm_tdp_mmu_write_spte(table, index, new, old, level, gfn, "restore")
+        return ret
+
+
+class ZapWithoutTrack(Upstream):
+    """tdx_sept_remove_private_spte without tdx_track(): the TDX module refuses PAGE.REMOVE with
+    TDX_TLB_TRACKING_NOT_DONE, which KVM treats as a bug."""
+
+    name = "zap-without-track"
+    description = "RANGE.BLOCK then PAGE.REMOVE without TDH.MEM.TRACK in between."
+
+    def tdx_sept_remove_private_spte(self, gfn: int, level: int, pfn: int) -> Gen:
+        ret = yield from self.tdx_sept_zap_private_spte(gfn, level, pfn)
+        if ret <= 0:
+            return ret
+        ret = yield from self.tdx_sept_drop_private_spte(gfn, level, pfn)
+        return ret
+
+
+class AtomicMirrorZap(Upstream):
+    """Converting memory zaps private leaves under the read lock, with a cmpxchg per SPTE, as if mirror SPTEs
+    could be zapped like direct ones. The S-EPT removal then runs without the write lock."""
+
+    name = "atomic-mirror-zap"
+    description = "A mirror leaf zapped under mmu_lock held for read (atomic zap)."
+
+    def kvm_vm_set_mem_attributes(self, start: int, end: int, private: bool) -> Gen:
+        if private:
+            ret = yield from super().kvm_vm_set_mem_attributes(start, end, private)
+            return ret
+        yield Step(EngineStep.HOST_OP, {"op": "KVM_SET_MEMORY_ATTRIBUTES", "start": start, "end": end,
+                                        "private": private})
+        yield from self.read_lock()
+        self.kvm_mmu_invalidate_begin(start, end)
+        yield self.invalidate_step("begin", start, end)
+        for root in self.roots():
+            if self.tdp_mmu_root_match(root, self.kvm_gfn_range_filter_to_root_types(AttrFilter.KVM_FILTER_PRIVATE)):
+                yield from self.tdp_mmu_zap_leafs_atomic(root, start, end)
+        self.set_private_ranges(start, end, private)
+        self.kvm_mmu_invalidate_end()
+        yield self.invalidate_step("end", start, end)
+        yield from self.read_unlock()
+        return 0
+
+    def tdp_mmu_zap_leafs_atomic(self, root: int, start: int, end: int) -> Gen:
+        self.rcu_read_lock()
+        it = self.iter_for(root, PG_LEVEL_4K, start)
+        yield from it.start()
+        while it.valid and it.gfn < end:
+            old = it.old_spte
+            if is_shadow_present_pte(old) and is_last_spte(old, it.level):
+                ok, cur = yield from self.try_cmpxchg64(it.table, it.index, old, SHADOW_NONPRESENT_VALUE,
+                                                        it.level, it.gfn, "atomic zap")
+                if not ok:
+                    it.old_spte = cur
+                    continue
+                yield from self.handle_changed_spte(0, it.gfn, old, SHADOW_NONPRESENT_VALUE, it.level, True)
+                yield from self.remove_external_spte(it.gfn, old, it.level)
+            yield from it.next()
+        self.rcu_read_unlock()

@@ -1,0 +1,182 @@
+"""The TDX MMU as in v7 of the KVM TDX series (July 2022, the seed review of patch 046/102).
+
+What differs from upstream, function by function (reference kernel-tdp-mmu.md §7.2):
+- every atomic update of a private SPTE freezes it (SHADOW_REMOVED_SPTE), runs handle_changed_spte - which
+  calls the private hook - while frozen, and only then writes the new value;
+- private pages are pinned from the memslot's userspace address (pin_user_pages_fast, RWX only), not taken
+  from guest_memfd; whether an access is private is decided by the GPA's shared bit alone;
+- gfns carry the shared bit on the shared side (kvm_gfn_for_root), instead of an iterator gfn_bits;
+- the private root is never invalidated, and roots start with one reference;
+- the EPT-violation handler has no local retry loop: RET_PF_RETRY re-enters the guest;
+- RET_PF_* values of that era (RET_PF_FIXED = 4, RET_PF_SPURIOUS = 5).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from tdxdbg.engine.kvm import RET_PF_V516, Gen, RetPf
+from tdxdbg.engine.mmu import EFAULT, EIO, KVM_PFN_NOSLOT, KvmPageFault
+from tdxdbg.engine.mmu_page import K_ROOTS, MmuRole, RootTypes, root_ref_key
+from tdxdbg.engine.spte import (
+    FROZEN_SPTE,
+    PG_LEVEL_4K,
+    is_last_spte,
+    is_shadow_present_pte,
+    spte_to_pfn,
+)
+from tdxdbg.engine.steps import EngineStep
+from tdxdbg.engine.tdp_iter import TdpIter
+from tdxdbg.engine.tdp_mmu import EBUSY, root_kind
+from tdxdbg.engine.variants.upstream import Upstream
+from tdxdbg.runtime.step import Step
+
+# SHADOW_REMOVED_SPTE = shadow_init_value | REMOVED_SPTE; with TDX the init value is the suppress-#VE bit,
+# which makes it numerically FROZEN_SPTE.
+SHADOW_REMOVED_SPTE = FROZEN_SPTE
+
+
+class V7(Upstream):
+    name = "v7"
+    description = "The 2022 v7 TDX series: freeze on every private update, pinned private pages."
+    ret_pf_values = RET_PF_V516
+
+    # -- gfns with the shared bit (kvm_gfn_for_root) ------------------------------------------------------------
+    def kvm_gfn_for_root(self, root: int, gfn: int) -> int:
+        return gfn if self.sptep_to_sp(root).role.is_mirror else gfn | self.gfn_direct_bits
+
+    def iter_for(self, root: int, min_level: int, gfn: int, gfn_bits: int | None = None) -> TdpIter:
+        sp = self.sptep_to_sp(root)
+        return TdpIter(self.memory, root, sp.role.level, sp.kind, min_level, self.kvm_gfn_for_root(root, gfn), 0)
+
+    # -- roots -----------------------------------------------------------------------------------------------
+    def kvm_tdp_mmu_alloc_root(self, mirror: bool) -> Gen:
+        """kvm_tdp_mmu_get_vcpu_root_hpa: one reference, the private root is one per VM."""
+        role = MmuRole(self.root_level, mirror)
+        yield from self.write_lock()
+        for root in self.roots():
+            sp = self.sptep_to_sp(root)
+            if sp.role == role and self.world.get(root_ref_key(root), 0) > 0:
+                self.world.set(root_ref_key(root), self.world.get(root_ref_key(root)) + 1)
+                yield from self.write_unlock()
+                return root
+        table = self.tdp_mmu_alloc_sp()
+        self.tdp_mmu_init_sp(table, 0, role)
+        self.world.set(root_ref_key(table), 1)
+        self.world.set(K_ROOTS, (*self.roots(), table))
+        yield Step(EngineStep.ROOT, {"action": "alloc", "root": table, "kind": root_kind(mirror),
+                                     "role_word": role.word, "refcount": 1})
+        yield from self.write_unlock()
+        return table
+
+    def kvm_tdp_mmu_invalidate_roots(self, types: RootTypes) -> Gen:
+        """The private root is never invalidated while the VM lives (only at destruction)."""
+        if not self.world.get(("kvm.destroying",)):
+            types &= ~RootTypes.KVM_MIRROR_ROOTS
+        yield from super().kvm_tdp_mmu_invalidate_roots(types)
+
+    def kvm_mmu_uninit_tdp_mmu(self) -> Gen:
+        # Roots start with one reference (the vCPU's), so there is no TDP MMU reference to drop after zapping.
+        for root in self.roots():
+            self.world.set(root_ref_key(root), self.world.get(root_ref_key(root), 0) + 1)
+        yield from super().kvm_mmu_uninit_tdp_mmu()
+
+    # -- faultin: private pages pinned from the HVA ----------------------------------------------------------
+    def kvm_mmu_faultin_pfn(self, vcpu: Any, fault: KvmPageFault) -> Gen:
+        """kvm_faultin_pfn of the v7 era: no memory attributes to disagree with; private pages are pinned."""
+        fault.mmu_seq = self.mmu_invalidate_seq()
+        slot = fault.slot
+        if slot is not None and slot.invalid:
+            yield Step(EngineStep.FAULTIN, {"gfn": fault.gfn, "result": "memslot being deleted"})
+            return RetPf.RET_PF_RETRY
+        if slot is None:
+            if fault.is_private:
+                yield from self.kvm_mmu_prepare_memory_fault_exit(vcpu, fault)
+                return EFAULT
+            fault.pfn = KVM_PFN_NOSLOT
+            yield Step(EngineStep.FAULTIN, {"gfn": fault.gfn, "result": "no memslot: MMIO"})
+            return RetPf.RET_PF_CONTINUE
+        if self.mmu_invalidate_retry_gfn_unsafe(fault.mmu_seq, fault.gfn):
+            yield Step(EngineStep.FAULTIN, {"gfn": fault.gfn, "result": "invalidation in progress"})
+            return RetPf.RET_PF_RETRY
+        if fault.is_private:
+            ret = yield from self.kvm_faultin_pfn_private_mapped(vcpu, fault)
+            return ret
+        fault.pfn, host_level = self.hva_to_pfn(slot, fault.gfn)
+        fault.map_writable = not slot.readonly
+        fault.max_level = min(fault.max_level, host_level)
+        yield Step(EngineStep.FAULTIN, {"gfn": fault.gfn, "pfn": fault.pfn, "private": False,
+                                        "max_level": fault.max_level, "result": "pfn"})
+        return RetPf.RET_PF_CONTINUE
+
+    def kvm_faultin_pfn_private_mapped(self, vcpu: Any, fault: KvmPageFault) -> Gen:
+        """pin_user_pages_fast(hva, FOLL_WRITE): TDX allows only RWX, read-only isn't supported."""
+        yield from self.warn_on_once(not fault.write, "private fault that is not a write")
+        assert fault.slot is not None
+        fault.pfn, _level = self.hva_to_pfn(fault.slot, fault.gfn)
+        fault.map_writable = True
+        fault.max_level = PG_LEVEL_4K
+        yield Step(EngineStep.FAULTIN, {"gfn": fault.gfn, "pfn": fault.pfn, "private": True,
+                                        "result": "pinned from hva"})
+        return RetPf.RET_PF_CONTINUE
+
+    def page_fault_can_be_fast(self, fault: KvmPageFault) -> bool:
+        return not fault.rsvd and not fault.is_private and fault.write and fault.present
+
+    # -- freeze on every private atomic update ---------------------------------------------------------------
+    def tdp_mmu_set_spte_atomic(self, it: TdpIter, new: int) -> Gen:
+        if not self.is_mirror_sptep(it.table):
+            ret = yield from super().tdp_mmu_set_spte_atomic(it, new)
+            return ret
+        # Freeze, handle the change (the private hook runs inside) while frozen, then publish.
+        ok, cur = yield from self.try_cmpxchg64(it.table, it.index, it.old_spte, SHADOW_REMOVED_SPTE, it.level,
+                                                it.gfn, "freeze")
+        if not ok:
+            it.old_spte = cur
+            return EBUSY
+        ret = yield from self.handle_changed_private_spte(it.gfn, it.old_spte, new, it.level)
+        if ret:
+            yield from self.kvm_tdp_mmu_write_spte(it.table, it.index, SHADOW_REMOVED_SPTE, it.old_spte, it.level,
+                                                   it.gfn, "restore")
+            return ret
+        yield from self.handle_changed_spte(it.as_id, it.gfn, it.old_spte, new, it.level, shared=True)
+        yield from self.kvm_tdp_mmu_write_spte(it.table, it.index, SHADOW_REMOVED_SPTE, new, it.level, it.gfn,
+                                               "unfreeze")
+        return 0
+
+    def handle_changed_private_spte(self, gfn: int, old: int, new: int, level: int) -> Gen:
+        """kvm_x86_ops.handle_changed_private_spte: one hook for every private change."""
+        yield Step(EngineStep.HOOK, {"name": "handle_changed_private_spte", "gfn": gfn, "level": level,
+                                     "old": old, "new": new})
+        was_present, is_present = is_shadow_present_pte(old), is_shadow_present_pte(new)
+        if is_present and not was_present:
+            if is_last_spte(new, level):
+                ret = yield from self.tdx_sept_set_private_spte(gfn, level, spte_to_pfn(new))
+            else:
+                ret = yield from self.tdx_sept_link_private_spt(gfn, level,
+                                                                self.get_external_spt(gfn, new, level))
+            return ret
+        if was_present and not is_present and is_last_spte(old, level):
+            ret = yield from self.tdx_sept_remove_private_spte(gfn, level, spte_to_pfn(old))
+            return ret
+        return 0
+
+    def tdx_handle_ept_violation(self, vcpu: Any, exit: Any) -> Gen:
+        """No local retry: RET_PF_RETRY goes back to the guest, which faults again at the same RIP."""
+        gpa = exit.gpa
+        if self.tdx_is_private_gpa(gpa) and self.tdx_is_sept_violation_unexpected_pending(exit):
+            yield from self.kvm_vm_dead(f"Guest access before accepting {gpa:#x} on vCPU {vcpu.index}")
+            return EIO
+        exit_qual = 0x2 if self.tdx_is_private_gpa(gpa) else exit.exit_qual
+        ret = yield from self.vmx_handle_ept_violation(vcpu, gpa, exit_qual)
+        vcpu.fault_retries = 0
+        return ret
+
+    def tdx_sept_remove_private_spte(self, gfn: int, level: int, pfn: int) -> Gen:
+        """v7 zapped private pages after the HKID was released too: the TD is dying and no vCPU runs, so no
+        TLB shootdown; the page is simply reclaimed (tdx_sept_drop_private_spte with !is_hkid_assigned)."""
+        if not self.is_hkid_assigned():
+            ret = yield from self.tdx_reclaim_page(pfn)
+            return ret
+        ret = yield from super().tdx_sept_remove_private_spte(gfn, level, pfn)
+        return ret
