@@ -13,9 +13,9 @@ from tdxdbg.runtime.step import Step
 from tdxdbg.runtime.world import Effect
 
 
-@attrs.frozen(slots=True)
-class StackEntry:
-    """One activation in a task's call stack: function, file and current line."""
+class StackEntry(NamedTuple):
+    """One activation in a task's call stack: function (qualified name), file and current line.
+    A NamedTuple so that hashing whole stacks stays in C."""
 
     function: str
     filename: str
@@ -30,11 +30,40 @@ class Violation:
     message: str
 
 
+class Scope(NamedTuple):
+    """The local variables of one activation as they were at a frame: names (interned, shared by every
+    frame of the same shape) and values. Behaves like a read-only mapping for display."""
+
+    names: tuple[str, ...]
+    values: tuple[Any, ...]
+
+    def items(self) -> Any:
+        return zip(self.names, self.values, strict=True)
+
+    def get(self, name: str, default: Any = None) -> Any:
+        try:
+            return self.values[self.names.index(name)]
+        except ValueError:
+            return default
+
+    def __contains__(self, name: object) -> bool:
+        return name in self.names
+
+
+_NAMES: dict[tuple[str, ...], tuple[str, ...]] = {}
+
+
+def _scope(f: FrameType) -> Scope:
+    loc = f.f_locals
+    names = tuple(loc)
+    return Scope(_NAMES.setdefault(names, names), tuple(loc.values()))
+
+
 class Frame(NamedTuple):
     """One step of one task, with its effects (writes) and footprint (distinct keys read).
 
-    `locals` holds, per activation (outermost first), a copy of its local variables as they were; render them
-    with `plain_locals`. A NamedTuple because a timeline keeps millions of these.
+    `locals` holds, per activation (outermost first), a Scope of its local variables as they were; render
+    them with `plain_locals`. A NamedTuple because a timeline keeps millions of these.
     """
 
     index: int
@@ -43,7 +72,7 @@ class Frame(NamedTuple):
     stack: tuple[StackEntry, ...]
     effects: tuple[Effect, ...]
     reads: tuple[Hashable, ...]
-    locals: tuple[dict[str, Any], ...] = ()
+    locals: tuple[Scope, ...] = ()
     violations: tuple[Violation, ...] = ()
 
     @property
@@ -66,7 +95,6 @@ _STACKS: dict[tuple[StackEntry, ...], tuple[StackEntry, ...]] = {}
 _KEEP: dict[type, bool] = {int: True, str: True, bool: True, float: True, type(None): True, bytes: True}
 _OPAQUE: dict[type, Any] = {}
 
-LocalsCache = dict[FrameType, tuple[int, Any, dict[str, Any]]]
 
 
 @attrs.frozen(slots=True)
@@ -96,7 +124,8 @@ def _plain(value: Any) -> Any:
     t = type(value)
     if _keep(t):
         return value
-    if t is tuple and len(value) <= 8 and all(_keep(type(v)) for v in value):
+    # Tuples (NamedTuples included: MmuLock, IterPos) of immutable values are values too.
+    if isinstance(value, tuple) and len(value) <= 16 and all(_keep(type(v)) for v in value):
         return value
     opaque = _OPAQUE.get(t)
     if opaque is None:
@@ -104,23 +133,48 @@ def _plain(value: Any) -> Any:
     return opaque
 
 
-def plain_locals(values: dict[str, Any]) -> tuple[tuple[str, Any], ...]:
+def plain_locals(values: Scope | dict[str, Any]) -> tuple[tuple[str, Any], ...]:
     """Locals for display: immutable values as they are, anything else by its type name, `self` left out."""
     return tuple((name, _plain(v)) for name, v in values.items() if name != "self")
 
 
-def capture(gen: Generator[Any, Any, Any], cache: LocalsCache | None
-            ) -> tuple[tuple[StackEntry, ...], tuple[dict[str, Any], ...]]:
-    """The call stack of a suspended generator chain (outermost first) and, when `cache` is given, a copy of
-    each activation's locals.
+class StackCache:
+    """Per task: the activations seen at the previous capture, outermost first, as
+    (frame, instruction offset, sub-generator, entry, locals), plus the stack tuple built from them."""
 
-    An outer activation suspended in the same `yield from` on the same sub-generator as at the previous capture
-    has not run since, so its locals are reused from `cache` instead of being copied again.
+    __slots__ = ("chain", "stack")
+
+    def __init__(self) -> None:
+        self.chain: list[tuple[FrameType, int, Any, StackEntry, Any]] = []
+        self.stack: tuple[StackEntry, ...] = ()
+
+
+def capture(gen: Generator[Any, Any, Any], cache: StackCache, want_locals: bool = True
+            ) -> tuple[tuple[StackEntry, ...], tuple[Scope, ...]]:
+    """The call stack of a suspended generator chain (outermost first) and each activation's locals.
+
+    An activation suspended in the same `yield from` on the same sub-generator as at the previous capture has
+    not run since: its entry and locals are reused, so only the activations that ran cost anything.
     """
-    entries = []
-    local_values = []
-    seen: LocalsCache = {}
+    chain = cache.chain
+    depth = 0
+    n_prev = len(chain)
     g: Any = gen
+    # Reuse the unchanged outer part of the chain.
+    while depth < n_prev:
+        f = g.gi_frame
+        if f is None:
+            break
+        prev = chain[depth]
+        sub = g.gi_yieldfrom
+        if prev[0] is not f or sub is None or prev[2] is not sub or prev[1] != f.f_lasti:
+            break
+        depth += 1
+        g = sub if type(sub) is GeneratorType else None
+        if g is None:
+            break
+    same_prefix = depth
+    del chain[depth:]
     while g is not None:
         f = g.gi_frame
         if f is None:
@@ -130,19 +184,13 @@ def capture(gen: Generator[Any, Any, Any], cache: LocalsCache | None
         entry = _ENTRIES.get((code, lasti))
         if entry is None:
             entry = _ENTRIES[(code, lasti)] = StackEntry(code.co_qualname, code.co_filename, f.f_lineno)
-        entries.append(entry)
         sub = g.gi_yieldfrom
-        if cache is not None:
-            hit = cache.get(f)
-            if hit is not None and sub is not None and hit[0] == lasti and hit[1] is sub:
-                values = hit[2]
-            else:
-                values = dict(f.f_locals)
-            seen[f] = (lasti, sub, values)
-            local_values.append(values)
+        chain.append((f, lasti, sub, entry, _scope(f) if want_locals else None))
         g = sub if type(sub) is GeneratorType else None
-    if cache is not None:
-        cache.clear()
-        cache.update(seen)
-    stack = tuple(entries)
-    return _STACKS.setdefault(stack, stack), tuple(local_values)
+    if same_prefix == len(chain) and len(cache.stack) == same_prefix:
+        stack = cache.stack
+    else:
+        stack = tuple([c[3] for c in chain])
+        stack = _STACKS.setdefault(stack, stack)
+        cache.stack = stack
+    return stack, (tuple([c[4] for c in chain]) if want_locals else ())

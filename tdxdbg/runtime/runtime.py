@@ -7,12 +7,12 @@ import traceback
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
-from tdxdbg.runtime.frame import Frame, LocalsCache, Violation, capture
+from tdxdbg.runtime.frame import Frame, StackCache, Violation, capture
 from tdxdbg.runtime.scheduler import Policy, Scheduler, ScheduleSpec
 from tdxdbg.runtime.step import Step, StepKind
 from tdxdbg.runtime.task import Task, TaskState
 from tdxdbg.runtime.timeline import Timeline
-from tdxdbg.runtime.world import World
+from tdxdbg.runtime.world import World, chunk_effects
 
 _READY = TaskState.READY
 _WAITING = TaskState.WAITING
@@ -47,7 +47,8 @@ class Runtime:
         self.checks = list(checks)
         self.record_locals = record_locals
         self.timeline = Timeline(world.snapshot())
-        self._locals_cache: dict[str, LocalsCache] = {t.name: {} for t in self.tasks}
+        self._stack_cache: dict[str, StackCache] = {t.name: StackCache() for t in self.tasks}
+        self._keys: dict = {}
         world.take_effects()
 
     # -- queries -----------------------------------------------------------------------------------------
@@ -73,6 +74,11 @@ class Runtime:
     # -- execution ---------------------------------------------------------------------------------------
     def step(self, forced: str | None = None) -> Frame | None:
         """Run one step of the scheduled (or forced) task; None when nothing can run."""
+        index = self._advance(forced)
+        return None if index is None else self.timeline.frames[index]
+
+    def _advance(self, forced: str | None = None) -> int | None:
+        """One step; returns the new frame's index (the Frame value is built only when asked for)."""
         world = self.world
         tasks = self.tasks
         runnable = []
@@ -113,45 +119,57 @@ class Runtime:
             if step.wait is not None:
                 task.wait = step.wait
                 task.state = _WAITING
-        # The frame's effects and footprint (inlined World.take_effects: this is the hottest path).
-        effects = tuple(writes) if writes else ()
+        # The frame's effects (flat) and footprint (inlined World.take_effects: this is the hottest path).
+        flat = tuple(writes) if writes else ()
+        # Keys are interned so that a million frames' footprints share one object per key.
+        intern = self._keys.setdefault
         n = len(reads)
-        footprint = () if not n else (reads[0],) if n == 1 else tuple(dict.fromkeys(reads))
+        if not n:
+            footprint: tuple = ()
+        elif n == 1:
+            footprint = (intern(reads[0], reads[0]),)
+        else:
+            footprint = tuple([intern(k, k) for k in dict.fromkeys(reads)])
+            # Identical footprints (the same lock, the same entry re-read) share one tuple too.
+            footprint = intern(footprint, footprint)
         writes.clear()
         reads.clear()
         if task.state is _DONE or task.state is _FAILED:
             stack: tuple = ()
             local_values: tuple = ()
         else:
-            stack, local_values = capture(gen, self._locals_cache[task.name] if self.record_locals else None)
+            stack, local_values = capture(gen, self._stack_cache[task.name], self.record_locals)
         violations: tuple[Violation, ...] = ()
         if self.checks:
+            world.stack = stack  # checks may ask who issued the step (e.g. KVM or a raw host SEAMCALL)
+            effects = chunk_effects(flat)
             found = [v for check in self.checks for v in check(world, step, effects, footprint)]
             if found:
                 violations = tuple(found)
             world.take_effects()
-        frame = Frame(index, task.name, step, stack, effects, footprint, local_values, violations)
-        self.timeline.append(frame, world)
-        return frame
+        self.timeline.record(task.name, step, stack, flat, footprint, local_values, violations, world)
+        return index
 
     def run(self, max_frames: int | None = None,
             stop: Callable[[Frame], bool] | None = None) -> StopReason:
         """Step until every task is done, nothing can run, `max_frames` more frames ran, or `stop` matches."""
         count = 0
+        frames = self.timeline.frames
         while True:
             if max_frames is not None and count >= max_frames:
                 return StopReason.MAX_FRAMES
-            frame = self.step()
-            if frame is None:
+            index = self._advance()
+            if index is None:
                 return StopReason.DONE if self.finished else StopReason.STUCK
             count += 1
-            if stop is not None and stop(frame):
+            if stop is not None and stop(frames[index]):
                 return StopReason.BREAK
 
     @property
     def schedule(self) -> list[str]:
         """The picks so far: replaying them as an `order` reproduces these frames."""
-        return [f.task for f in self.timeline.frames]
+        frames = self.timeline.frames
+        return [frames.task_of(i) for i in range(len(frames))]
 
 
 def replay(build: Callable[[], tuple[World, Sequence[Task]]], schedule: ScheduleSpec,

@@ -28,14 +28,17 @@ Effect = tuple[Hashable, Any, Any]
 class World:
     """The flat state map. Values must be immutable (ints, strings, tuples, frozen attrs)."""
 
-    __slots__ = ("_reads", "_state", "_writes", "task")
+    __slots__ = ("_reads", "_state", "_writes", "stack", "task")
 
     def __init__(self, state: dict[Hashable, Any] | None = None) -> None:
         self._state: dict[Hashable, Any] = dict(state) if state else {}
-        self._writes: list[Effect] = []
+        # Writes since the last frame, flat: key, old, new, key, old, new, ...
+        self._writes: list[Any] = []
         self._reads: list[Hashable] = []
         # Name of the task whose step is running; not state, so not recorded.
         self.task: str = ""
+        # Call stack (StackEntry tuple) of the step just run, set by the runtime for checks; not state either.
+        self.stack: tuple = ()
 
     # -- recorded access -------------------------------------------------------------------------------
     def get(self, key: Hashable, default: Any = None) -> Any:
@@ -48,7 +51,7 @@ class World:
         # Writing an equal value is no change: keeps "stop when X changes" honest.
         if old is value or (old.__class__ is value.__class__ and old == value):
             return
-        self._writes.append((key, old, value))
+        self._writes.extend((key, old, value))
         if value is MISSING:
             del state[key]
         else:
@@ -81,7 +84,7 @@ class World:
     def take_effects(self) -> tuple[tuple[Effect, ...], tuple[Hashable, ...]]:
         """Return and reset the writes and the distinct keys read since the last call."""
         w, r = self._writes, self._reads
-        writes = tuple(w) if w else ()
+        writes = chunk_effects(tuple(w)) if w else ()
         if not r:
             reads: tuple[Hashable, ...] = ()
         elif len(r) == 1:
@@ -91,6 +94,32 @@ class World:
         w.clear()
         r.clear()
         return writes, reads
+
+
+def chunk_effects(flat: tuple[Any, ...]) -> tuple[Effect, ...]:
+    """(key, old, new) triples from the flat form the World and the timeline keep."""
+    it = iter(flat)
+    return tuple(zip(it, it, it, strict=True))
+
+
+def apply_flat(state: dict[Hashable, Any], flat: tuple[Any, ...]) -> None:
+    """Replay a frame's flat writes forwards onto a plain state dict."""
+    for i in range(0, len(flat), 3):
+        new = flat[i + 2]
+        if new is MISSING:
+            state.pop(flat[i], None)
+        else:
+            state[flat[i]] = new
+
+
+def undo_flat(state: dict[Hashable, Any], flat: tuple[Any, ...]) -> None:
+    """Undo a frame's flat writes, newest first."""
+    for i in range(len(flat) - 3, -1, -3):
+        old = flat[i + 1]
+        if old is MISSING:
+            state.pop(flat[i], None)
+        else:
+            state[flat[i]] = old
 
 
 def apply_effects(state: dict[Hashable, Any], effects: tuple[Effect, ...]) -> None:

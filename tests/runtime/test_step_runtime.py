@@ -202,7 +202,8 @@ def test_state_at_every_position_equals_live_snapshot(monkeypatch, min_writes):
 
 
 def test_keyframe_is_taken_when_writes_reach_state_size(monkeypatch):
-    """A keyframe is due once the writes since the last one reach max(KEYFRAME_MIN_WRITES, len(world))."""
+    """A keyframe is due once the writes since the last one reach
+    max(KEYFRAME_MIN_WRITES, KEYFRAME_STATE_FACTOR * len(world))."""
     monkeypatch.setattr(timeline_mod, "KEYFRAME_MIN_WRITES", 1)
 
     def writer(world):
@@ -216,8 +217,10 @@ def test_keyframe_is_taken_when_writes_reach_state_size(monkeypatch):
     for _ in range(6):
         rt.step()
         counts.append(rt.timeline.keyframe_count)
-    # The world holds 3 keys and each frame writes one: a keyframe after every third frame.
-    assert counts == [1, 1, 2, 2, 2, 3]
+    # The world holds 3 keys and each frame writes one: with factor 2, a keyframe after every sixth write
+    # (the first frame also creates the key, so the state has 3 keys from then on).
+    assert timeline_mod.KEYFRAME_STATE_FACTOR == 2
+    assert counts == [1, 1, 1, 1, 1, 2]
 
 
 def test_last_write_finds_the_latest_frame_writing_a_key():

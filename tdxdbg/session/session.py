@@ -1,0 +1,612 @@
+"""Session: the debugger the UI and CLI drive. A cursor over a recorded timeline, commands that move it (running
+the engine past the recorded end), breakpoints, forks, and read-only views of any position.
+
+Cursor: `position` p in 0 .. len(frames) is the state after frames[0:p]; the frame at the cursor is frames[p - 1]
+(None at p = 0). Inside the recorded range commands only move the cursor; past its end they run the engine.
+Commands never raise for user-level misuse: they return a StopEvent with reason ERROR and a message.
+Not thread-safe, except `interrupt()`, which a UI may call from another thread while a command runs.
+"""
+
+from __future__ import annotations
+
+import bisect
+import threading
+from collections.abc import Callable, Hashable, Iterator, Sequence
+from types import MappingProxyType
+from typing import Any
+
+import attrs
+
+from tdxdbg.engine.vm import BuiltVm, VmSetup, build_vm
+from tdxdbg.runtime.frame import Frame, plain_locals
+from tdxdbg.runtime.runtime import Check, Runtime
+from tdxdbg.runtime.scheduler import ScheduleSpec
+from tdxdbg.runtime.step import StepKind
+from tdxdbg.runtime.task import TaskState
+from tdxdbg.session import views
+from tdxdbg.session.breakpoints import Breakpoint, BreakpointError, Breakpoints
+from tdxdbg.session.decode import SeptEntryView
+from tdxdbg.session.events import StopEvent, StopReason
+
+ChecksFactory = Callable[[Any], Sequence[Check]]
+
+# How often (in frames) a running command looks at the interrupt flag.
+INTERRUPT_EVERY = 256
+_DONE_KINDS = (StepKind.TASK_DONE, StepKind.TASK_ERROR)
+
+
+def default_checks_factory() -> ChecksFactory | None:
+    """`tdxdbg.engine.checks.make_checks` when that module exists."""
+    try:
+        from tdxdbg.engine.checks import make_checks  # type: ignore[import-not-found]
+    except ImportError:
+        return None
+    return make_checks
+
+
+@attrs.frozen(slots=True)
+class TaskInfo:
+    name: str
+    kind: str          # "vcpu" / "host"
+
+
+@attrs.frozen(slots=True)
+class ForkRecord:
+    """A timeline abandoned by `choose_task`: where it forked, what ran there before and what runs now, how long
+    it was, and its picks (replaying them rebuilds it)."""
+
+    position: int
+    replaced: str
+    chosen: str
+    length: int
+    picks: tuple[str, ...]
+
+
+class FramesView(Sequence[Frame]):
+    """The recorded frames, read-only, without copying the list."""
+
+    __slots__ = ("_frames",)
+
+    def __init__(self, frames: list[Frame]) -> None:
+        self._frames = frames
+
+    def __len__(self) -> int:
+        return len(self._frames)
+
+    def __getitem__(self, i):  # type: ignore[override]
+        if isinstance(i, slice):
+            return tuple(self._frames[i])
+        return self._frames[i]
+
+    def __iter__(self) -> Iterator[Frame]:
+        return iter(self._frames)
+
+
+class Session:
+    """One TD under the debugger: a setup, a schedule, the timeline recorded so far and a cursor on it."""
+
+    def __init__(self, setup: VmSetup, schedule: ScheduleSpec | None = None,
+                 checks_factory: ChecksFactory | None = None, record_locals: bool = True) -> None:
+        self.setup = setup
+        self.schedule = schedule or ScheduleSpec()
+        self._checks_factory = checks_factory
+        self._record_locals = record_locals
+        self._interrupt = threading.Event()
+        self._pos = 0
+        self._selected: str | None = None
+        self.forks: list[ForkRecord] = []
+        self._use(self._build())
+        kvm = self._vm.kvm
+        self.context = views.VmContext(kvm.tdr, kvm.gfn_direct_bits, kvm.root_level, getattr(kvm, "name", ""))
+        self.tasks: tuple[TaskInfo, ...] = tuple(TaskInfo(t.name, t.kind) for t in self._rt.tasks)
+        self._task_names = frozenset(t.name for t in self.tasks)
+        self.breakpoints = Breakpoints(gfn_mask=~kvm.gfn_direct_bits)
+
+    @classmethod
+    def open(cls, setup: VmSetup, schedule: ScheduleSpec | None = None,
+             checks_factory: ChecksFactory | None = None, record_locals: bool = True) -> Session:
+        """Build the VM (nothing runs yet: position 0). `checks_factory(kvm)` gives the runtime checks; by
+        default `tdxdbg.engine.checks.make_checks` when it exists."""
+        if checks_factory is None:
+            checks_factory = default_checks_factory()
+        return cls(setup, schedule, checks_factory, record_locals)
+
+    # -- building and replaying ---------------------------------------------------------------------------------
+    def _build(self, picks: Sequence[str] = ()) -> _Recording:
+        vm = build_vm(self.setup)
+        checks = list(self._checks_factory(vm.kvm)) if self._checks_factory is not None else []
+        rt = Runtime(vm.machine.world, vm.tasks, self.schedule, checks, record_locals=self._record_locals)
+        rec = _Recording(vm, rt)
+        for name in picks:
+            if rec.step(name) is None:
+                raise RuntimeError(f"replay diverged: {name!r} not runnable at frame {len(rt.timeline)}")
+        return rec
+
+    def _use(self, rec: _Recording) -> None:
+        self._rec = rec
+        self._vm = rec.vm
+        self._rt = rec.rt
+        self._task_frames = rec.task_frames
+        self._prev = rec.prev
+        self._waits = rec.waits
+
+    # -- read-only state --------------------------------------------------------------------------------------
+    @property
+    def position(self) -> int:
+        return self._pos
+
+    @property
+    def frames(self) -> FramesView:
+        return FramesView(self._rt.timeline.frames)
+
+    def __len__(self) -> int:
+        return len(self._rt.timeline.frames)
+
+    @property
+    def frame(self) -> Frame | None:
+        """The frame at the cursor: the last one executed before it (None at position 0)."""
+        return self._rt.timeline.frames[self._pos - 1] if self._pos else None
+
+    @property
+    def at_end(self) -> bool:
+        """The cursor is at the end of the recording (the next forward step runs the engine)."""
+        return self._pos == len(self._rt.timeline.frames)
+
+    @property
+    def finished(self) -> bool:
+        """Every task has finished (nothing more will ever be recorded)."""
+        return self._rt.finished
+
+    @property
+    def selected_task(self) -> str | None:
+        return self._selected
+
+    @property
+    def current_task(self) -> str | None:
+        """The task stepping follows: the selected one, else the task of the frame at the cursor."""
+        if self._selected is not None:
+            return self._selected
+        f = self.frame
+        return f.task if f is not None else None
+
+    @property
+    def variant(self) -> str:
+        return self.context.variant
+
+    @property
+    def picks(self) -> tuple[str, ...]:
+        """The schedule recorded so far (task of each frame)."""
+        return tuple(f.task for f in self._rt.timeline.frames)
+
+    def state_at(self, position: int | None = None) -> MappingProxyType:
+        """The raw world state at `position` (default: the cursor), read-only. Valid only until the next call
+        that reads state: copy what you keep."""
+        pos = self._pos if position is None else position
+        return MappingProxyType(self._rt.timeline.state_at(pos))
+
+    def _state(self, position: int | None) -> Any:
+        pos = self._pos if position is None else position
+        if not 0 <= pos <= len(self._rt.timeline.frames):
+            raise IndexError(f"position {pos} outside 0..{len(self._rt.timeline.frames)}")
+        return self._rt.timeline.state_at(pos)
+
+    def last_write(self, key: Hashable, before: int | None = None) -> int | None:
+        """Index of the last frame before position `before` (default: the cursor) that wrote `key`."""
+        return self._rt.timeline.last_write(key, self._pos if before is None else before)
+
+    def task_frame_indices(self, name: str) -> tuple[int, ...]:
+        return tuple(self._task_frames.get(name, ()))
+
+    def _latest_of(self, task: str, position: int) -> int | None:
+        """Index of the latest frame of `task` at or before frame position - 1."""
+        idx = self._task_frames.get(task)
+        if not idx:
+            return None
+        k = bisect.bisect_left(idx, position) - 1
+        return idx[k] if k >= 0 else None
+
+    def _next_of(self, task: str, position: int) -> int | None:
+        idx = self._task_frames.get(task)
+        if not idx:
+            return None
+        k = bisect.bisect_left(idx, position)
+        return idx[k] if k < len(idx) else None
+
+    # -- views --------------------------------------------------------------------------------------------------
+    def view(self, position: int | None = None) -> views.StateView:
+        """Everything at `position` (default: the cursor) as frozen values."""
+        pos = self._pos if position is None else position
+        tasks = self.task_views(pos)
+        state = self._state(pos)
+        roots = views.roots(state, self.context)
+        mirror_pfn = views.root_pfn(state, "mirror")
+        direct_pfn = views.root_pfn(state, "direct")
+        return views.StateView(
+            pos,
+            next((r for r in roots if r.pfn == mirror_pfn), None),
+            next((r for r in roots if r.pfn == direct_pfn), None),
+            roots, views.sept_tree(state, self.context), views.private_ranges(state), views.memslots(state),
+            views.td_view(state, self.context), views.kvm_view(state), tasks)
+
+    def mirror_tree(self, position: int | None = None) -> views.RootView | None:
+        return views.root_view(self._state(position), self.context, "mirror")
+
+    def direct_tree(self, position: int | None = None) -> views.RootView | None:
+        return views.root_view(self._state(position), self.context, "direct")
+
+    def roots(self, position: int | None = None) -> tuple[views.RootView, ...]:
+        return views.roots(self._state(position), self.context)
+
+    def sept_tree(self, position: int | None = None) -> views.SeptTableView | None:
+        return views.sept_tree(self._state(position), self.context)
+
+    def spte_at(self, kind: str, gfn: int, level: int = 1, position: int | None = None) -> views.SpteLocation | None:
+        """The `kind` ("mirror" / "direct") SPTE for `gfn` at KVM `level` (or where the walk stops above it)."""
+        return views.spte_at(self._state(position), self.context, kind, gfn, level)
+
+    def sept_entry_at(self, gpa: int, level: int = 0, position: int | None = None) -> SeptEntryView | None:
+        """The S-EPT entry for `gpa` at TDX `level` (or where the walk stops above it)."""
+        return views.sept_entry_at(self._state(position), self.context, gpa, level)
+
+    def private_ranges(self, position: int | None = None) -> tuple[tuple[int, int], ...]:
+        return views.private_ranges(self._state(position))
+
+    def memslots(self, position: int | None = None) -> tuple:
+        return views.memslots(self._state(position))
+
+    def td(self, position: int | None = None) -> views.TdView:
+        return views.td_view(self._state(position), self.context)
+
+    def kvm(self, position: int | None = None) -> views.KvmView:
+        return views.kvm_view(self._state(position))
+
+    def task_view(self, name: str, position: int | None = None) -> views.TaskView | None:
+        for t in self.task_views(position):
+            if t.name == name:
+                return t
+        return None
+
+    def task_views(self, position: int | None = None) -> tuple[views.TaskView, ...]:
+        """Each task's state and call stack (with locals) as of its latest frame at or before `position`."""
+        pos = self._pos if position is None else position
+        frames = self._rt.timeline.frames
+        out = []
+        peek = None
+        for info in self.tasks:
+            j = self._latest_of(info.name, pos)
+            if j is None:
+                out.append(views.TaskView(info.name, info.kind, "not started", None, ()))
+                continue
+            f = frames[j]
+            kind = f.step.kind
+            if kind is StepKind.TASK_DONE:
+                state = "done"
+            elif kind is StepKind.TASK_ERROR:
+                state = "failed"
+            elif j in self._waits:
+                if peek is None:
+                    peek = views.PeekState(self._state(pos))
+                try:
+                    state = "runnable" if self._waits[j](peek) else "waiting"
+                except Exception:
+                    state = "waiting"
+            else:
+                state = "ready"
+            stack = []
+            for k, entry in enumerate(f.stack):
+                scope = plain_locals(f.locals[k]) if k < len(f.locals) else ()
+                stack.append(views.ActivationView(entry.function.rpartition(".")[2], entry.function,
+                                                  entry.filename, entry.line, scope))
+            out.append(views.TaskView(info.name, info.kind, state, j, tuple(stack),
+                                      getattr(kind, "value", str(kind))))
+        return tuple(out)
+
+    def runnable_tasks(self, position: int | None = None) -> tuple[str, ...]:
+        """Tasks that could run next at `position` (default: the cursor)."""
+        pos = self._pos if position is None else position
+        if pos == len(self._rt.timeline.frames):
+            return tuple(self._rt.tasks[i].name for i in self._rt.runnable())
+        return tuple(t.name for t in self.task_views(pos) if t.state in ("not started", "ready", "runnable"))
+
+    # -- breakpoints helpers ----------------------------------------------------------------------------------
+    def watch_spte(self, kind: str, gfn: int, level: int = 1) -> Breakpoint | StopEvent:
+        """An SPTE watch by position in a root, resolved to its (table, index) at the cursor when the walk gets
+        there; also matches SPTE steps at that position (for tables created later)."""
+        try:
+            loc = views.spte_at(self._state(None), self.context, kind, gfn, level)
+            key = loc.key if loc is not None and loc.level == level else None
+            return self.breakpoints.add_spte_watch_at(kind, gfn, level, key)
+        except BreakpointError as exc:
+            return self._error(str(exc))
+
+    # -- commands -----------------------------------------------------------------------------------------------
+    def interrupt(self) -> None:
+        """Ask the running command to stop at the next frame boundary it checks (thread-safe)."""
+        self._interrupt.set()
+
+    def select_task(self, name: str | None) -> StopEvent:
+        """Follow `name` when stepping (None: follow the task of the frame at the cursor)."""
+        if name is not None and name not in self._task_names:
+            return self._error(f"no task {name!r}; tasks: {', '.join(sorted(self._task_names))}")
+        self._selected = name
+        return StopEvent(StopReason.STEP, self._pos, f"following {name}" if name else "following the cursor")
+
+    def step_frame(self) -> StopEvent:
+        """Exactly one frame forward, whichever task runs it."""
+        return self._forward(lambda f: True, None)
+
+    def reverse_step_frame(self) -> StopEvent:
+        """Exactly one frame back."""
+        if self._pos == 0:
+            return StopEvent(StopReason.START, 0, "at the beginning")
+        self._pos -= 1
+        return StopEvent(StopReason.STEP if self._pos else StopReason.START, self._pos)
+
+    def step_into(self) -> StopEvent:
+        """The next frame of the current task (frames of other tasks in between are passed, but their
+        breakpoints and violations still stop). Without a current task, or once it finished: one frame."""
+        task = self._following()
+        if task is None:
+            return self._forward(lambda f: True, None)
+        return self._forward(lambda f: f.task == task, None)
+
+    def step_over(self) -> StopEvent:
+        """Run until the current task's stack is not deeper than now."""
+        task = self._following()
+        if task is None:
+            return self._forward(lambda f: True, None)
+        if self._latest_of(task, self._pos) is None:   # not started yet: its first frame
+            return self._forward(lambda f: f.task == task, None)
+        depth = self._depth(task)
+        return self._forward(lambda f: f.task == task and len(f.stack) <= depth, None)
+
+    def step_out(self) -> StopEvent:
+        """Run until the current task's stack is shallower than now."""
+        task = self._following()
+        if task is None:
+            return self._forward(lambda f: True, None)
+        depth = self._depth(task)
+        if depth == 0:
+            return self._forward(lambda f: f.task == task, None)
+        return self._forward(lambda f: f.task == task and len(f.stack) < depth, None)
+
+    def continue_(self, max_frames: int | None = None) -> StopEvent:
+        """Run until a breakpoint hit, a violation, the end (or stuck), or `max_frames` frames."""
+        return self._forward(None, max_frames)
+
+    def reverse_step(self) -> StopEvent:
+        """Back to the previous frame of the current task (position 0 when it has none)."""
+        task = self.current_task
+        if self._pos == 0:
+            return StopEvent(StopReason.START, 0, "at the beginning")
+        if task is None:
+            return self.reverse_step_frame()
+        cur = self._latest_of(task, self._pos)
+        prev = self._latest_of(task, cur) if cur is not None else None
+        self._pos = prev + 1 if prev is not None else 0
+        return StopEvent(StopReason.STEP if self._pos else StopReason.START, self._pos)
+
+    def reverse_continue(self) -> StopEvent:
+        """Back to the previous frame with a breakpoint hit or a violation, else position 0."""
+        self._interrupt.clear()
+        frames = self._rt.timeline.frames
+        bps = self.breakpoints
+        prev = self._prev
+        for n, j in enumerate(range(self._pos - 2, -1, -1)):
+            if n % INTERRUPT_EVERY == 0 and self._interrupt.is_set():
+                self._pos = j + 1
+                return StopEvent(StopReason.INTERRUPTED, self._pos)
+            f = frames[j]
+            p = prev[j]
+            hits = bps.hits(f, frames[p] if p >= 0 else None)
+            if hits or f.violations:
+                self._pos = j + 1
+                return self._stop_at(f, hits, 0)
+        self._pos = 0
+        return StopEvent(StopReason.START, 0, "at the beginning")
+
+    def goto(self, position: int) -> StopEvent:
+        """Put the cursor at `position` (0 .. ); beyond the recorded end the engine runs (breakpoints are not
+        checked) until the timeline is that long or nothing can run."""
+        if not isinstance(position, int) or position < 0:
+            return self._error(f"bad position {position!r}")
+        n = len(self._rt.timeline.frames)
+        if position <= n:
+            self._pos = position
+            return StopEvent(StopReason.STEP, position)
+        return self._run_engine(position - n, StopReason.STEP)
+
+    def goto_frame(self, index: int) -> StopEvent:
+        """Make frame `index` the frame at the cursor (position index + 1)."""
+        if not isinstance(index, int) or index < 0:
+            return self._error(f"bad frame index {index!r}")
+        return self.goto(index + 1)
+
+    def run_to_end(self, max_frames: int | None = None) -> StopEvent:
+        """Record until every task finished (or nothing can run, or `max_frames` more frames); the cursor goes
+        to the end. Breakpoints are not checked."""
+        return self._run_engine(max_frames, StopReason.MAX_FRAMES)
+
+    def choose_task(self, name: str) -> StopEvent:
+        """Run `name` as the next frame instead of the schedule's pick. Before the recorded end this forks:
+        the picks before the cursor are replayed from a fresh build, `name` is forced, and the old future is
+        dropped (recorded in `forks`)."""
+        if name not in self._task_names:
+            return self._error(f"no task {name!r}; tasks: {', '.join(sorted(self._task_names))}")
+        frames = self._rt.timeline.frames
+        pos = self._pos
+        if pos < len(frames) and frames[pos].task == name:
+            self._pos += 1
+            return StopEvent(StopReason.STEP, self._pos, f"{name} already runs here")
+        if pos == len(frames):
+            runnable = self.runnable_tasks(pos)
+            if name not in runnable:
+                return self._not_runnable(name, runnable)
+            return self._forced_step(name, forked=False)
+        runnable = self.runnable_tasks(pos)
+        if name not in runnable:
+            return self._not_runnable(name, runnable)
+        old_picks = self.picks
+        try:
+            rec = self._build(old_picks[:pos])
+        except Exception as exc:  # an engine bug: report it, keep the old timeline
+            return self._error(f"cannot fork: {type(exc).__name__}: {exc}")
+        rt = rec.rt
+        if name not in (rt.tasks[i].name for i in rt.runnable()):
+            return self._not_runnable(name, tuple(rt.tasks[i].name for i in rt.runnable()))
+        self.forks.append(ForkRecord(pos, frames[pos].task, name, len(frames), old_picks))
+        self._use(rec)
+        return self._forced_step(name, forked=True)
+
+    # -- internals ------------------------------------------------------------------------------------------------
+    def _error(self, message: str) -> StopEvent:
+        return StopEvent(StopReason.ERROR, self._pos, message)
+
+    def _not_runnable(self, name: str, runnable: Sequence[str]) -> StopEvent:
+        return self._error(f"{name} cannot run at position {self._pos}; runnable: "
+                           f"{', '.join(runnable) if runnable else 'none'}")
+
+    def _forced_step(self, name: str, forked: bool) -> StopEvent:
+        try:
+            frame = self._rec.step(name)
+        except ValueError as exc:
+            return self._error(str(exc))
+        if frame is None:
+            return self._error("nothing can run")
+        self._pos = len(self._rt.timeline.frames)
+        p = self._prev[frame.index]
+        hits = self.breakpoints.hits(frame, self._rt.timeline.frames[p] if p >= 0 else None)
+        ev = self._stop_at(frame, hits, 1, StopReason.STEP)
+        return attrs.evolve(ev, forked=forked, message=f"forked at position {frame.index}" if forked else "")
+
+    def _following(self) -> str | None:
+        """The task step commands follow, or None when any frame will do (no task yet, or it finished)."""
+        task = self.current_task
+        if task is None:
+            return None
+        j = self._latest_of(task, self._pos)
+        if j is not None and self._rt.timeline.frames[j].step.kind in _DONE_KINDS:
+            return None
+        return task
+
+    def _depth(self, task: str) -> int:
+        j = self._latest_of(task, self._pos)
+        return len(self._rt.timeline.frames[j].stack) if j is not None else 0
+
+    def _stop_at(self, frame: Frame, hits: tuple[int, ...], ran: int,
+                 reason: StopReason | None = None) -> StopEvent:
+        if hits:
+            self.breakpoints.count_hits(hits)
+        if frame.violations:
+            why = StopReason.VIOLATION
+            msg = "; ".join(f"{v.invariant}: {v.message}" for v in frame.violations)
+        elif hits:
+            why = StopReason.BREAKPOINT
+            msg = ", ".join(bp.description for i in hits if (bp := self.breakpoints.get(i)) is not None)
+        else:
+            why = reason or StopReason.STEP
+            msg = ""
+        return StopEvent(why, self._pos, msg, hits, ran)
+
+    def _forward(self, target: Callable[[Frame], bool] | None, max_frames: int | None) -> StopEvent:
+        """Move forward frame by frame (recorded ones first, then new ones) until `target` matches, a breakpoint
+        hits or a violation shows, the end, or `max_frames` frames."""
+        self._interrupt.clear()
+        timeline = self._rt.timeline
+        frames = timeline.frames
+        bps = self.breakpoints
+        prev = self._prev
+        rec = self._rec
+        i = self._pos
+        count = ran = 0
+        while True:
+            if max_frames is not None and count >= max_frames:
+                self._pos = i
+                return StopEvent(StopReason.MAX_FRAMES, i, f"{count} frames", (), ran)
+            if count % INTERRUPT_EVERY == 0 and count and self._interrupt.is_set():
+                self._pos = i
+                return StopEvent(StopReason.INTERRUPTED, i, "", (), ran)
+            if i < len(frames):
+                f = frames[i]
+            else:
+                f = rec.step()
+                if f is None:
+                    self._pos = i
+                    return self._end_event(ran)
+                ran += 1
+            i += 1
+            count += 1
+            p = prev[f.index]
+            hits = bps.hits(f, frames[p] if p >= 0 else None) if bps.active else ()
+            if hits or f.violations or (target is not None and target(f)):
+                self._pos = i
+                return self._stop_at(f, hits, ran)
+
+    def _run_engine(self, max_frames: int | None, reached: StopReason) -> StopEvent:
+        """Record new frames from the end of the timeline; the cursor goes to the end. `reached` is the reason
+        reported when `max_frames` frames ran."""
+        self._interrupt.clear()
+        rec = self._rec
+        frames = rec.rt.timeline.frames
+        count = 0
+        while True:
+            if max_frames is not None and count >= max_frames:
+                self._pos = len(frames)
+                return StopEvent(reached, self._pos, "", (), count)
+            if count % INTERRUPT_EVERY == 0 and count and self._interrupt.is_set():
+                self._pos = len(frames)
+                return StopEvent(StopReason.INTERRUPTED, self._pos, "", (), count)
+            if rec.advance() is None:
+                self._pos = len(frames)
+                return self._end_event(count)
+            count += 1
+
+    def _end_event(self, ran: int) -> StopEvent:
+        if self._rt.finished:
+            failed = [t.name for t in self._rt.tasks if t.state is TaskState.FAILED]
+            msg = f"all tasks done; failed: {', '.join(failed)}" if failed else "all tasks done"
+            return StopEvent(StopReason.END, self._pos, msg, (), ran)
+        left = [t.name for t in self._rt.tasks if not t.finished]
+        return StopEvent(StopReason.STUCK, self._pos, f"no task can run; waiting: {', '.join(left)}", (), ran)
+
+
+class _Recording:
+    """One built VM and its runtime, with the indexes a Session keeps over its frames: frame indices per task,
+    the previous frame of the same task, and the wait predicate a task was blocked on after a frame (recorded
+    frames do not keep it; views use it to say whether a task is waiting)."""
+
+    def __init__(self, vm: BuiltVm, rt: Runtime) -> None:
+        self.vm = vm
+        self.rt = rt
+        self.task_frames: dict[str, list[int]] = {t.name: [] for t in rt.tasks}
+        self.prev: list[int] = []
+        self.waits: dict[int, Callable[[Any], bool]] = {}
+        self._last_of: dict[str, int] = {}
+        self._tasks = {t.name: t for t in rt.tasks}
+
+    def _note(self, index: int, task: str) -> None:
+        self.prev.append(self._last_of.get(task, -1))
+        self._last_of[task] = index
+        self.task_frames[task].append(index)
+        t = self._tasks[task]
+        if t.state is TaskState.WAITING and t.wait is not None:
+            self.waits[index] = t.wait
+
+    def step(self, forced: str | None = None) -> Frame | None:
+        frame = self.rt.step(forced=forced)
+        if frame is not None:
+            self._note(frame.index, frame.task)
+        return frame
+
+    def advance(self) -> int | None:
+        """One step without building the Frame value (when the runtime offers that)."""
+        advance = getattr(self.rt, "_advance", None)
+        if advance is None:
+            f = self.step()
+            return None if f is None else f.index
+        index = advance()
+        if index is not None:
+            frames = self.rt.timeline.frames
+            task_of = getattr(frames, "task_of", None)
+            self._note(index, task_of(index) if task_of is not None else frames[index].task)
+        return index
