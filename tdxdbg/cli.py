@@ -1,30 +1,173 @@
-"""The `tdxdbg` command."""
+"""The `tdxdbg` command: headless `run`, `validate` and `scenarios`; the Textual UI comes later."""
 
 from __future__ import annotations
 
+import argparse
+import contextlib
 import sys
+from typing import IO
 
 PLANNED = """\
 tdxdbg {version}: a step-through debugger for how Linux KVM resolves page faults of Intel TDX guests.
 
-What exists today: the step runtime (tdxdbg.runtime) and the emulated TDX machine (tdxdbg.hw): TD vCPUs,
-host memory, and a TDX module that owns the Secure EPT and enforces its state machine with the real
-SEAMCALL leaf numbers and status codes.
+What exists today: the step runtime (tdxdbg.runtime), the emulated TDX machine (tdxdbg.hw), the simulated KVM
+(tdxdbg.engine) and scenario files with a headless runner:
+
+  tdxdbg run SCENARIO [--variant NAME] [--schedule POLICY|random:SEED] [--json PATH|-] [--max-frames N]
+  tdxdbg validate SCENARIO...
+  tdxdbg scenarios
 
 What this command will become: a terminal debugger (Textual) that opens a scenario and steps KVM's TDP MMU
-through a TDX page fault frame by frame, plus headless `run`, `validate` and `scenarios` subcommands.
-Neither exists yet, so this command only prints this message.
+through a TDX page fault frame by frame. That UI does not exist yet.
 """
 
+UI_NOT_BUILT = "tdxdbg: the terminal UI is not built yet; run the scenario headless with `tdxdbg run {scenario}`"
 
-def main(argv: list[str] | None = None) -> int:
+
+class _Parser(argparse.ArgumentParser):
+    """argparse that reports bad usage as exit status 2 through an exception, not sys.exit."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        raise _UsageError(f"{self.prog}: error: {message}")
+
+
+class _UsageError(Exception):
+    pass
+
+
+def _parser() -> _Parser:
+    p = _Parser(prog="tdxdbg", description="Step-through debugger for KVM's handling of TDX guest page faults.")
+    sub = p.add_subparsers(dest="command", parser_class=_Parser)
+    r = sub.add_parser("run", help="run a scenario to the end and report")
+    r.add_argument("scenario", help="a scenario file, or the name of a shipped scenario")
+    r.add_argument("--variant", help="override [td].variant (a name or path/to/file.py:ClassName)")
+    r.add_argument("--schedule", help="round_robin | sequential | random | random:SEED")
+    r.add_argument("--json", metavar="PATH", help="write the JSON trace to PATH ('-' for standard output)")
+    r.add_argument("--max-frames", type=int, default=None, metavar="N", help="stop after N frames (exit 1)")
+    v = sub.add_parser("validate", help="check scenario files without running them")
+    v.add_argument("scenario", nargs="+")
+    sub.add_parser("scenarios", help="list the shipped scenarios")
+    t = sub.add_parser("tui", help="open a scenario in the terminal UI (not built yet)")
+    t.add_argument("scenario", nargs="?")
+    return p
+
+
+def main(argv: list[str] | None = None, stdout: IO[str] | None = None, stderr: IO[str] | None = None) -> int:
     from tdxdbg import __version__
 
-    args = sys.argv[1:] if argv is None else argv
-    if args and args[0] in ("-V", "--version"):
-        print(f"tdxdbg {__version__}")
+    out = stdout or sys.stdout
+    err = stderr or sys.stderr
+    args = sys.argv[1:] if argv is None else list(argv)
+    if not args:
+        print(PLANNED.format(version=__version__), file=out)
         return 0
-    print(PLANNED.format(version=__version__))
+    if args[0] in ("-V", "--version"):
+        print(f"tdxdbg {__version__}", file=out)
+        return 0
+    if args[0] not in ("run", "validate", "scenarios", "tui", "-h", "--help") and len(args) == 1 \
+            and not args[0].startswith("-"):
+        print(UI_NOT_BUILT.format(scenario=args[0]), file=err)
+        return 2
+    try:
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            ns = _parser().parse_args(args)
+    except _UsageError as e:
+        print(str(e), file=err)
+        return 2
+    except SystemExit as e:  # --help
+        return int(e.code or 0)
+    try:
+        if ns.command == "run":
+            return _run(ns, out, err)
+        if ns.command == "validate":
+            return _validate(ns.scenario, out, err)
+        if ns.command == "scenarios":
+            return _list(out)
+        if ns.command == "tui":
+            print(UI_NOT_BUILT.format(scenario=ns.scenario or "SCENARIO"), file=err)
+            return 2
+    except KeyboardInterrupt:
+        return 130
+    print(PLANNED.format(version=__version__), file=out)
+    return 0
+
+
+def _print_problems(e: object, err: IO[str]) -> None:
+    for p in getattr(e, "problems", []):
+        print(f"error: {p}", file=err)
+
+
+def _run(ns: argparse.Namespace, out: IO[str], err: IO[str]) -> int:
+    from tdxdbg.scenario.loader import load
+    from tdxdbg.scenario.model import Problem, ScenarioError
+    from tdxdbg.scenario.run import run_scenario, schedule_of
+    from tdxdbg.scenario.summary import print_summary
+    from tdxdbg.scenario.trace import dumps
+
+    try:
+        scenario = load(ns.scenario, variant=ns.variant)
+    except ScenarioError as e:
+        _print_problems(e, err)
+        return 2
+    if ns.schedule is not None:
+        name, _, seed = ns.schedule.partition(":")
+        bad = name not in ("round_robin", "sequential", "random") or (seed and name != "random")
+        if not bad and seed:
+            try:
+                int(seed, 0)
+            except ValueError:
+                bad = True
+        if bad:
+            print(f"error: --schedule: expected round_robin, sequential, random or random:SEED, "
+                  f"found {ns.schedule!r}", file=err)
+            return 2
+    if ns.max_frames is not None and ns.max_frames < 1:
+        print(f"error: --max-frames: expected a positive integer, found {ns.max_frames}", file=err)
+        return 2
+    schedule = schedule_of(scenario, ns.schedule)
+    kwargs = {} if ns.max_frames is None else {"max_frames": ns.max_frames}
+    report = run_scenario(scenario, schedule, **kwargs)
+    if ns.json == "-":
+        out.write(dumps(report.json_obj()))
+        print_summary(report, err)
+    else:
+        print_summary(report, out)
+        if ns.json:
+            try:
+                with open(ns.json, "w", encoding="utf-8") as fh:
+                    fh.write(dumps(report.json_obj()))
+            except OSError as e:
+                print(f"error: {Problem(ns.json, '--json', f'cannot write the trace: {e.strerror or e}')}", file=err)
+                return 2
+    return 0 if report.ok else 1
+
+
+def _validate(specs: list[str], out: IO[str], err: IO[str]) -> int:
+    from tdxdbg.scenario.loader import load
+    from tdxdbg.scenario.model import ScenarioError
+
+    status = 0
+    for spec in specs:
+        try:
+            sc = load(spec)
+        except ScenarioError as e:
+            _print_problems(e, err)
+            status = 2
+            continue
+        print(f"ok: {sc.path}: {sc.title}", file=out)
+    return status
+
+
+def _list(out: IO[str]) -> int:
+    from tdxdbg.scenario.loader import load, shipped
+    from tdxdbg.scenario.model import ScenarioError
+
+    for path in shipped():
+        try:
+            title = load(path).title
+        except ScenarioError as e:
+            title = f"(invalid: {e.problems[0].message})"
+        print(f"{path.stem:<34} {title}", file=out)
     return 0
 
 

@@ -90,10 +90,13 @@ class MmuOps(TdpMmuOps):
                 return EIO
         if isinstance(r, int):
             return r
-        if r in (RetPf.RET_PF_EMULATE, RetPf.RET_PF_WRITE_PROTECTED):
-            # A TD's instructions cannot be emulated; shared MMIO reaches KVM as TDVMCALL instead.
+        if r is RetPf.RET_PF_WRITE_PROTECTED:
+            # A TD's instructions cannot be emulated, and nothing write-tracks a TD's gfns.
             yield from self.kvm_bug_on(True, f"{r.name} for a TD: emulation is impossible")
             return EIO
+        # RET_PF_EMULATE (an MMIO SPTE was just installed): x86_emulate_instruction asks the vendor first, and
+        # vt_check_emulate_instruction answers X86EMUL_RETRY_INSTR for a TD, so the guest simply re-executes,
+        # now hitting the MMIO SPTE (SUPPRESS_VE clear) as a #VE, and asks for MMIO through TDVMCALL.
         return r
 
     def kvm_mmu_do_page_fault(self, vcpu: Any, gpa: int, err: int, prefetch: bool) -> Gen:
@@ -185,19 +188,21 @@ class MmuOps(TdpMmuOps):
         A private/shared mismatch with the attributes is a KVM_EXIT_MEMORY_FAULT to userspace."""
         fault.mmu_seq = self.mmu_invalidate_seq()
         slot = fault.slot
-        if slot is not None and slot.invalid:
-            yield Step(EngineStep.FAULTIN, {"gfn": fault.gfn, "result": "memslot being deleted"})
-            return RetPf.RET_PF_RETRY
         if fault.is_private != self.kvm_mem_is_private(fault.gfn):
             yield from self.kvm_mmu_prepare_memory_fault_exit(vcpu, fault)
             return EFAULT
         if slot is None:
+            # kvm_handle_noslot_fault
             if fault.is_private:
                 yield from self.kvm_mmu_prepare_memory_fault_exit(vcpu, fault)
                 return EFAULT
             fault.pfn = KVM_PFN_NOSLOT
             yield Step(EngineStep.FAULTIN, {"gfn": fault.gfn, "result": "no memslot: MMIO"})
             return RetPf.RET_PF_CONTINUE
+        # A memslot being deleted or moved: retry until its SPTEs are zapped (checked after the no-slot case).
+        if slot.invalid:
+            yield Step(EngineStep.FAULTIN, {"gfn": fault.gfn, "result": "memslot being deleted"})
+            return RetPf.RET_PF_RETRY
         if self.mmu_invalidate_retry_gfn_unsafe(fault.mmu_seq, fault.gfn):
             yield Step(EngineStep.FAULTIN, {"gfn": fault.gfn, "result": "invalidation in progress"})
             return RetPf.RET_PF_RETRY

@@ -513,7 +513,7 @@ class TdpMmuOps(GmemOps):
                     return
                 yield from self.remove_external_spte(gfn, old, level)
         if mirror and sp.external_spt:
-            ret = yield from self.free_external_spt(base_gfn, level + 1, sp.external_spt)
+            ret = yield from self.free_external_spt(base_gfn, level, sp.external_spt)
             if ret:
                 yield from self.warn_on_once(True, "free_external_spt failed: leaking the S-EPT page")
                 self.world.set(sp_key(pt), sp._replace(external_spt=0))

@@ -200,8 +200,11 @@ class TdxOps(MmuOps):
         yield from self.kvm_make_all_cpus_request_outside_guest_mode()
 
     def tdx_flush_remote_tlbs(self) -> Gen:
-        if self.is_hkid_assigned():
-            yield from self.tdx_track()
+        """kvm_flush_remote_tlbs for a TD: no flush_remote_tlbs hook, so KVM_REQ_TLB_FLUSH to every vCPU
+        (kicking those in guest mode); each then runs tdx_flush_tlb_all = ept_sync_global for the shared EPT.
+        No TDH.MEM.TRACK: "TDX has called tdx_track() in tdx_sept_remove_private_spte() ... No need to call
+        tdx_track() here again"."""
+        yield from self.kvm_make_all_cpus_request_outside_guest_mode()
 
     def tdx_no_vcpus_enter_start(self) -> Gen:
         self.world.set(K_WAIT_FOR_SEPT_ZAP, True)

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from tdxdbg.engine.kvm import K_VM_DEAD, K_WAIT_FOR_SEPT_ZAP, Gen, RetPf
+from tdxdbg.engine.kvm import K_TD_STATE, K_VM_DEAD, K_WAIT_FOR_SEPT_ZAP, Gen, RetPf, TdState
 from tdxdbg.engine.mmu import EFAULT
 from tdxdbg.engine.steps import EngineStep
 from tdxdbg.hw.cpu import TdExit, TdVcpu
@@ -67,6 +67,11 @@ class VcpuOps:
     def vcpu_thread(self, vcpu: KvmVcpu) -> Gen:
         """Userspace's vCPU thread: KVM_RUN until the guest program ends, the VM dies or is destroyed."""
         try:
+            if self.world.get(K_TD_STATE) is not TdState.TD_STATE_RUNNABLE:
+                # The VMM starts vCPU threads only once the TD is finalized (tdx_vcpu_pre_run refuses KVM_RUN
+                # before that): a build-time scenario's vCPUs wait for KVM_TDX_FINALIZE_VM (or teardown).
+                yield Step(EngineStep.EXIT, {"vcpu": vcpu.index, "what": "VMM: waiting for KVM_TDX_FINALIZE_VM"},
+                           _td_runnable_or_destroying)
             yield from self.kvm_mmu_load(vcpu)
             while True:
                 r = yield from self.kvm_arch_vcpu_ioctl_run(vcpu)
@@ -170,7 +175,9 @@ class VcpuOps:
         if ret:
             vcpu.hw.complete_tdvmcall(TdvmcallStatus.RETRY if ret == -11 else TdvmcallStatus.OPERAND_INVALID, nxt)
             return 1
-        nxt += vcpu.hypercall[2] << 12
+        # The chunk just answered was min(end - nxt, TDX_MAP_GPA_MAX_LEN) long (userspace already cleared
+        # vcpu.hypercall); the kernel likewise advances map_gpa_next by TDX_MAP_GPA_MAX_LEN.
+        nxt = min(nxt + TDX_MAP_GPA_MAX_LEN, end)
         vcpu.map_gpa = (nxt, end)
         if nxt >= end:
             vcpu.hw.complete_tdvmcall(TdvmcallStatus.SUCCESS)
@@ -188,6 +195,11 @@ class VcpuOps:
         if vcpu.memory_fault is not None:
             gpa, size, private = vcpu.memory_fault
             vcpu.memory_fault = None
+            slot = self.kvm_vcpu_gfn_to_memslot(gpa >> 12)
+            if private and (slot is None or not slot.guest_memfd):
+                # QEMU's kvm_convert_memory fails for memory without a guest_memfd (no memory region at all,
+                # e.g. a deleted memslot): KVM_RUN's caller stops the VM instead of converting forever.
+                return f"KVM_EXIT_MEMORY_FAULT: cannot convert {gpa:#x} to private"
             # An implicit conversion: make the range what the guest accessed it as.
             yield from self.vmm_convert(gpa >> 12, (gpa + size) >> 12, private)
             return None
@@ -211,3 +223,7 @@ class VcpuOps:
             yield from self.kvm_mmu_notifier_invalidate_range_end(start, end)
         else:
             yield from self.kvm_gmem_punch_hole(start, end)
+
+
+def _td_runnable_or_destroying(world: Any) -> bool:
+    return world.peek(K_TD_STATE) is TdState.TD_STATE_RUNNABLE or bool(world.peek(("kvm.destroying",)))

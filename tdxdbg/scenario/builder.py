@@ -1,0 +1,141 @@
+"""Scenario -> VmSetup: memslots, attributes, injections, and the guest and host programs as generator factories.
+
+Tasks are vcpu0, vcpu1, ... (one per [[vcpu]]) then host0, host1, ... (one per [[host]]).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Generator
+from pathlib import Path
+from typing import Any
+
+from tdxdbg.engine.gmem import Memslot
+from tdxdbg.engine.steps import EngineStep
+from tdxdbg.engine.vm import VmSetup, load_variant
+from tdxdbg.hw import guest
+from tdxdbg.hw.ept import Gpaw, Level
+from tdxdbg.hw.tdx.leaves import Seamcall
+from tdxdbg.runtime.step import Step
+from tdxdbg.scenario.model import Op, Scenario
+
+# Leaves whose RDX is the TDR and RCX is GPA|level.
+GPA_LEAVES = {Seamcall.TDH_MEM_SEPT_ADD, Seamcall.TDH_MEM_PAGE_AUG, Seamcall.TDH_MEM_PAGE_ADD,
+              Seamcall.TDH_MEM_RANGE_BLOCK, Seamcall.TDH_MEM_RANGE_UNBLOCK, Seamcall.TDH_MEM_PAGE_REMOVE,
+              Seamcall.TDH_MEM_SEPT_REMOVE, Seamcall.TDH_MEM_PAGE_PROMOTE, Seamcall.TDH_MEM_PAGE_DEMOTE,
+              Seamcall.TDH_MEM_SEPT_RD, Seamcall.TDH_MR_EXTEND, Seamcall.TDH_MEM_RD, Seamcall.TDH_MEM_WR}
+# Leaves whose RCX is the TDR.
+TDR_LEAVES = {Seamcall.TDH_MEM_TRACK, Seamcall.TDH_MR_FINALIZE, Seamcall.TDH_MNG_VPFLUSHDONE,
+              Seamcall.TDH_MNG_KEY_FREEID}
+# Leaves that take a new page in R8 (PAGE.ADD also a source page in R9).
+PAGE_LEAVES = {Seamcall.TDH_MEM_SEPT_ADD, Seamcall.TDH_MEM_PAGE_AUG, Seamcall.TDH_MEM_PAGE_ADD,
+               Seamcall.TDH_MEM_PAGE_DEMOTE}
+
+
+def guest_program(ops: tuple[Op, ...]) -> guest.GuestGen:
+    """The vCPU's guest kernel: the operations in order, each as the Linux guest does it."""
+    for op in ops:
+        if op.kind == "read":
+            yield from guest.read_value(op.gpa)
+        elif op.kind == "write":
+            yield from guest.write_value(op.gpa, op.value or 0)
+        elif op.kind == "fetch":
+            yield from guest.fetch_value(op.gpa)
+        elif op.kind == "accept":
+            yield from guest.accept_memory(op.gpa, op.size, Level.PD if op.level == 1 else Level.PT)
+        elif op.kind == "map_gpa":
+            yield from guest.map_gpa(op.gpa, op.size)
+
+
+def host_program(kvm: Any, ops: tuple[Op, ...]) -> Generator[Step, None, Any]:
+    """Userspace (the VMM) issuing ioctls, one operation after the other."""
+    for i, op in enumerate(ops):
+        yield Step(EngineStep.HOST_OP, {"op": op.text, "scenario_op": i})
+        ret = yield from host_op(kvm, op)
+        yield Step(EngineStep.HOST_OP, {"op": op.text, "scenario_op": i, "ret": _ret_text(ret)})
+    return "done"
+
+
+def _ret_text(ret: Any) -> Any:
+    if ret is None or isinstance(ret, int | str | bool):
+        return ret
+    return str(ret)
+
+
+def host_op(kvm: Any, op: Op) -> Generator[Step, None, Any]:
+    k = op.kind
+    start, end = op.gpa >> 12, (op.gpa + op.size) >> 12
+    if k == "set_attributes":
+        return (yield from kvm.kvm_vm_set_mem_attributes(start, end, op.private))
+    if k == "punch_hole":
+        return (yield from kvm.kvm_gmem_punch_hole(start, end))
+    if k == "invalidate":
+        yield from kvm.kvm_mmu_notifier_invalidate_range_start(start, end)
+        kvm.discard_shared_backing(start, end)
+        yield from kvm.kvm_mmu_notifier_invalidate_range_end(start, end)
+        return 0
+    if k in ("delete_memslot", "dirty_log"):
+        if not any(s.id == op.slot for s in kvm.memslots()):
+            yield Step(EngineStep.WARN, {"message": f"no memslot {op.slot}: -EINVAL"})
+            return -22
+        if k == "delete_memslot":
+            return (yield from kvm.kvm_delete_memslot(op.slot))
+        return (yield from kvm.kvm_set_dirty_logging(op.slot, op.on))
+    if k == "prefault":
+        return (yield from kvm.kvm_arch_vcpu_pre_fault_memory(kvm.vcpus[0], op.gpa, op.size))
+    if k == "init_mem_region":
+        return (yield from kvm.kvm_tdx_init_mem_region(kvm.vcpus[0], op.gpa, op.size))
+    if k == "finalize":
+        return (yield from kvm.tdx_td_finalize())
+    if k == "destroy":
+        return (yield from kvm.kvm_destroy_vm())
+    if k == "seamcall":
+        r = yield from raw_seamcall(kvm, op)
+        return r.status
+    raise AssertionError(k)
+
+
+def raw_seamcall(kvm: Any, op: Op) -> Generator[Step, None, Any]:
+    """The playground: the operands as written, pages from the allocator where the leaf takes one."""
+    leaf = Seamcall[op.leaf]
+    tdr_pa = kvm.tdr << 12
+    rcx, rdx, r8, r9 = op.gpa | op.level, tdr_pa, 0, 0
+    if leaf is Seamcall.TDH_MR_EXTEND:
+        rcx = op.gpa
+    if leaf in TDR_LEAVES:
+        rcx, rdx = tdr_pa, 0
+    elif leaf is Seamcall.TDH_VP_FLUSH:
+        rcx, rdx = (kvm.vcpus[0].hw.tdvpr << 12 if kvm.vcpus else op.gpa), 0
+    elif leaf not in GPA_LEAVES:
+        rcx, rdx = op.gpa, 0
+    if leaf in PAGE_LEAVES:
+        if leaf is Seamcall.TDH_MEM_PAGE_AUG and op.level == 1:
+            r8 = kvm.memory.alloc_contiguous(512, "vmm:raw-seamcall", align=512) << 12
+        else:
+            r8 = kvm.memory.alloc("vmm:raw-seamcall") << 12
+        if leaf is Seamcall.TDH_MEM_PAGE_ADD:
+            r9 = kvm.memory.alloc("vmm:raw-seamcall-source") << 12
+    return (yield from kvm.tdx_module.seamcall(leaf, rcx, rdx, r8, r9))
+
+
+def build_setup(scenario: Scenario, base_dir: Path | None = None) -> VmSetup:
+    """The VmSetup the engine builds the VM from (the variant was checked when the scenario was loaded)."""
+    if base_dir is None:
+        base_dir = Path(scenario.path).parent
+    td = scenario.td
+    slots = tuple(Memslot(s.id, s.gpa >> 12, s.size >> 12, s.guest_memfd, s.readonly, s.dirty_log)
+                  for s in scenario.memslots)
+    private = tuple((gpa >> 12, (gpa + size) >> 12) for gpa, size in scenario.private)
+    vcpu_programs = tuple(_guest_factory(ops) for ops in scenario.vcpus)
+    host_programs = tuple(_host_factory(ops) for ops in scenario.hosts)
+    inject = tuple((Seamcall[i.leaf], i.occurrence, i.status) for i in scenario.inject)
+    return VmSetup(gpaw=Gpaw.GPAW_52 if td.gpaw == 52 else Gpaw.GPAW_48, sept_ve_disable=td.sept_ve_disable,
+                   runnable=td.state == "runnable", variant=load_variant(td.variant, base_dir), memslots=slots,
+                   private_ranges=private, vcpu_programs=vcpu_programs, host_programs=host_programs, inject=inject)
+
+
+def _guest_factory(ops: tuple[Op, ...]) -> Any:
+    return lambda: guest_program(ops)
+
+
+def _host_factory(ops: tuple[Op, ...]) -> Any:
+    return lambda kvm: host_program(kvm, ops)

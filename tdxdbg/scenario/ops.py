@@ -1,0 +1,171 @@
+"""Program strings -> Op values. Each parser raises OpError with an "expected ..., found ..." message."""
+
+from __future__ import annotations
+
+import re
+
+from tdxdbg.hw.tdx.leaves import Seamcall
+from tdxdbg.scenario.model import Op
+
+MAX_U64 = (1 << 64) - 1
+SIZE_UNITS = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
+_SIZE_RE = re.compile(r"^(0[xX][0-9a-fA-F_]+|[0-9][0-9_]*)\s*([KMGkmg])?$")
+LEVEL_NAMES = {"4K": 0, "2M": 1, "1G": 2}
+
+GUEST_SYNTAX = {
+    "read": "read GPA [expect VALUE]",
+    "write": "write GPA VALUE",
+    "fetch": "fetch GPA",
+    "accept": "accept GPA [4K|2M]",
+    "map_gpa": "map_gpa GPA SIZE private|shared",
+}
+HOST_SYNTAX = {
+    "set_attributes": "set_attributes GPA SIZE private|shared",
+    "punch_hole": "punch_hole GPA SIZE",
+    "invalidate": "invalidate GPA SIZE",
+    "delete_memslot": "delete_memslot ID",
+    "dirty_log": "dirty_log ID on|off",
+    "prefault": "prefault GPA SIZE",
+    "init_mem_region": "init_mem_region GPA SIZE",
+    "finalize": "finalize",
+    "destroy": "destroy",
+    "seamcall": "seamcall LEAF [GPA [LEVEL]]",
+}
+
+
+class OpError(ValueError):
+    pass
+
+
+def parse_int(text: str, what: str = "an integer") -> int:
+    """A non-negative integer written in decimal or 0x hex (underscores allowed)."""
+    t = text.strip()
+    if not re.fullmatch(r"0[xX][0-9a-fA-F_]+|[0-9][0-9_]*", t) or t.endswith("_") or "__" in t:
+        raise OpError(f"expected {what}, found {text!r}")
+    return int(t, 0)
+
+
+def parse_size(value: object) -> int:
+    """An integer, or a number with K, M or G (binary): "4K", "2M", "0x200000"."""
+    if isinstance(value, bool) or not isinstance(value, int | str):
+        raise OpError(f"expected a size (an integer or a string like \"4K\", \"2M\", \"1G\"), found {value!r}")
+    if isinstance(value, int):
+        n = value
+    else:
+        m = _SIZE_RE.match(value.strip())
+        if not m or m.group(1).endswith("_"):
+            raise OpError(f"expected a size (an integer or a number with K, M or G, like \"2M\"), found {value!r}")
+        n = int(m.group(1), 0) * (SIZE_UNITS[m.group(2).upper()] if m.group(2) else 1)
+    if n <= 0:
+        raise OpError(f"expected a positive size, found {value!r}")
+    return n
+
+
+def parse_u64(text: str, what: str) -> int:
+    n = parse_int(text, what)
+    if n > MAX_U64:
+        raise OpError(f"expected {what} that fits in 64 bits, found {text!r}")
+    return n
+
+
+def _split(text: str, syntax: dict[str, str], side: str) -> tuple[str, list[str]]:
+    if not isinstance(text, str):
+        raise OpError(f"expected a string holding a {side} operation, found {text!r}")
+    words = text.split()
+    if not words:
+        raise OpError(f"expected a {side} operation ({', '.join(syntax)}), found an empty string")
+    name = words[0]
+    if name not in syntax:
+        raise OpError(f"unknown {side} operation {name!r}: expected one of {', '.join(syntax)}")
+    return name, words[1:]
+
+
+def _arity(name: str, args: list[str], lo: int, hi: int, syntax: dict[str, str]) -> None:
+    if not lo <= len(args) <= hi:
+        found = " ".join([name, *args])
+        raise OpError(f"expected `{syntax[name]}`, found {found!r}")
+
+
+def _direction(word: str, name: str) -> bool:
+    if word not in ("private", "shared"):
+        raise OpError(f"expected private or shared as the last word of {name}, found {word!r}")
+    return word == "private"
+
+
+def parse_guest_op(text: str) -> Op:
+    name, args = _split(text, GUEST_SYNTAX, "guest")
+    syn = GUEST_SYNTAX
+    t = text.strip()
+    if name == "read":
+        if len(args) not in (1, 3):
+            _arity(name, args, 99, 99, syn)
+        gpa = parse_u64(args[0], "a GPA")
+        value = None
+        if len(args) == 3:
+            if args[1] != "expect":
+                raise OpError(f"expected `read GPA expect VALUE`, found {args[1]!r} where `expect` goes")
+            value = parse_u64(args[2], "a 64-bit VALUE")
+        return Op("read", t, gpa=gpa, value=value)
+    if name == "write":
+        _arity(name, args, 2, 2, syn)
+        return Op("write", t, gpa=parse_u64(args[0], "a GPA"), value=parse_u64(args[1], "a 64-bit VALUE"))
+    if name == "fetch":
+        _arity(name, args, 1, 1, syn)
+        return Op("fetch", t, gpa=parse_u64(args[0], "a GPA"))
+    if name == "accept":
+        _arity(name, args, 1, 2, syn)
+        level = 0
+        if len(args) == 2:
+            if args[1].upper() not in ("4K", "2M"):
+                raise OpError(f"expected 4K or 2M as the accept level, found {args[1]!r}")
+            level = LEVEL_NAMES[args[1].upper()]
+        return Op("accept", t, gpa=parse_u64(args[0], "a GPA"), level=level, size=4096 << (9 * level))
+    # map_gpa
+    _arity(name, args, 3, 3, syn)
+    return Op("map_gpa", t, gpa=parse_u64(args[0], "a GPA"), size=parse_size(args[1]),
+              private=_direction(args[2], name))
+
+
+def parse_level(text: str) -> int:
+    """A TDX level: 0..7, or 4K / 2M / 1G."""
+    if text.upper() in LEVEL_NAMES:
+        return LEVEL_NAMES[text.upper()]
+    n = parse_int(text, "a LEVEL (0-7, or 4K, 2M, 1G)")
+    if n > 7:
+        raise OpError(f"expected a LEVEL between 0 and 7 (TDX numbering, 0 = 4K), found {text!r}")
+    return n
+
+
+def parse_host_op(text: str) -> Op:
+    name, args = _split(text, HOST_SYNTAX, "host")
+    syn = HOST_SYNTAX
+    t = text.strip()
+    if name in ("set_attributes",):
+        _arity(name, args, 3, 3, syn)
+        return Op(name, t, gpa=parse_u64(args[0], "a GPA"), size=parse_size(args[1]),
+                  private=_direction(args[2], name))
+    if name in ("punch_hole", "invalidate", "prefault", "init_mem_region"):
+        _arity(name, args, 2, 2, syn)
+        return Op(name, t, gpa=parse_u64(args[0], "a GPA"), size=parse_size(args[1]))
+    if name == "delete_memslot":
+        _arity(name, args, 1, 1, syn)
+        return Op(name, t, slot=parse_int(args[0], "a memslot ID"))
+    if name == "dirty_log":
+        _arity(name, args, 2, 2, syn)
+        if args[1] not in ("on", "off"):
+            raise OpError(f"expected on or off, found {args[1]!r}")
+        return Op(name, t, slot=parse_int(args[0], "a memslot ID"), on=args[1] == "on")
+    if name in ("finalize", "destroy"):
+        _arity(name, args, 0, 0, syn)
+        return Op(name, t)
+    # seamcall LEAF [GPA [LEVEL]]
+    _arity(name, args, 1, 3, syn)
+    try:
+        leaf = Seamcall.parse(args[0])
+    except ValueError:
+        raise OpError(f"unknown SEAMCALL leaf {args[0]!r}: expected a leaf like TDH.MEM.SEPT.ADD "
+                      f"({', '.join(s.dotted for s in Seamcall)})") from None
+    gpa = parse_u64(args[1], "a GPA") if len(args) > 1 else 0
+    level = parse_level(args[2]) if len(args) > 2 else 0
+    return Op("seamcall", t, gpa=gpa, level=level, leaf=leaf.name, has_gpa=len(args) > 1,
+              has_level=len(args) > 2)

@@ -1,0 +1,288 @@
+"""What a run produced, derived from its frames and final state, and the JSON trace (format tdxdbg-trace/1).
+
+Byte-identical for the same scenario and schedule: sorted keys, no floats, lowercase 0x hex, statuses as 16
+hex digits.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+from collections.abc import Sequence
+from typing import Any
+
+import attrs
+
+from tdxdbg.engine.mmu_page import sp_key
+from tdxdbg.engine.spte import is_last_spte, is_shadow_present_pte, spte_to_pfn
+from tdxdbg.engine.steps import EngineStep
+from tdxdbg.hw.tdx.leaves import Seamcall
+from tdxdbg.hw.tdx.seamcall import SeamcallEntry, SeamcallReturn, TdxStep
+from tdxdbg.hw.tdx.sept import FREE_ENTRY, SeptState
+from tdxdbg.hw.tdx.status import status_name
+from tdxdbg.runtime.frame import Frame
+from tdxdbg.runtime.step import StepKind
+
+FORMAT = "tdxdbg-trace/1"
+PAGE_LEAVES = {Seamcall.TDH_MEM_SEPT_ADD, Seamcall.TDH_MEM_PAGE_AUG, Seamcall.TDH_MEM_PAGE_ADD,
+               Seamcall.TDH_MEM_PAGE_DEMOTE}
+
+
+def hx(n: int) -> str:
+    return f"{n:#x}"
+
+
+def status_hex(n: int) -> str:
+    return f"0x{n:016x}"
+
+
+def ret_text(ret: Any) -> str:
+    """A RET_PF_* name as is; a negative errno as -ENAME."""
+    if isinstance(ret, int) and not isinstance(ret, bool):
+        name = errno.errorcode.get(-ret)
+        return f"-{name}" if ret < 0 and name else str(ret)
+    return str(ret)
+
+
+@attrs.frozen
+class SeamcallRec:
+    frame: int
+    task: str
+    leaf: str
+    gpa: int
+    level: int
+    hpa: int | None
+    status: int
+    injected: bool
+
+
+@attrs.frozen
+class FaultRec:
+    frame: int
+    task: str
+    gpa: int
+    private: bool
+    ret: str
+    retries: int
+
+
+@attrs.frozen
+class ReadRec:
+    frame: int
+    task: str
+    gpa: int
+    value: int
+
+
+@attrs.frozen
+class ViolationRec:
+    frame: int
+    invariant: str
+    message: str
+
+
+@attrs.frozen
+class PanicRec:
+    frame: int
+    task: str
+    message: str
+
+
+@attrs.frozen
+class Facts:
+    """Everything the summary, the expectations and the JSON are made from."""
+
+    frames: int
+    stop: str
+    seamcalls: tuple[SeamcallRec, ...]
+    faults: tuple[FaultRec, ...]
+    reads: tuple[ReadRec, ...]
+    violations: tuple[ViolationRec, ...]
+    panics: tuple[PanicRec, ...]
+    errors: tuple[PanicRec, ...]        # engine errors (a task raised something other than GuestPanic)
+    kvm_bugs: tuple[str, ...]
+    mirror: tuple[tuple[int, int, int], ...]     # (gfn, KVM level, spte)
+    direct: tuple[tuple[int, int, int], ...]
+    sept: tuple[tuple[int, int, str], ...]       # (gpa, TDX level, state)
+    vm_dead: bool
+    tasks: tuple[Any, ...]
+
+
+def collect(frames: Sequence[Frame], final: Any, kvm: Any, stop: str) -> Facts:
+    seamcalls, faults, reads, violations, panics, errors, bugs = [], [], [], [], [], [], []
+    pending: dict[str, SeamcallEntry] = {}
+    for f in frames:
+        step = f.step
+        kind = step.kind
+        if kind is TdxStep.SEAMCALL:
+            if isinstance(step.payload, SeamcallEntry):
+                pending[f.task] = step.payload
+        elif kind is TdxStep.SEAMCALL_RETURN:
+            p = step.payload
+            if isinstance(p, SeamcallReturn) and p.leaf is not Seamcall.TDH_VP_ENTER:
+                entry = pending.pop(f.task, None)
+                hpa = entry.r8 if entry is not None and p.leaf in PAGE_LEAVES else None
+                seamcalls.append(SeamcallRec(f.index, f.task, p.leaf.dotted, p.gpa, p.level, hpa, p.rax,
+                                             bool(p.injected)))
+        elif kind is EngineStep.EXIT:
+            if step.get("what") == "EPT violation handled":
+                faults.append(FaultRec(f.index, f.task, step.get("gpa"), bool(step.get("private")),
+                                       ret_text(step.get("ret")), int(step.get("retries") or 0)))
+        elif kind is TdxStep.GUEST_ACCESS:
+            if step.get("access") == "read" and "exit" not in step.fields() and not step.get("ve") \
+                    and step.get("value") is not None:
+                reads.append(ReadRec(f.index, f.task, step.get("gpa"), step.get("value")))
+        elif kind is StepKind.TASK_ERROR:
+            err = str(step.get("error"))
+            if err.startswith("GuestPanic:"):
+                panics.append(PanicRec(f.index, f.task, err.removeprefix("GuestPanic:").strip()))
+            else:
+                errors.append(PanicRec(f.index, f.task, err))
+        elif kind is EngineStep.KVM_BUG:
+            bugs.append(str(step.get("message")))
+        for v in f.violations:
+            violations.append(ViolationRec(f.index, v.invariant, v.message))
+    w = final.world
+    mirror, direct = spte_leaves(kvm, w)
+    return Facts(len(frames), stop, tuple(seamcalls), tuple(faults), tuple(reads), tuple(violations),
+                 tuple(panics), tuple(errors), tuple(bugs), mirror, direct, sept_entries(kvm, w),
+                 bool(w.peek(("kvm.vm_dead",))), final.tasks)
+
+
+# -- final state views -------------------------------------------------------------------------------------------
+def _entry(w: Any, table: int, idx: int) -> int:
+    v = w.peek(("pte", table, idx))
+    return w.peek(("mem.fill", table), 0) if v is None else v
+
+
+def _root_list(kvm: Any, w: Any, mirror: bool) -> list[int]:
+    out = []
+    for root in w.peek(("kvm.roots",), ()):
+        sp = w.peek(sp_key(root))
+        if sp is not None and sp.role.is_mirror == mirror:
+            out.append((sp.role.invalid, root))
+    return [r for _inv, r in sorted(out)]
+
+
+def spte_leaves(kvm: Any, w: Any) -> tuple[tuple[tuple[int, int, int], ...], tuple[tuple[int, int, int], ...]]:
+    """Present leaf SPTEs of the valid (else any) mirror and direct roots: (gfn without shared bit, level, spte)."""
+    strip = ~kvm.gfn_direct_bits
+    out = []
+    for mirror in (True, False):
+        leaves: dict[tuple[int, int], int] = {}
+        roots = _root_list(kvm, w, mirror)
+        for root in roots[:1]:
+            sp = w.peek(sp_key(root))
+            _walk(w, root, sp.role.level, 0, leaves, strip)
+        out.append(tuple(sorted((g, lvl, s) for (g, lvl), s in leaves.items())))
+    return out[0], out[1]
+
+
+def _walk(w: Any, table: int, level: int, base_gfn: int, out: dict[tuple[int, int], int], strip: int) -> None:
+    shift = 9 * (level - 1)
+    data = w.peek(("mem.fill", table), 0)
+    # Only entries written differ from the fill value: scan them.
+    for idx in range(512):
+        spte = w.peek(("pte", table, idx))
+        if spte is None:
+            if not is_shadow_present_pte(data):
+                continue
+            spte = data
+        if not is_shadow_present_pte(spte):
+            continue
+        gfn = base_gfn | (idx << shift)
+        if is_last_spte(spte, level):
+            out[(gfn & strip, level)] = spte
+        else:
+            _walk(w, spte_to_pfn(spte), level - 1, gfn, out, strip)
+
+
+def sept_entries(kvm: Any, w: Any) -> tuple[tuple[int, int, str], ...]:
+    cfg = w.peek(("tdx.td", kvm.tdr))
+    if cfg is None:
+        return ()
+    out: list[tuple[int, int, str]] = []
+
+    def walk(table: int, level: int, base: int) -> None:
+        for idx in range(512):
+            e = w.peek(("sept", table, idx), FREE_ENTRY)
+            if e.state is SeptState.FREE:
+                continue
+            gpa = base | (idx << (12 + 9 * level))
+            out.append((gpa, level, e.state.name))
+            if not e.state.is_leaf and level > 0:
+                walk(e.pfn, level - 1, gpa)
+
+    walk(cfg.sept_root, cfg.root_level, 0)
+    return tuple(sorted(out))
+
+
+def sept_lookup(kvm: Any, w: Any, gpa: int, level: int) -> str:
+    """The state of the S-EPT entry for gpa at level, "FREE" when the walk ends above it on a FREE entry."""
+    cfg = w.peek(("tdx.td", kvm.tdr))
+    if cfg is None:
+        return "FREE (no TD)"
+    from tdxdbg.hw.tdx.module import walk_sept
+    reached, _t, _i, e = walk_sept(w.peek, cfg, gpa, level)
+    if reached == level:
+        return e.state.name
+    if e.state is SeptState.FREE:
+        return "FREE"
+    return f"not reached (walk stopped at level {reached}: {e.state.name})"
+
+
+def spte_lookup(kvm: Any, w: Any, root_kind: str, gfn: int, level: int) -> int | None:
+    """The leaf SPTE mapping gfn at exactly `level` in the valid root of that kind, or None."""
+    roots = _root_list(kvm, w, root_kind == "mirror")
+    if not roots:
+        return None
+    root = roots[0]
+    gfn &= ~kvm.gfn_direct_bits
+    if root_kind == "direct":
+        gfn |= kvm.gfn_direct_bits
+    table, lvl = root, w.peek(sp_key(root)).role.level
+    while True:
+        spte = _entry(w, table, (gfn >> (9 * (lvl - 1))) & 511)
+        if not is_shadow_present_pte(spte):
+            return None
+        if lvl == level:
+            return spte if is_last_spte(spte, lvl) else None
+        if is_last_spte(spte, lvl):
+            return None
+        table, lvl = spte_to_pfn(spte), lvl - 1
+
+
+# -- JSON ------------------------------------------------------------------------------------------------------
+def to_json_obj(scenario: Any, variant: str, schedule: Any, facts: Facts, results: Sequence[Any],
+                ok: bool) -> dict[str, Any]:
+    return {
+        "format": FORMAT,
+        "scenario": scenario.name,
+        "title": scenario.title,
+        "variant": variant,
+        "schedule": {"policy": schedule.policy.value, "seed": schedule.seed, "order": list(schedule.order)},
+        "ok": ok,
+        "frames": facts.frames,
+        "stop": facts.stop,
+        "tasks": [{"name": t.name, "state": t.state, "result": t.result, "error": t.error} for t in facts.tasks],
+        "seamcalls": [{"frame": s.frame, "task": s.task, "leaf": s.leaf, "gpa": hx(s.gpa), "level": s.level,
+                       "hpa": None if s.hpa is None else hx(s.hpa), "status": status_hex(s.status),
+                       "status_name": status_name(s.status), "injected": s.injected} for s in facts.seamcalls],
+        "faults": [{"frame": x.frame, "task": x.task, "gpa": hx(x.gpa), "private": x.private, "ret": x.ret,
+                    "retries": x.retries} for x in facts.faults],
+        "final": {
+            "mirror": [{"gfn": hx(g), "level": lvl, "spte": hx(s)} for g, lvl, s in facts.mirror],
+            "direct": [{"gfn": hx(g), "level": lvl, "spte": hx(s)} for g, lvl, s in facts.direct],
+            "sept": [{"gpa": hx(g), "level": lvl, "state": st} for g, lvl, st in facts.sept],
+            "vm_dead": facts.vm_dead,
+        },
+        "reads": [{"frame": r.frame, "task": r.task, "gpa": hx(r.gpa), "value": hx(r.value)} for r in facts.reads],
+        "violations": [{"frame": v.frame, "invariant": v.invariant, "message": v.message} for v in facts.violations],
+        "panics": [{"frame": p.frame, "task": p.task, "message": p.message} for p in facts.panics],
+        "errors": [{"frame": p.frame, "task": p.task, "message": p.message} for p in facts.errors],
+        "expectations": [{"text": r.text, "ok": r.ok, "detail": r.detail} for r in results],
+    }
+
+
+def dumps(obj: dict[str, Any]) -> str:
+    return json.dumps(obj, sort_keys=True, indent=2, ensure_ascii=True) + "\n"

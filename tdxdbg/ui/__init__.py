@@ -1,0 +1,1 @@
+"""The Textual debugger: a thin client of tdxdbg.session."""
