@@ -163,8 +163,8 @@ def parse_host_op(text: str) -> Op:
     try:
         leaf = Seamcall.parse(args[0])
     except ValueError:
-        raise OpError(f"unknown SEAMCALL leaf {args[0]!r}: expected a leaf like TDH.MEM.SEPT.ADD "
-                      f"({', '.join(s.dotted for s in Seamcall)})") from None
+        raise OpError(f"unknown SEAMCALL leaf {args[0]!r}: expected a leaf name like TDH.MEM.SEPT.ADD or "
+                      "TDH.MEM.PAGE.AUG") from None
     gpa = parse_u64(args[1], "a GPA") if len(args) > 1 else 0
     level = parse_level(args[2]) if len(args) > 2 else 0
     return Op("seamcall", t, gpa=gpa, level=level, leaf=leaf.name, has_gpa=len(args) > 1,

@@ -17,6 +17,7 @@ from typing import Any
 
 import attrs
 
+from tdxdbg.engine.steps import EngineStep
 from tdxdbg.engine.vm import BuiltVm, VmSetup, build_vm
 from tdxdbg.runtime.frame import Frame, plain_locals
 from tdxdbg.runtime.runtime import Check, Runtime
@@ -211,6 +212,37 @@ class Session:
             return None
         k = bisect.bisect_left(idx, position)
         return idx[k] if k < len(idx) else None
+
+    def walk_path(self, task: str, position: int | None = None, limit: int = 400) -> tuple[Any, ...]:
+        """The task's tdp_iter path as of `position`: for each level from the root down to where the iterator
+        is, the latest position it read there (IterPos), since the walk last started at the root."""
+        pos = self._pos if position is None else position
+        idx = self._task_frames.get(task)
+        if not idx:
+            return ()
+        frames = self._rt.timeline.frames
+        k = bisect.bisect_left(idx, pos) - 1
+        by_level: dict[int, Any] = {}
+        current = None
+        seen = 0
+        while k >= 0 and seen < limit:
+            f = frames[idx[k]]
+            k -= 1
+            seen += 1
+            kind = f.step.kind
+            if kind is EngineStep.ITER:
+                p = f.step.payload
+                if current is None:
+                    current = p.level
+                if p.level >= current and p.level not in by_level:
+                    by_level[p.level] = p
+                if p.level == self.context.kvm_root_level:
+                    break
+            elif kind in (EngineStep.RET_PF, EngineStep.FAULT) and current is None:
+                break  # the task is not walking: no path to show
+            elif kind is EngineStep.LOCK and current is not None and f.step.get("action") == "acquire":
+                break  # the walk started after this lock was taken
+        return tuple(by_level[lv] for lv in sorted(by_level, reverse=True))
 
     # -- views --------------------------------------------------------------------------------------------------
     def view(self, position: int | None = None) -> views.StateView:

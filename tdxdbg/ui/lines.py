@@ -1,0 +1,136 @@
+"""A scrolling list of rich Text lines drawn with Textual's line API: only visible lines are rendered, so
+a million entries cost what a hundred do. Used for the log and the page-table trees."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from rich.segment import Segment
+from rich.style import Style
+from rich.text import Text
+from textual.binding import Binding
+from textual.geometry import Size
+from textual.message import Message
+from textual.reactive import reactive
+from textual.scroll_view import ScrollView
+from textual.strip import Strip
+
+CURSOR_STYLE = Style(reverse=True)
+
+
+class LineList(ScrollView, can_focus=True):
+    """`count` lines produced by `line(i)`; a cursor row the user moves; Enter posts `Chosen`."""
+
+    BINDINGS = [
+        Binding("up", "cursor(-1)", "Up", show=False, id="lines.up"),
+        Binding("down", "cursor(1)", "Down", show=False, id="lines.down"),
+        Binding("pageup", "page(-1)", "Page up", show=False, id="lines.pageup"),
+        Binding("pagedown", "page(1)", "Page down", show=False, id="lines.pagedown"),
+        Binding("home", "jump(0)", "First", show=False, id="lines.home"),
+        Binding("end", "jump(-1)", "Last", show=False, id="lines.end"),
+        Binding("enter", "choose", "Go to frame", show=False, id="lines.choose"),
+    ]
+
+    cursor: reactive[int] = reactive(0)
+
+    class Chosen(Message):
+        """Enter on a line."""
+
+        def __init__(self, lines: LineList, index: int) -> None:
+            super().__init__()
+            self.lines = lines
+            self.index = index
+
+        @property
+        def control(self) -> LineList:
+            return self.lines
+
+    class Moved(Message):
+        """The cursor moved to a line."""
+
+        def __init__(self, lines: LineList, index: int) -> None:
+            super().__init__()
+            self.lines = lines
+            self.index = index
+
+        @property
+        def control(self) -> LineList:
+            return self.lines
+
+    def __init__(self, *, name: str | None = None, id: str | None = None, classes: str | None = None) -> None:
+        super().__init__(name=name, id=id, classes=classes)
+        self._count = 0
+        self._line: Callable[[int], Text] = lambda i: Text("")
+        self._width = 0
+
+    def set_lines(self, count: int, line: Callable[[int], Text], width: int = 0, keep_cursor: bool = True) -> None:
+        self._count = count
+        self._line = line
+        self._width = max(width, self._width if keep_cursor else 0)
+        self.virtual_size = Size(max(self._width, self.size.width), count)
+        if not keep_cursor or self.cursor >= count:
+            self.cursor = max(0, count - 1) if count and self.cursor >= count else 0
+        self.refresh()
+
+    @property
+    def count(self) -> int:
+        return self._count
+
+    def render_line(self, y: int) -> Strip:
+        scroll_x, scroll_y = self.scroll_offset
+        i = scroll_y + y
+        width = self.size.width
+        if i >= self._count:
+            return Strip.blank(width, self.rich_style)
+        text = self._line(i)
+        if i == self.cursor and self.has_focus:
+            text = text.copy()
+            text.stylize(CURSOR_STYLE)
+        elif i == self.cursor:
+            text = text.copy()
+            text.stylize(Style(underline=True))
+        segments = list(text.render(self.app.console, end=""))
+        strip = Strip(segments, text.cell_len).crop(scroll_x, scroll_x + width)
+        return strip.extend_cell_length(width, self.rich_style)
+
+    def watch_cursor(self, old: int, new: int) -> None:
+        self.scroll_to_cursor()
+        self.refresh()
+
+    def scroll_to_cursor(self) -> None:
+        height = self.size.height or 1
+        top = self.scroll_offset.y
+        if self.cursor < top:
+            self.scroll_to(y=self.cursor, animate=False)
+        elif self.cursor >= top + height:
+            self.scroll_to(y=self.cursor - height + 1, animate=False)
+
+    def move_to(self, index: int, notify: bool = False) -> None:
+        if self._count == 0:
+            return
+        self.cursor = max(0, min(index, self._count - 1))
+        if notify:
+            self.post_message(self.Moved(self, self.cursor))
+
+    def action_cursor(self, delta: int) -> None:
+        self.move_to(self.cursor + delta, notify=True)
+
+    def action_page(self, direction: int) -> None:
+        self.move_to(self.cursor + direction * max(1, self.size.height - 1), notify=True)
+
+    def action_jump(self, where: int) -> None:
+        self.move_to(self._count - 1 if where < 0 else where, notify=True)
+
+    def action_choose(self) -> None:
+        if self._count:
+            self.post_message(self.Chosen(self, self.cursor))
+
+    def on_focus(self) -> None:
+        self.refresh()
+
+    def on_blur(self) -> None:
+        self.refresh()
+
+
+def blank_segments(width: int) -> list[Segment]:
+    return [Segment(" " * width)]

@@ -1,0 +1,133 @@
+"""The text of the small panes (header, walk, inspector, stack, source): pure functions over session views,
+so they are tested without a terminal."""
+
+from __future__ import annotations
+
+import linecache
+from pathlib import Path
+from typing import Any
+
+from rich.text import Text
+
+from tdxdbg.engine.spte import describe_spte
+from tdxdbg.session.decode import decode_spte
+from tdxdbg.session.views import TaskView
+
+ENGINE_ROOT = Path(__file__).resolve().parent.parent
+
+
+def header_text(title: str, variant: str, position: int, total: int, task: str | None, vm_state: str,
+                running: str = "") -> Text:
+    t = Text()
+    t.append(" tdxdbg ", style="bold black on cyan")
+    t.append(f" {title} ", style="bold")
+    t.append(f"· {variant} ", style="grey70")
+    t.append(f"· frame {max(position - 1, 0)}/{max(total - 1, 0)} ", style="bold yellow")
+    t.append(f"· {task or '-'} ", style="magenta")
+    style = "bold white on red" if vm_state != "running" else "green"
+    t.append(f" VM {vm_state} ", style=style)
+    if running:
+        t.append(f"  {running}", style="bold cyan")
+    return t
+
+
+def walk_text(path: tuple[Any, ...], task: str | None) -> Text:
+    t = Text()
+    t.append(f"tdp_iter of {task or '-'}\n", style="bold")
+    if not path:
+        t.append("  (not walking a root)", style="grey50")
+        return t
+    t.append(f"  {path[0].root} root\n", style="grey70")
+    for p in path:
+        sptep = (p.table << 12) | (p.index << 3)
+        t.append(f"  L{p.level} ", style="bold")
+        t.append(f"idx {p.index:3d} gfn {p.gfn:#x} sptep {sptep:#x}\n")
+        t.append(f"      old_spte {p.old_spte:#018x} ", style="cyan")
+        t.append(describe_spte(p.old_spte) + "\n", style="grey70")
+    return t
+
+
+def inspector_text(line: Any, sept: Any, last_write: int | None) -> Text:
+    """The selected SPTE bit by bit, beside the S-EPT entry for the same GPA."""
+    t = Text()
+    if line is None or line.key is None:
+        t.append("Inspector\n", style="bold")
+        t.append("  select an entry in the page tables (up/down)", style="grey50")
+        return t
+    if line.key[0] == "sept":
+        t.append(f"S-EPT entry gpa {line.gfn << 12:#x} TDX level {line.level - 1}\n", style="bold")
+        if sept is not None:
+            t.append(f"  state {sept.state.name} (public {sept.state.public})  page {sept.pfn:#x}\n")
+            t.append(f"  architectural value {sept.arch_value:#018x}\n", style="grey70")
+        if last_write is not None:
+            t.append(f"  last written by frame {last_write} (l: go there)\n", style="grey70")
+        return t
+    bits = decode_spte(line.value)
+    t.append(f"SPTE {line.value:#018x}  gfn {line.gfn:#x} L{line.level}\n", style="bold")
+    row = Text("  ")
+    for f in bits.fields:
+        on = bool(f.value)
+        label = f"{f.name}={f.value:#x}" if f.name in ("memtype", "pfn") else f.name
+        row.append(label + " ", style="bold green" if on else "grey42")
+    t.append_text(row)
+    t.append("\n")
+    t.append(f"  {bits.summary}\n", style="grey70")
+    if sept is not None:
+        t.append(f"S-EPT for gpa {sept.gpa:#x}: ", style="bold")
+        t.append(f"{sept.state.name} L{sept.level} page {sept.pfn:#x}\n")
+    elif line.kind == "mirror":
+        t.append("S-EPT for this gpa: FREE / not reached\n", style="grey50")
+    if last_write is not None:
+        t.append(f"  last written by frame {last_write} (l: go there)\n", style="grey70")
+    return t
+
+
+def stack_text(tasks: tuple[TaskView, ...], selected: str | None, activation: int) -> Text:
+    t = Text()
+    for tv in tasks:
+        mark = "▶ " if tv.name == selected else "  "
+        t.append(mark, style="bold magenta")
+        t.append(f"{tv.name}", style="bold" if tv.name == selected else "")
+        t.append(f" [{tv.state}]", style="grey62")
+        if tv.step:
+            t.append(f" {tv.step}", style="grey50")
+        t.append("\n")
+    tv = next((x for x in tasks if x.name == selected), None)
+    if tv is None or not tv.stack:
+        return t
+    t.append("call stack (innermost last)\n", style="bold")
+    sel = activation if 0 <= activation < len(tv.stack) else len(tv.stack) - 1
+    for i, a in enumerate(tv.stack):
+        style = "reverse" if i == sel else ""
+        name = Path(a.filename).name
+        t.append(f"  {a.function:<34.34} {name}:{a.line}\n", style=style)
+    a = tv.stack[sel]
+    t.append(f"locals of {a.function}\n", style="bold")
+    if not a.locals:
+        t.append("  (none recorded)\n", style="grey50")
+    for name, value in a.locals[:14]:
+        text = f"{value:#x}" if isinstance(value, int) and not isinstance(value, bool) else repr(value)
+        t.append(f"  {name} = ", style="cyan")
+        t.append(text[:70] + "\n")
+    return t
+
+
+def source_text(filename: str | None, line: int | None, context: int = 6) -> Text:
+    t = Text()
+    if not filename or not line:
+        t.append("(no source)", style="grey50")
+        return t
+    path = Path(filename)
+    try:
+        shown = path.relative_to(ENGINE_ROOT.parent)
+    except ValueError:
+        shown = path
+    t.append(f"{shown}:{line}\n", style="bold")
+    for n in range(max(1, line - context), line + context + 1):
+        src = linecache.getline(filename, n).rstrip("\n")
+        if not src and n > line:
+            break
+        marker = "→" if n == line else " "
+        t.append(f"{marker}{n:5d} ", style="bold yellow" if n == line else "grey50")
+        t.append(src[:110] + "\n", style="bold" if n == line else "")
+    return t

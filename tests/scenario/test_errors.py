@@ -1,0 +1,271 @@
+"""Bad scenario input: one precise message per problem (file, key path, line, expected vs found), exit status 2,
+never a traceback."""
+
+from __future__ import annotations
+
+import io
+import string
+from pathlib import Path
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from tdxdbg.cli import main
+from tdxdbg.scenario.loader import loads
+from tdxdbg.scenario.model import ScenarioError
+
+BASE = """\
+title = "t"
+[td]
+gpaw = 48
+
+[[memslot]]
+id = 0
+gpa = 0x0
+size = "16M"
+guest_memfd = true
+
+[attributes]
+private = [[0x0, "16M"]]
+
+[[vcpu]]
+program = ["accept 0x1000"]
+
+[[vcpu]]
+program = ["accept 0x2000", "read 0x2000"]
+
+[[host]]
+program = ["punch_hole 0x1000 4K"]
+"""
+
+
+def errors_of(tmp_path: Path, text: str) -> tuple[int, list[str]]:
+    p = tmp_path / "s.toml"
+    p.write_text(text)
+    out, err = io.StringIO(), io.StringIO()
+    rc = main(["validate", str(p)], out, err)
+    lines = [line.removeprefix("error: ").replace(str(p), "FILE") for line in err.getvalue().splitlines()]
+    return rc, lines
+
+
+def one(tmp_path: Path, text: str) -> str:
+    rc, lines = errors_of(tmp_path, text)
+    assert rc == 2
+    assert len(lines) == 1, lines
+    return lines[0]
+
+
+def test_base_is_valid(tmp_path: Path) -> None:
+    assert errors_of(tmp_path, BASE) == (0, [])
+
+
+def test_unknown_key(tmp_path: Path) -> None:
+    text = BASE.replace("gpaw = 48", "gpaw = 48\ncolour = 1")
+    assert one(tmp_path, text) == ("FILE:4: td.colour: unknown key 'colour': expected one of gpaw, variant, "
+                                   "sept_ve_disable, state")
+
+
+def test_unknown_top_level_key(tmp_path: Path) -> None:
+    assert one(tmp_path, 'nmae = "x"\n' + BASE).startswith("FILE:1: nmae: unknown key 'nmae': expected one of title")
+
+
+def test_unknown_task_in_schedule_order(tmp_path: Path) -> None:
+    text = BASE + '\n[schedule]\norder = ["vcpu0", "host0", "vcpu2"]\n'
+    assert one(tmp_path, text) == ("FILE:24: schedule.order[2]: unknown task 'vcpu2': expected one of vcpu0, vcpu1, "
+                                   "host0")
+
+
+def test_unknown_status_in_inject(tmp_path: Path) -> None:
+    text = BASE + '\n[[inject]]\nseamcall = "TDH.MEM.PAGE.AUG"\noccurrence = 1\nstatus = "TDX_BUZY"\n'
+    assert one(tmp_path, text) == ("FILE:26: inject[0].status: unknown TDX status 'TDX_BUZY': expected a status name "
+                                   "like TDX_OPERAND_BUSY (optionally |OPERAND) or an integer")
+
+
+def test_unknown_status_in_expect(tmp_path: Path) -> None:
+    text = BASE + ('\n[[expect]]\nseamcalls = { leaves = ["TDH.MEM.PAGE.AUG"], statuses = ["TDX_NOPE"] }\n')
+    assert one(tmp_path, text) == ("FILE:24: expect[0].seamcalls.statuses[0]: unknown TDX status 'TDX_NOPE': expected "
+                                   "a status name like TDX_OPERAND_BUSY (optionally |OPERAND) or an integer")
+
+
+def test_wrong_type(tmp_path: Path) -> None:
+    text = BASE.replace("guest_memfd = true", 'guest_memfd = "yes"')
+    assert one(tmp_path, text) == "FILE:9: memslot[0].guest_memfd: expected a boolean, found the string 'yes'"
+
+
+def test_wrong_type_gpaw(tmp_path: Path) -> None:
+    assert one(tmp_path, BASE.replace("gpaw = 48", "gpaw = 47")) == \
+        "FILE:3: td.gpaw: expected 48 or 52, found the integer 47"
+
+
+def test_unknown_operation(tmp_path: Path) -> None:
+    text = BASE.replace('"accept 0x2000", "read 0x2000"', '"accept 0x2000",\n  "jump 0x2000"')
+    assert one(tmp_path, text) == ("FILE:19: vcpu[1].program[1]: unknown guest operation 'jump': expected one of "
+                                   "read, write, fetch, accept, map_gpa")
+
+
+def test_unknown_host_operation(tmp_path: Path) -> None:
+    text = BASE.replace('"punch_hole 0x1000 4K"', '"punch 0x1000 4K"')
+    assert one(tmp_path, text) == ("FILE:21: host[0].program[0]: unknown host operation 'punch': expected one of "
+                                   "set_attributes, punch_hole, invalidate, delete_memslot, dirty_log, prefault, "
+                                   "init_mem_region, finalize, destroy, seamcall")
+
+
+def test_unknown_leaf(tmp_path: Path) -> None:
+    text = BASE.replace('"punch_hole 0x1000 4K"', '"seamcall TDH.MEM.FOO 0x1000"')
+    assert one(tmp_path, text) == ("FILE:21: host[0].program[0]: unknown SEAMCALL leaf 'TDH.MEM.FOO': expected a leaf "
+                                   "name like TDH.MEM.SEPT.ADD or TDH.MEM.PAGE.AUG")
+
+
+def test_unknown_leaf_in_inject(tmp_path: Path) -> None:
+    text = BASE + '\n[[inject]]\nseamcall = "TDH.MEM.AUG"\noccurrence = 1\nstatus = "TDX_OPERAND_BUSY"\n'
+    assert one(tmp_path, text) == ("FILE:24: inject[0].seamcall: unknown SEAMCALL leaf 'TDH.MEM.AUG': expected a leaf "
+                                   "like TDH.MEM.PAGE.AUG")
+
+
+def test_address_outside_every_memslot(tmp_path: Path) -> None:
+    text = BASE.replace('"accept 0x2000", "read 0x2000"', '"accept 0x2000", "read 0x2000000"')
+    assert one(tmp_path, text) == ("FILE:18: vcpu[1].program[1]: address outside every memslot: expected a range "
+                                   "inside a memslot (0: [0x0, 0x1000000)), found [0x2000000, 0x2000008)")
+
+
+def test_misaligned_gpa(tmp_path: Path) -> None:
+    text = BASE.replace('"accept 0x1000"', '"write 0x1004 7"')
+    assert one(tmp_path, text) == ("FILE:15: vcpu[0].program[0]: misaligned GPA: expected an 8-byte-aligned GPA, "
+                                   "found 0x1004")
+
+
+def test_misaligned_accept(tmp_path: Path) -> None:
+    text = BASE.replace('"accept 0x1000"', '"accept 0x1000 2M"')
+    assert one(tmp_path, text) == ("FILE:15: vcpu[0].program[0]: misaligned GPA: expected a 2M-aligned GPA and size, "
+                                   "found 0x1000 size 0x200000")
+
+
+def test_raw_seamcall_operands_are_not_checked(tmp_path: Path) -> None:
+    text = BASE.replace('"punch_hole 0x1000 4K"', '"seamcall TDH.MEM.SEPT.ADD 0x800000001001 2"')
+    assert errors_of(tmp_path, text) == (0, [])
+
+
+def test_unparsable_size(tmp_path: Path) -> None:
+    text = BASE.replace('size = "16M"', 'size = "16Q"')
+    rc, lines = errors_of(tmp_path, text)
+    assert rc == 2
+    assert lines[0] == ('FILE:8: memslot[0].size: expected a size (an integer or a number with K, M or G, '
+                        'like "2M"), found \'16Q\'')
+
+
+def test_unparsable_size_in_program(tmp_path: Path) -> None:
+    text = BASE.replace('"punch_hole 0x1000 4K"', '"punch_hole 0x1000 4KB"')
+    assert one(tmp_path, text) == ('FILE:21: host[0].program[0]: expected a size (an integer or a number with K, M '
+                                   'or G, like "2M"), found \'4KB\'')
+
+
+def test_toml_syntax_error(tmp_path: Path) -> None:
+    text = BASE.replace("[td]", "[td")
+    assert one(tmp_path, text) == ("FILE:2: TOML syntax error: Expected ']' at the end of a table declaration "
+                                   "at column 4")
+
+
+def test_missing_file() -> None:
+    out, err = io.StringIO(), io.StringIO()
+    assert main(["validate", "/nonexistent/x.toml"], out, err) == 2
+    assert err.getvalue().startswith("error: /nonexistent/x.toml: no such file: expected a readable scenario file "
+                                     "or a shipped scenario name (accept_flow, ")
+
+
+def test_unreadable_file(tmp_path: Path) -> None:
+    out, err = io.StringIO(), io.StringIO()
+    assert main(["run", str(tmp_path)], out, err) == 2
+    assert err.getvalue().startswith(f"error: {tmp_path}: cannot read the file: ")
+
+
+def test_not_utf8(tmp_path: Path) -> None:
+    p = tmp_path / "b.toml"
+    p.write_bytes(b'title = "\xff"\n')
+    out, err = io.StringIO(), io.StringIO()
+    assert main(["run", str(p)], out, err) == 2
+    assert "expected UTF-8 text, found a byte 0xff" in err.getvalue()
+
+
+def test_missing_td_and_memslot(tmp_path: Path) -> None:
+    rc, lines = errors_of(tmp_path, 'title = "x"\n')
+    assert rc == 2
+    assert lines == ["FILE: missing table [td]: every scenario needs [td] (gpaw, variant, ...)",
+                     "FILE: missing [[memslot]]: every scenario needs at least one memslot"]
+
+
+def test_every_problem_is_reported(tmp_path: Path) -> None:
+    text = BASE.replace("gpaw = 48", "gpaw = 47").replace('"punch_hole 0x1000 4K"', '"punch 1"') + \
+        '\n[schedule]\norder = ["vcpu7"]\n'
+    rc, lines = errors_of(tmp_path, text)
+    assert rc == 2 and len(lines) == 3
+
+
+def test_unknown_variant(tmp_path: Path) -> None:
+    assert one(tmp_path, BASE.replace("gpaw = 48", 'gpaw = 48\nvariant = "v8"')).startswith(
+        "FILE:4: td.variant: unknown variant 'v8': expected one of upstream, v7")
+
+
+def test_run_bad_input_exits_2(tmp_path: Path) -> None:
+    p = tmp_path / "s.toml"
+    p.write_text(BASE.replace("gpaw = 48", "gpaw = 47"))
+    out, err = io.StringIO(), io.StringIO()
+    assert main(["run", str(p)], out, err) == 2
+    assert out.getvalue() == ""
+    assert main(["run", "first_private_fault", "--schedule", "fifo"], io.StringIO(), io.StringIO()) == 2
+    assert main(["run"], io.StringIO(), io.StringIO()) == 2
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.binary(max_size=400))
+def test_fuzz_random_bytes_never_crash(data: bytes) -> None:
+    try:
+        loads(data.decode("utf-8", "replace"), "fuzz.toml")
+    except ScenarioError as e:
+        assert e.problems
+
+
+KEYS = ["title", "td", "memslot", "vcpu", "host", "schedule", "inject", "expect", "attributes", "gpaw", "gpa",
+        "size", "program", "order", "status", "seamcall", "occurrence", "id", "sept", "spte", "fault", "read",
+        "level", "state", "leaves", "statuses", "variant", "private", "guest_memfd"]
+VALUES = st.one_of(st.integers(-2, 2**65), st.booleans(), st.text(string.printable, max_size=20),
+                   st.sampled_from(['"4K"', '"2M"', '"accept 0x1000"', '"read 0x1000 expect 1"', '"vcpu0"',
+                                    '"TDX_OPERAND_BUSY"', '"TDH.MEM.PAGE.AUG"', '"seamcall TDH.MEM.TRACK"']))
+
+
+def _value(v: object) -> str:
+    if isinstance(v, bool):
+        return str(v).lower()
+    if isinstance(v, int):
+        return str(v)
+    if isinstance(v, str) and v.startswith('"'):
+        return v
+    return '"' + str(v).replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n") + '"'
+
+
+@settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.lists(st.tuples(st.sampled_from(["", "[td]", "[[memslot]]", "[[vcpu]]", "[[host]]", "[schedule]",
+                                           "[[inject]]", "[[expect]]", "[attributes]"]),
+                          st.sampled_from(KEYS), st.one_of(VALUES, st.lists(VALUES, max_size=3))), max_size=12))
+def test_fuzz_structured_toml_never_crash(items: list[tuple[str, str, object]]) -> None:
+    lines = []
+    for header, key, value in items:
+        if header:
+            lines.append(header)
+        val = "[" + ", ".join(_value(v) for v in value) + "]" if isinstance(value, list) else _value(value)
+        lines.append(f"{key} = {val}")
+    text = "\n".join(lines)
+    try:
+        loads(text, "fuzz.toml")
+    except ScenarioError as e:
+        assert all(p.file == "fuzz.toml" for p in e.problems)
+
+
+@pytest.mark.parametrize("text", ["[[memslot]]\ngpa = 0\nsize = 0\n[td]\n", "[td]\nstate = 3\n[[memslot]]\n",
+                                  "[td]\n[[memslot]]\ngpa='x'\nsize=[1]\n", "memslot = 3\n[td]\n",
+                                  "[td]\n[[memslot]]\ngpa=0\nsize='2M'\n[[expect]]\nspte = 1\n",
+                                  "[td]\n[[memslot]]\ngpa=0\nsize='2M'\n[[expect]]\n",
+                                  "[td]\n[[memslot]]\ngpa=0\nsize='2M'\n[schedule]\norder='x'\n"])
+def test_odd_inputs_are_problems(text: str) -> None:
+    with pytest.raises(ScenarioError):
+        loads(text, "odd.toml")
