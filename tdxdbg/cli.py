@@ -1,4 +1,4 @@
-"""The `tdxdbg` command: headless `run`, `validate` and `scenarios`; the Textual UI comes later."""
+"""The `tdxdbg` command: the Textual debugger by default, plus headless `run`, `validate` and `scenarios`."""
 
 from __future__ import annotations
 
@@ -7,21 +7,22 @@ import contextlib
 import sys
 from typing import IO
 
-PLANNED = """\
-tdxdbg {version}: a step-through debugger for how Linux KVM resolves page faults of Intel TDX guests.
+NEEDS_TERMINAL = ("tdxdbg: the debugger needs a terminal (standard input and output must be a TTY);\n"
+                  "run a scenario headless with `tdxdbg run {scenario}`")
 
-What exists today: the step runtime (tdxdbg.runtime), the emulated TDX machine (tdxdbg.hw), the simulated KVM
-(tdxdbg.engine) and scenario files with a headless runner:
 
-  tdxdbg run SCENARIO [--variant NAME] [--schedule POLICY|random:SEED] [--json PATH|-] [--max-frames N]
-  tdxdbg validate SCENARIO...
-  tdxdbg scenarios
+def _run_tui(scenario: str | None, variant: str | None, schedule: str | None, err: IO[str]) -> int:
+    """The Textual debugger on `scenario` (the built-in demo when None). Scenario errors show in the app."""
+    from tdxdbg.ui.loading import DEMO
 
-What this command will become: a terminal debugger (Textual) that opens a scenario and steps KVM's TDP MMU
-through a TDX page fault frame by frame. That UI does not exist yet.
-"""
+    spec = scenario or DEMO
+    if not (sys.stdin.isatty() and sys.stdout.isatty()):
+        print(NEEDS_TERMINAL.format(scenario=spec), file=err)
+        return 2
+    from tdxdbg.ui.app import TdxdbgApp
 
-UI_NOT_BUILT = "tdxdbg: the terminal UI is not built yet; run the scenario headless with `tdxdbg run {scenario}`"
+    result = TdxdbgApp(spec, variant, schedule).run()
+    return int(result or 0)
 
 
 class _Parser(argparse.ArgumentParser):
@@ -47,8 +48,10 @@ def _parser() -> _Parser:
     v = sub.add_parser("validate", help="check scenario files without running them")
     v.add_argument("scenario", nargs="+")
     sub.add_parser("scenarios", help="list the shipped scenarios")
-    t = sub.add_parser("tui", help="open a scenario in the terminal UI (not built yet)")
+    t = sub.add_parser("tui", help="open a scenario in the debugger (the built-in demo when none is given)")
     t.add_argument("scenario", nargs="?")
+    t.add_argument("--variant", help="override [td].variant")
+    t.add_argument("--schedule", help="round_robin | sequential | random | random:SEED")
     return p
 
 
@@ -59,15 +62,13 @@ def main(argv: list[str] | None = None, stdout: IO[str] | None = None, stderr: I
     err = stderr or sys.stderr
     args = sys.argv[1:] if argv is None else list(argv)
     if not args:
-        print(PLANNED.format(version=__version__), file=out)
-        return 0
+        return _run_tui(None, None, None, err)
     if args[0] in ("-V", "--version"):
         print(f"tdxdbg {__version__}", file=out)
         return 0
     if args[0] not in ("run", "validate", "scenarios", "tui", "-h", "--help") and len(args) == 1 \
             and not args[0].startswith("-"):
-        print(UI_NOT_BUILT.format(scenario=args[0]), file=err)
-        return 2
+        return _run_tui(args[0], None, None, err)
     try:
         with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
             ns = _parser().parse_args(args)
@@ -84,12 +85,11 @@ def main(argv: list[str] | None = None, stdout: IO[str] | None = None, stderr: I
         if ns.command == "scenarios":
             return _list(out)
         if ns.command == "tui":
-            print(UI_NOT_BUILT.format(scenario=ns.scenario or "SCENARIO"), file=err)
-            return 2
+            return _run_tui(ns.scenario, ns.variant, ns.schedule, err)
     except KeyboardInterrupt:
         return 130
-    print(PLANNED.format(version=__version__), file=out)
-    return 0
+    _parser().print_help(out)
+    return 2
 
 
 def _print_problems(e: object, err: IO[str]) -> None:

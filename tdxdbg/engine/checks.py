@@ -62,7 +62,7 @@ from __future__ import annotations
 from collections.abc import Callable, Hashable, Iterable
 from typing import Any
 
-from tdxdbg.engine.kvm import FREE_MMU_LOCK, K_MMU_LOCK
+from tdxdbg.engine.kvm import FREE_MMU_LOCK, K_MMU_LOCK, K_TD_STATE, TdState
 from tdxdbg.engine.mmu_page import K_ROOTS, KvmMmuPage
 from tdxdbg.engine.spte import (
     EPT_SPTE_HOST_WRITABLE,
@@ -338,6 +338,10 @@ class Checker:
         tdx_level = level - 1
         reached, _table, _idx, entry = walk_sept(world.peek, cfg, gfn << 12, tdx_level)
         state = entry.state
+        if leaf and state is SeptState.FREE and world.peek(K_TD_STATE) is not TdState.TD_STATE_RUNNABLE:
+            # Before finalize a mirror leaf is premapped (tdx_mem_page_record_premap_cnt): the page reaches the
+            # S-EPT only with the TDH.MEM.PAGE.ADD that KVM_TDX_INIT_MEM_REGION issues right after.
+            return
         if reached != tdx_level:
             out.append(Violation(MIRROR_PRESENT_WITHOUT_SEPT, f"{where} present but the S-EPT walk stops at "
                                                               f"level {reached} ({state.name})"))

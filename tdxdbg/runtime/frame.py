@@ -120,12 +120,20 @@ def _is_frozen_attrs(t: type) -> bool:
     return setattr_ is not None and getattr(setattr_, "__name__", "") == "_frozen_setattrs"
 
 
+def _plain_value(value: Any, depth: int = 0) -> bool:
+    """Immutable all the way down (tuples nested at most three deep)."""
+    if _keep(type(value)):
+        return True
+    return (isinstance(value, tuple) and depth < 3 and len(value) <= 16
+            and all(_plain_value(v, depth + 1) for v in value))
+
+
 def _plain(value: Any) -> Any:
     t = type(value)
     if _keep(t):
         return value
     # Tuples (NamedTuples included: MmuLock, IterPos) of immutable values are values too.
-    if isinstance(value, tuple) and len(value) <= 16 and all(_keep(type(v)) for v in value):
+    if isinstance(value, tuple) and len(value) <= 16 and all(_plain_value(v) for v in value):
         return value
     opaque = _OPAQUE.get(t)
     if opaque is None:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 from rich.text import Text
@@ -35,7 +36,7 @@ RECORD_AHEAD = 200_000
 class TdxdbgApp(App[int]):
     """tdxdbg: step a TDX page fault frame by frame."""
 
-    CSS_PATH = "tdxdbg.tcss"
+    CSS_PATH = str(Path(__file__).with_name("tdxdbg.tcss"))
     TITLE = "tdxdbg"
     ENABLE_COMMAND_PALETTE = True
 
@@ -80,15 +81,15 @@ class TdxdbgApp(App[int]):
         self.record_ahead = record_ahead
         self.session: Session | None = None
         self.opened: Opened | None = None
-        self.events = EventIndex()
+        self.event_index = EventIndex()
         self.bookmarks: set[int] = set()
         self.breakpoint_hits: set[int] = set()
         self.activation = -1
-        self.lines: list[TableLine] = []
+        self.table_lines: list[TableLine] = []
         self.search_text = ""
         self._lock = threading.Lock()
-        self._running = ""
-        self.status = ""
+        self._run_label = ""
+        self.status_text = ""
 
     # -- layout ------------------------------------------------------------------------------------------
     def compose(self) -> ComposeResult:
@@ -125,7 +126,7 @@ class TdxdbgApp(App[int]):
             self.refresh_all()
             return
         self.session = opened.session
-        self.events = EventIndex()
+        self.event_index = EventIndex()
         self.bookmarks.clear()
         self.breakpoint_hits.clear()
         self.activation = -1
@@ -145,13 +146,13 @@ class TdxdbgApp(App[int]):
             if self.session is None:
                 return
             s = self.session
-            self.events.update(s.frames)
+            self.event_index.update(s.frames)
             view = s.view()
             task = s.current_task
             marks = self._marks(view, task)
-            self.lines = all_lines(view, marks)
+            self.table_lines = all_lines(view, marks)
             tables = self.query_one("#tables", LineList)
-            lines = self.lines
+            lines = self.table_lines
             tables.set_lines(len(lines), lambda i: lines[i].text, max((ln.text.cell_len for ln in lines),
                                                                       default=0) + 2)
             self._auto_select(tables, marks)
@@ -160,8 +161,8 @@ class TdxdbgApp(App[int]):
             self._refresh_stack(view.tasks, task)
             self._refresh_log()
             strip = self.query_one("#timeline", TimelineStrip)
-            strip.update_from(self.events, s.position, len(s.frames), self.bookmarks, self.breakpoint_hits)
-            self.query_one("#status", Static).update(Text(self.status, style="grey70"))
+            strip.update_from(self.event_index, s.position, len(s.frames), self.bookmarks, self.breakpoint_hits)
+            self.query_one("#status", Static).update(Text(self.status_text, style="grey70"))
 
     def _refresh_header(self) -> None:
         header = self.query_one("#header", Static)
@@ -175,7 +176,7 @@ class TdxdbgApp(App[int]):
         vm_state = "dead" if kv.vm_dead else "running"
         title = self.opened.scenario.title if self.opened and self.opened.scenario else self.spec
         header.update(panes.header_text(title, s.variant, s.position, len(s.frames), s.current_task, vm_state,
-                                        self._running))
+                                        self._run_label))
 
     def _marks(self, view: Any, task: str | None) -> Marks:
         s = self.session
@@ -200,15 +201,15 @@ class TdxdbgApp(App[int]):
     def _auto_select(self, tables: LineList, marks: Marks) -> None:
         """Put the table cursor on what this frame is about: an entry it changed, else the iterator's."""
         for want in (marks.changed, {marks.iter_key}):
-            for i, line in enumerate(self.lines):
+            for i, line in enumerate(self.table_lines):
                 if line.key is not None and line.key in want:
                     tables.move_to(i)
                     return
 
     def _selected_line(self) -> TableLine | None:
         tables = self.query_one("#tables", LineList)
-        if 0 <= tables.cursor < len(self.lines):
-            return self.lines[tables.cursor]
+        if 0 <= tables.cursor < len(self.table_lines):
+            return self.table_lines[tables.cursor]
         return None
 
     def _refresh_inspector(self) -> None:
@@ -235,7 +236,7 @@ class TdxdbgApp(App[int]):
 
     def _refresh_log(self) -> None:
         log = self.query_one("#log", LineList)
-        entries = self.events.entries
+        entries = self.event_index.entries
 
         def line(i: int) -> Text:
             e = entries[i]
@@ -250,7 +251,7 @@ class TdxdbgApp(App[int]):
         log.set_lines(len(entries), line, 160)
         s = self.session
         if s is not None and s.frame is not None:
-            at = self.events.entry_at_or_before(s.frame.index)
+            at = self.event_index.entry_at_or_before(s.frame.index)
             if at is not None:
                 log.move_to(at)
 
@@ -258,7 +259,7 @@ class TdxdbgApp(App[int]):
     def run_command(self, fn: Callable[[], StopEvent], background: bool = False, label: str = "") -> None:
         if self.session is None:
             return
-        if self._running:
+        if self._run_label:
             self.notify("a run is in progress (Esc stops it)", severity="warning")
             return
         if background:
@@ -274,19 +275,19 @@ class TdxdbgApp(App[int]):
                 self.breakpoint_hits.add(event.frame_index)
             if event.reason is StopReason.ERROR:
                 self.notify(event.message or "cannot do that here", severity="error")
-            self.status = str(event)
+            self.status_text = str(event)
         self.activation = -1
         self.refresh_all()
 
     @work(thread=True, exclusive=True, group="run")
     def _run_in_worker(self, fn: Callable[[], StopEvent], label: str) -> None:
-        self._running = label
+        self._run_label = label
         self.call_from_thread(self._refresh_header)
         try:
             with self._lock:
                 event = fn()
         finally:
-            self._running = ""
+            self._run_label = ""
         self.call_from_thread(self.after_stop, event)
 
     @work(thread=True, exclusive=True, group="run")
@@ -295,7 +296,7 @@ class TdxdbgApp(App[int]):
         s = self.session
         if s is None or self.record_ahead <= 0:
             return
-        self._running = "recording…"
+        self._run_label = "recording…"
         self.call_from_thread(self._refresh_header)
         try:
             with self._lock:
@@ -303,13 +304,13 @@ class TdxdbgApp(App[int]):
                 s.run_to_end(max_frames=self.record_ahead)
                 s.goto(pos)
         finally:
-            self._running = ""
+            self._run_label = ""
         self.call_from_thread(self.refresh_all)
 
     def _busy(self) -> bool:
-        if self._running:
+        if self._run_label:
             s = self.session
-            if s is not None and self._running.startswith("recording"):
+            if s is not None and self._run_label.startswith("recording"):
                 s.interrupt()   # stepping wins over recording ahead
                 self.workers.wait_for_complete()
                 return False
@@ -342,7 +343,7 @@ class TdxdbgApp(App[int]):
             self.run_command(lambda: self.session.reverse_continue(), background=True, label="reverse…")
 
     def action_interrupt(self) -> None:
-        if self.session is not None and self._running:
+        if self.session is not None and self._run_label:
             self.session.interrupt()
 
     def goto_frame(self, index: int) -> None:
@@ -373,7 +374,7 @@ class TdxdbgApp(App[int]):
         cats = {"fault": {Category.FAULT}, "seamcall": {Category.SEAMCALL, Category.ERROR},
                 "freeze": {Category.FREEZE}, "violation": {Category.VIOLATION}}[what]
         here = s.frame.index if s.frame is not None else -1
-        target = self.events.next_frame(here, cats, forward)
+        target = self.event_index.next_frame(here, cats, forward)
         if target is None:
             self.notify(f"no {'next' if forward else 'previous'} {what} in the recorded frames")
             return
@@ -403,7 +404,7 @@ class TdxdbgApp(App[int]):
         nxt = names[(names.index(cur) + 1) % len(names)] if cur in names else names[0]
         s.select_task(nxt)
         self.activation = -1
-        self.status = f"following {nxt}"
+        self.status_text = f"following {nxt}"
         self.refresh_all()
 
     def action_activation(self, delta: int) -> None:
@@ -502,7 +503,7 @@ class TdxdbgApp(App[int]):
 
     def _search_next(self) -> None:
         log = self.query_one("#log", LineList)
-        entries = self.events.entries
+        entries = self.event_index.entries
         needle = self.search_text.lower()
         n = len(entries)
         for k in range(1, n + 1):
@@ -513,7 +514,7 @@ class TdxdbgApp(App[int]):
         self.notify(f"{self.search_text!r} not found in the log")
 
     def action_reload(self) -> None:
-        if self._running and self.session is not None:
+        if self._run_label and self.session is not None:
             self.session.interrupt()
             self.workers.wait_for_complete()
         pos = self.session.position if self.session is not None else 0
@@ -530,8 +531,8 @@ class TdxdbgApp(App[int]):
     # -- widget messages -------------------------------------------------------------------------------------
     @on(LineList.Chosen, "#log")
     def _log_chosen(self, message: LineList.Chosen) -> None:
-        if 0 <= message.index < len(self.events.entries):
-            self.goto_frame(self.events.entries[message.index].frame)
+        if 0 <= message.index < len(self.event_index.entries):
+            self.goto_frame(self.event_index.entries[message.index].frame)
 
     @on(LineList.Moved, "#tables")
     def _table_moved(self, message: LineList.Moved) -> None:

@@ -14,11 +14,13 @@ from tdxdbg.session.decode import decode_spte
 from tdxdbg.session.views import TaskView
 
 ENGINE_ROOT = Path(__file__).resolve().parent.parent
+# Activations listed in the stack pane (innermost first); the rest are summarised.
+STACK_SHOWN = 7
 
 
 def header_text(title: str, variant: str, position: int, total: int, task: str | None, vm_state: str,
                 running: str = "") -> Text:
-    t = Text()
+    t = Text(no_wrap=True, overflow="ellipsis")
     t.append(" tdxdbg ", style="bold black on cyan")
     t.append(f" {title} ", style="bold")
     t.append(f"· {variant} ", style="grey70")
@@ -32,7 +34,7 @@ def header_text(title: str, variant: str, position: int, total: int, task: str |
 
 
 def walk_text(path: tuple[Any, ...], task: str | None) -> Text:
-    t = Text()
+    t = Text(no_wrap=True, overflow="ellipsis")
     t.append(f"tdp_iter of {task or '-'}\n", style="bold")
     if not path:
         t.append("  (not walking a root)", style="grey50")
@@ -49,7 +51,7 @@ def walk_text(path: tuple[Any, ...], task: str | None) -> Text:
 
 def inspector_text(line: Any, sept: Any, last_write: int | None) -> Text:
     """The selected SPTE bit by bit, beside the S-EPT entry for the same GPA."""
-    t = Text()
+    t = Text(no_wrap=True, overflow="ellipsis")
     if line is None or line.key is None:
         t.append("Inspector\n", style="bold")
         t.append("  select an entry in the page tables (up/down)", style="grey50")
@@ -83,7 +85,7 @@ def inspector_text(line: Any, sept: Any, last_write: int | None) -> Text:
 
 
 def stack_text(tasks: tuple[TaskView, ...], selected: str | None, activation: int) -> Text:
-    t = Text()
+    t = Text(no_wrap=True, overflow="ellipsis")
     for tv in tasks:
         mark = "▶ " if tv.name == selected else "  "
         t.append(mark, style="bold magenta")
@@ -95,12 +97,19 @@ def stack_text(tasks: tuple[TaskView, ...], selected: str | None, activation: in
     tv = next((x for x in tasks if x.name == selected), None)
     if tv is None or not tv.stack:
         return t
-    t.append("call stack (innermost last)\n", style="bold")
+    t.append("call stack (innermost last; u/d to move)\n", style="bold")
     sel = activation if 0 <= activation < len(tv.stack) else len(tv.stack) - 1
+    # Show the innermost activations (and the selected one): outer ones are the vCPU loop and rarely matter.
+    first = max(0, min(sel, len(tv.stack) - STACK_SHOWN))
+    if first:
+        t.append(f"  … {first} outer frames\n", style="grey50")
     for i, a in enumerate(tv.stack):
+        if i < first:
+            continue
         style = "reverse" if i == sel else ""
         name = Path(a.filename).name
-        t.append(f"  {a.function:<34.34} {name}:{a.line}\n", style=style)
+        t.append(f"  {a.function} ", style=style + " bold" if style else "bold")
+        t.append(f"{name}:{a.line}\n", style=style or "grey62")
     a = tv.stack[sel]
     t.append(f"locals of {a.function}\n", style="bold")
     if not a.locals:
@@ -113,7 +122,7 @@ def stack_text(tasks: tuple[TaskView, ...], selected: str | None, activation: in
 
 
 def source_text(filename: str | None, line: int | None, context: int = 6) -> Text:
-    t = Text()
+    t = Text(no_wrap=True, overflow="ellipsis")
     if not filename or not line:
         t.append("(no source)", style="grey50")
         return t
