@@ -137,6 +137,9 @@ class Timeline:
         self._cum = array("q", [0])
         self._cursor_pos = 0
         self._cursor_state: dict[Hashable, Any] = dict(initial)
+        # key -> frames that wrote it, in order; filled up to _write_indexed on demand (last_write).
+        self._write_index: dict[Hashable, array] = {}
+        self._write_indexed = 0
 
     def __len__(self) -> int:
         return len(self.frames)
@@ -215,9 +218,24 @@ class Timeline:
         self._cursor_pos = pos
 
     def last_write(self, key: Hashable, before: int) -> int | None:
-        """Index of the last frame before position `before` that wrote `key`, or None."""
-        wrote = self.frames.wrote
-        for i in range(min(before, len(self.frames)) - 1, -1, -1):
-            if wrote(i, key):
-                return i
-        return None
+        """Index of the last frame before position `before` that wrote `key`, or None.
+
+        Backed by an index of writes per key, built on the first query and extended with the frames recorded
+        since on each later one, so asking costs nothing while recording and little afterwards."""
+        index = self._write_index
+        effects = self.frames.effects
+        for i in range(self._write_indexed, len(effects)):
+            flat = effects[i]
+            for j in range(0, len(flat), 3):
+                k = flat[j]
+                hits = index.get(k)
+                if hits is None:
+                    index[k] = array("q", (i,))
+                elif hits[-1] != i:
+                    hits.append(i)
+        self._write_indexed = len(effects)
+        hits = index.get(key)
+        if not hits:
+            return None
+        k = bisect.bisect_left(hits, min(before, len(effects))) - 1
+        return hits[k] if k >= 0 else None

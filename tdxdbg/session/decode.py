@@ -118,9 +118,13 @@ class SeptEntryView:
     level: int
     state: SeptState
     pfn: int
-    arch_value: int
     table: int = 0
     index: int = 0
+
+    @property
+    def arch_value(self) -> int:
+        """The entry as TDH.MEM.SEPT.RD would report it in RCX (computed on demand)."""
+        return SeptEntry(self.state, self.pfn).arch_value()
 
     @property
     def kvm_level(self) -> int:
@@ -144,4 +148,4 @@ class SeptEntryView:
 
 def decode_sept(entry: SeptEntry, gpa: int, level: int, table: int = 0, index: int = 0) -> SeptEntryView:
     return SeptEntryView(gpa, level, entry.state, entry.pfn if entry.state is not SeptState.FREE else 0,
-                         entry.arch_value(), table, index)
+                         table, index)

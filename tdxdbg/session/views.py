@@ -51,10 +51,14 @@ class SpteView:
     gfn: int                   # first gfn mapped, shared bit excluded (as tdp_iter reports it)
     gpa: int                   # first GPA mapped, shared bit included for the direct root
     value: int
-    bits: SpteBits
     leaf: bool
     frozen: bool
     child: TableView | None = None
+
+    @property
+    def bits(self) -> SpteBits:
+        """Decoded on demand: a tree of thousands of entries is built on every step."""
+        return decode_spte(self.value)
 
     @property
     def key(self) -> tuple[str, int, int]:
@@ -124,8 +128,7 @@ def _table(state: State, pfn: int, level: int, kind: str, gfn_base: int, gfn_bit
         child = None
         if is_shadow_present_pte(v) and not leaf and level > 1:
             child = _table(state, spte_to_pfn(v), level - 1, kind, gfn, gfn_bits)
-        entries.append(SpteView(pfn, i, level, gfn & ~gfn_bits, gfn << 12, v, decode_spte(v), leaf,
-                                v == FROZEN_SPTE, child))
+        entries.append(SpteView(pfn, i, level, gfn & ~gfn_bits, gfn << 12, v, leaf, v == FROZEN_SPTE, child))
     return TableView(pfn, level, kind, (gfn_base & ~gfn_bits), (gfn_base & ~gfn_bits) + per * SPTE_ENT_PER_PAGE,
                      sp.external_spt if sp is not None else 0, tuple(entries))
 

@@ -16,18 +16,19 @@ from textual import on, work
 from textual.app import App, ComposeResult
 from textual.binding import Binding
 from textual.containers import Horizontal, Vertical
-from textual.widgets import Footer, Static
+from textual.widgets import Footer
 
 from tdxdbg.engine.spte import FROZEN_SPTE
 from tdxdbg.session.events import StopEvent, StopReason
 from tdxdbg.session.session import Session
 from tdxdbg.ui import panes
+from tdxdbg.ui.commands import DebuggerCommands
 from tdxdbg.ui.events import Category, EventIndex
-from tdxdbg.ui.lines import LineList
+from tdxdbg.ui.lines import LineList, Pane
 from tdxdbg.ui.loading import DEMO, Opened, open_scenario
 from tdxdbg.ui.screens import ErrorScreen, HelpScreen, PromptScreen, TaskChoiceScreen
 from tdxdbg.ui.strip import TimelineStrip
-from tdxdbg.ui.tables import Marks, TableLine, all_lines
+from tdxdbg.ui.tables import Marks, TableLine, all_lines, max_width, render
 
 # Frames the app records ahead in the background after opening, so the timeline strip shows a whole run.
 RECORD_AHEAD = 200_000
@@ -39,6 +40,7 @@ class TdxdbgApp(App[int]):
     CSS_PATH = str(Path(__file__).with_name("tdxdbg.tcss"))
     TITLE = "tdxdbg"
     ENABLE_COMMAND_PALETTE = True
+    COMMANDS = App.COMMANDS | {DebuggerCommands}
 
     BINDINGS = [
         Binding("s", "step_into", "Step", id="step_into"),
@@ -93,18 +95,18 @@ class TdxdbgApp(App[int]):
 
     # -- layout ------------------------------------------------------------------------------------------
     def compose(self) -> ComposeResult:
-        yield Static(id="header")
+        yield Pane(id="header")
         with Horizontal(id="top"):
             yield LineList(id="tables")
             with Vertical(id="middle"):
-                yield Static(id="walk")
-                yield Static(id="inspector")
+                yield Pane(id="walk")
+                yield Pane(id="inspector")
             with Vertical(id="right"):
-                yield Static(id="stack")
-                yield Static(id="source")
+                yield Pane(id="stack")
+                yield Pane(id="source")
         yield LineList(id="log")
         yield TimelineStrip(id="timeline")
-        yield Static(id="status")
+        yield Pane(id="status")
         yield Footer()
 
     def on_mount(self) -> None:
@@ -150,22 +152,21 @@ class TdxdbgApp(App[int]):
             view = s.view()
             task = s.current_task
             marks = self._marks(view, task)
-            self.table_lines = all_lines(view, marks)
+            self.table_lines = all_lines(view)
             tables = self.query_one("#tables", LineList)
             lines = self.table_lines
-            tables.set_lines(len(lines), lambda i: lines[i].text, max((ln.text.cell_len for ln in lines),
-                                                                      default=0) + 2)
+            tables.set_lines(len(lines), lambda i: render(lines[i], marks), max_width(lines))
             self._auto_select(tables, marks)
-            self.query_one("#walk", Static).update(panes.walk_text(s.walk_path(task) if task else (), task))
+            self.query_one("#walk", Pane).update(panes.walk_text(s.walk_path(task) if task else (), task))
             self._refresh_inspector()
             self._refresh_stack(view.tasks, task)
             self._refresh_log()
             strip = self.query_one("#timeline", TimelineStrip)
             strip.update_from(self.event_index, s.position, len(s.frames), self.bookmarks, self.breakpoint_hits)
-            self.query_one("#status", Static).update(Text(self.status_text, style="grey70"))
+            self.query_one("#status", Pane).update(Text(self.status_text, style="grey70"))
 
     def _refresh_header(self) -> None:
-        header = self.query_one("#header", Static)
+        header = self.query_one("#header", Pane)
         if self.session is None:
             title = self.opened.spec if self.opened else self.spec
             header.update(Text(f" tdxdbg  {title}: cannot open (see the error screen; r reloads)",
@@ -221,18 +222,18 @@ class TdxdbgApp(App[int]):
             if line.key[0] == "sept" or line.kind == "mirror":
                 sept = s.sept_entry_at(line.gfn << 12, line.level - 1)
             last = s.last_write(line.key)
-        self.query_one("#inspector", Static).update(panes.inspector_text(line, sept, last))
+        self.query_one("#inspector", Pane).update(panes.inspector_text(line, sept, last))
 
     def _refresh_stack(self, tasks: Any, task: str | None) -> None:
         tv = next((x for x in tasks if x.name == task), None)
         depth = len(tv.stack) if tv is not None else 0
         act = self.activation if 0 <= self.activation < depth else depth - 1
-        self.query_one("#stack", Static).update(panes.stack_text(tasks, task, act))
+        self.query_one("#stack", Pane).update(panes.stack_text(tasks, task, act))
         if tv is not None and tv.stack:
             a = tv.stack[act]
-            self.query_one("#source", Static).update(panes.source_text(a.filename, a.line))
+            self.query_one("#source", Pane).update(panes.source_text(a.filename, a.line))
         else:
-            self.query_one("#source", Static).update(panes.source_text(None, None))
+            self.query_one("#source", Pane).update(panes.source_text(None, None))
 
     def _refresh_log(self) -> None:
         log = self.query_one("#log", LineList)
@@ -524,6 +525,36 @@ class TdxdbgApp(App[int]):
         self.load(spec, keep_position=pos)
         if self.session is not None:
             self.notify(f"reloaded {spec}")
+
+    # -- breakpoints from the palette ---------------------------------------------------------------------------
+    def _added(self, add: Callable[[], Any]) -> None:
+        if self.session is None:
+            return
+        try:
+            bp = add()
+        except Exception as exc:
+            self.notify(str(exc), severity="error")
+            return
+        self.notify(f"breakpoint {bp.id}: {bp.description}")
+
+    def add_seamcall_breakpoint(self, leaf: str, errors: bool, status: str | None) -> None:
+        self._added(lambda: self.session.breakpoints.add_seamcall(leaf, errors_only=errors, status=status))
+
+    def add_function_breakpoint(self, name: str) -> None:
+        self._added(lambda: self.session.breakpoints.add_function(name))
+
+    def add_ret_pf_breakpoint(self, name: str) -> None:
+        self._added(lambda: self.session.breakpoints.add_ret_pf(name))
+
+    def add_violation_breakpoint(self, name: str | None) -> None:
+        self._added(lambda: self.session.breakpoints.add_violation(name))
+
+    def add_gfn_breakpoint(self, gfn: int) -> None:
+        self._added(lambda: self.session.breakpoints.add_gfn(gfn))
+
+    def choose_task_named(self, name: str) -> None:
+        if self.session is not None and not self._busy():
+            self.run_command(lambda: self.session.choose_task(name))
 
     def action_help(self) -> None:
         self.push_screen(HelpScreen(self.BINDINGS))

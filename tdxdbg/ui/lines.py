@@ -14,6 +14,7 @@ from textual.message import Message
 from textual.reactive import reactive
 from textual.scroll_view import ScrollView
 from textual.strip import Strip
+from textual.widget import Widget
 
 CURSOR_STYLE = Style(reverse=True)
 
@@ -134,3 +135,23 @@ class LineList(ScrollView, can_focus=True):
 
 def blank_segments(width: int) -> list[Segment]:
     return [Segment(" " * width)]
+
+
+class Pane(Widget):
+    """A fixed-size text pane. Updating it repaints without a layout pass (Static.update re-lays out the
+    screen, which costs tens of milliseconds a step)."""
+
+    def __init__(self, *, id: str | None = None) -> None:
+        super().__init__(id=id)
+        self._content: Text = Text("")
+
+    @property
+    def content(self) -> Text:
+        return self._content
+
+    def update(self, content: Text) -> None:
+        self._content = content
+        self.refresh()
+
+    def render(self) -> Text:
+        return self._content

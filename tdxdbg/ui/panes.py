@@ -20,16 +20,18 @@ STACK_SHOWN = 7
 
 def header_text(title: str, variant: str, position: int, total: int, task: str | None, vm_state: str,
                 running: str = "") -> Text:
+    """Frame, task and VM state first (they change while stepping), then variant and scenario title."""
     t = Text(no_wrap=True, overflow="ellipsis")
     t.append(" tdxdbg ", style="bold black on cyan")
-    t.append(f" {title} ", style="bold")
-    t.append(f"· {variant} ", style="grey70")
-    t.append(f"· frame {max(position - 1, 0)}/{max(total - 1, 0)} ", style="bold yellow")
+    frame = f"frame {position - 1}/{max(total - 1, 0)}" if position else f"frame -/{max(total - 1, 0)}"
+    t.append(f" {frame} ", style="bold yellow")
     t.append(f"· {task or '-'} ", style="magenta")
     style = "bold white on red" if vm_state != "running" else "green"
     t.append(f" VM {vm_state} ", style=style)
     if running:
-        t.append(f"  {running}", style="bold cyan")
+        t.append(f" {running} ", style="bold cyan")
+    t.append(f" · {variant} · ", style="grey70")
+    t.append(title, style="bold")
     return t
 
 

@@ -1,33 +1,39 @@
 """The page-table pane's lines: the mirror root, the direct root and the TDX module's S-EPT as indented trees
-of table pages with their populated entries. Pure functions over session views."""
+of table pages with their populated entries. Pure functions over session views.
+
+A tree can hold thousands of entries and is rebuilt on every step, so a line is a small value and its rich
+Text is made only when the line is drawn (the LineList asks for visible lines only).
+"""
 
 from __future__ import annotations
 
 from collections.abc import Hashable
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 from rich.text import Text
 
 from tdxdbg.engine.spte import describe_spte
 from tdxdbg.hw.tdx.sept import SeptState
-from tdxdbg.session.views import RootView, SeptTableView, SpteView, StateView, TableView
-
-# Which entry the iterator of the current task points at, which keys this frame wrote, and who froze what.
+from tdxdbg.session.views import RootView, SeptTableView, StateView, TableView
 
 
 class Marks(NamedTuple):
+    """What to point out: the entry the current task's iterator is at, the keys this frame wrote, and who
+    froze each FROZEN SPTE."""
+
     iter_key: Hashable | None = None
     changed: frozenset = frozenset()
     frozen_by: dict | None = None
 
 
 class TableLine(NamedTuple):
-    text: Text
-    key: Hashable | None        # ("pte", table, index) or ("sept", table, index)
-    kind: str                   # "mirror" / "direct" / "sept" / "" for headers
+    key: Hashable | None        # ("pte", table, index) or ("sept", table, index); None for headers
+    kind: str                   # "mirror" / "direct" / "sept"
     gfn: int = 0
-    level: int = 0
-    value: int = 0
+    level: int = 0              # KVM level (S-EPT lines: TDX level + 1)
+    value: int = 0              # SPTE value, or the S-EPT entry's architectural value
+    depth: int = 0
+    item: Any = None            # the SpteView / SeptEntryView (or a header Text)
 
 
 SEPT_STYLE = {
@@ -36,98 +42,102 @@ SEPT_STYLE = {
 }
 
 
-def _flags(e: SpteView) -> str:
-    if e.frozen:
-        return "FROZEN"
-    return describe_spte(e.value)
-
-
-def _spte_line(e: SpteView, depth: int, marks: Marks) -> TableLine:
-    key = ("pte", e.table, e.index)
-    t = Text()
-    pointer = "► " if key == marks.iter_key else "  "
-    t.append(pointer, style="bold magenta")
-    t.append("  " * depth)
-    t.append(f"[{e.index:3d}] ", style="grey62")
-    t.append(f"gfn {e.gfn:#x} L{e.level} ")
-    if e.frozen:
-        who = (marks.frozen_by or {}).get(key)
-        t.append(f"{e.value:#018x} FROZEN" + (f" by {who}" if who else ""), style="bold white on red")
-    elif e.leaf:
-        t.append(f"{e.value:#018x} ", style="green")
-        t.append(f"leaf {_flags(e)}", style="grey70")
-    elif e.child is not None:
-        t.append(f"{e.value:#018x} ", style="cyan")
-        t.append(f"-> table {e.child.pfn:#x}", style="grey70")
-    else:
-        t.append(f"{e.value:#018x} {_flags(e)}", style="grey70")
-    if key in marks.changed:
-        t.stylize("on dark_goldenrod")
-    return TableLine(t, key, "", e.gfn, e.level, e.value)
-
-
-def _table_lines(table: TableView, depth: int, marks: Marks, out: list[TableLine], kind: str) -> None:
-    for e in table.entries:
-        line = _spte_line(e, depth, marks)
-        out.append(line._replace(kind=kind))
-        if e.child is not None:
-            _table_lines(e.child, depth + 1, marks, out, kind)
-
-
-def root_lines(root: RootView | None, title: str, kind: str, marks: Marks) -> list[TableLine]:
-    if root is None:
-        head = Text(f"{title}: not allocated", style="bold grey50")
-        return [TableLine(head, None, kind)]
-    head = Text()
-    head.append(f"{title} ", style="bold")
-    head.append(f"L{root.level} table {root.pfn:#x}  refcount {root.refcount}", style="grey70")
-    if root.invalid:
-        head.append("  INVALID", style="bold red")
-    out = [TableLine(head, None, kind)]
-    if not root.tree.entries:
-        out.append(TableLine(Text("      (empty)", style="grey50"), None, kind))
-    _table_lines(root.tree, 1, marks, out, kind)
-    return out
-
-
-def _sept_lines(table: SeptTableView, depth: int, marks: Marks, out: list[TableLine]) -> None:
-    for node in table.entries:
-        e = node.entry
-        key = ("sept", e.table, e.index)
-        t = Text("  ")
-        t.append("  " * depth)
+def render(line: TableLine, marks: Marks) -> Text:
+    """The rich Text of one line (called only for lines on screen)."""
+    item = line.item
+    if line.key is None:
+        return item
+    t = Text(no_wrap=True)
+    if line.kind == "sept":
+        e = item
+        t.append("  ")
+        t.append("  " * line.depth)
         t.append(f"[{e.index:3d}] ", style="grey62")
         t.append(f"gpa {e.gpa:#x} L{e.level} ")
         t.append(f"{e.state.name}", style=SEPT_STYLE.get(e.state, ""))
         if e.state.is_leaf:
             t.append(f" page {e.pfn:#x}", style="grey70")
-        elif node.child is not None:
+        elif e.state is not SeptState.FREE:
             t.append(f" -> S-EPT page {e.pfn:#x}", style="grey70")
-        if key in marks.changed:
-            t.stylize("on dark_goldenrod")
-        out.append(TableLine(t, key, "sept", e.gpa >> 12, e.level + 1, e.arch_value))
-        if node.child is not None:
-            _sept_lines(node.child, depth + 1, marks, out)
+    else:
+        e = item
+        t.append("► " if line.key == marks.iter_key else "  ", style="bold magenta")
+        t.append("  " * line.depth)
+        t.append(f"[{e.index:3d}] ", style="grey62")
+        t.append(f"gfn {e.gfn:#x} L{e.level} ")
+        if e.frozen:
+            who = (marks.frozen_by or {}).get(line.key)
+            t.append(f"{e.value:#018x} FROZEN" + (f" by {who}" if who else ""), style="bold white on red")
+        elif e.leaf:
+            t.append(f"{e.value:#018x} ", style="green")
+            t.append(f"leaf {describe_spte(e.value)}", style="grey70")
+        elif e.child is not None:
+            t.append(f"{e.value:#018x} ", style="cyan")
+            t.append(f"-> table {e.child.pfn:#x}", style="grey70")
+        else:
+            t.append(f"{e.value:#018x} {describe_spte(e.value)}", style="grey70")
+    if line.key in marks.changed:
+        t.stylize("on dark_goldenrod")
+    return t
 
 
-def sept_lines(sept: SeptTableView | None, marks: Marks) -> list[TableLine]:
-    if sept is None:
-        return [TableLine(Text("S-EPT (TDX module): TD not created", style="grey50"), None, "sept")]
-    head = Text()
-    head.append("S-EPT (TDX module) ", style="bold")
-    head.append(f"root (TDCS page) {sept.pfn:#x}  TDX level {sept.level}", style="grey70")
-    out = [TableLine(head, None, "sept")]
-    if not sept.entries:
-        out.append(TableLine(Text("      (all FREE)", style="grey50"), None, "sept"))
-    _sept_lines(sept, 1, marks, out)
+def _table_lines(table: TableView, depth: int, out: list[TableLine], kind: str) -> None:
+    for e in table.entries:
+        out.append(TableLine(("pte", e.table, e.index), kind, e.gfn, e.level, e.value, depth, e))
+        if e.child is not None:
+            _table_lines(e.child, depth + 1, out, kind)
+
+
+def _header(text: Text, kind: str) -> TableLine:
+    return TableLine(None, kind, item=text)
+
+
+def root_lines(root: RootView | None, title: str, kind: str) -> list[TableLine]:
+    if root is None:
+        return [_header(Text(f"{title}: not allocated", style="bold grey50"), kind)]
+    head = Text(no_wrap=True)
+    head.append(f"{title} ", style="bold")
+    head.append(f"L{root.level} table {root.pfn:#x}  refcount {root.refcount}", style="grey70")
+    if root.invalid:
+        head.append("  INVALID", style="bold red")
+    out = [_header(head, kind)]
+    if not root.tree.entries:
+        out.append(_header(Text("      (empty)", style="grey50"), kind))
+    _table_lines(root.tree, 1, out, kind)
     return out
 
 
-def all_lines(view: StateView, marks: Marks) -> list[TableLine]:
-    lines = root_lines(view.mirror, "mirror root (private)", "mirror", marks)
-    lines += root_lines(view.direct, "direct root (shared)", "direct", marks)
+def _sept_lines(table: SeptTableView, depth: int, out: list[TableLine]) -> None:
+    for node in table.entries:
+        e = node.entry
+        out.append(TableLine(("sept", e.table, e.index), "sept", e.gpa >> 12, e.level + 1, 0, depth, e))
+        if node.child is not None:
+            _sept_lines(node.child, depth + 1, out)
+
+
+def sept_lines(sept: SeptTableView | None) -> list[TableLine]:
+    if sept is None:
+        return [_header(Text("S-EPT (TDX module): TD not created", style="grey50"), "sept")]
+    head = Text(no_wrap=True)
+    head.append("S-EPT (TDX module) ", style="bold")
+    head.append(f"root (TDCS page) {sept.pfn:#x}  TDX level {sept.level}", style="grey70")
+    out = [_header(head, "sept")]
+    if not sept.entries:
+        out.append(_header(Text("      (all FREE)", style="grey50"), "sept"))
+    _sept_lines(sept, 1, out)
+    return out
+
+
+def all_lines(view: StateView) -> list[TableLine]:
+    lines = root_lines(view.mirror, "mirror root (private)", "mirror")
+    lines += root_lines(view.direct, "direct root (shared)", "direct")
     for r in view.roots:
         if r is not view.mirror and r is not view.direct:
-            lines += root_lines(r, f"{r.kind} root {r.pfn:#x}", r.kind, marks)
-    lines += sept_lines(view.sept, marks)
+            lines += root_lines(r, f"{r.kind} root {r.pfn:#x}", r.kind)
+    lines += sept_lines(view.sept)
     return lines
+
+
+def max_width(lines: list[TableLine]) -> int:
+    """A width that fits every line, estimated without rendering them."""
+    return max((48 + 2 * ln.depth for ln in lines), default=0)
