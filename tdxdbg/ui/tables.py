@@ -64,16 +64,17 @@ def render(line: TableLine, marks: Marks) -> Text:
         t.append("► " if line.key == marks.iter_key else "  ", style="bold magenta")
         t.append("  " * line.depth)
         t.append(f"[{e.index:3d}] ", style="grey62")
-        t.append(f"gfn {e.gfn:#x} L{e.level} ")
+        t.append(f"L{e.level} gfn {e.gfn:#x} ")
         if e.frozen:
             who = (marks.frozen_by or {}).get(line.key)
-            t.append(f"{e.value:#018x} FROZEN" + (f" by {who}" if who else ""), style="bold white on red")
+            t.append("FROZEN" + (f" by {who}" if who else ""), style="bold white on red")
+            t.append(f" {e.value:#018x}", style="grey70")
         elif e.leaf:
-            t.append(f"{e.value:#018x} ", style="green")
-            t.append(f"leaf {describe_spte(e.value)}", style="grey70")
+            t.append(f"leaf {e.value:#018x} ", style="green")
+            t.append(describe_spte(e.value), style="grey70")
         elif e.child is not None:
-            t.append(f"{e.value:#018x} ", style="cyan")
-            t.append(f"-> table {e.child.pfn:#x}", style="grey70")
+            t.append(f"-> table {e.child.pfn:#x} ", style="cyan")
+            t.append(f"{e.value:#018x}", style="grey70")
         else:
             t.append(f"{e.value:#018x} {describe_spte(e.value)}", style="grey70")
     if line.key in marks.changed:
