@@ -83,6 +83,12 @@ class FramesView(Sequence[Frame]):
         return iter(self._frames)
 
 
+# Keys whose change invalidates the cached view of the table page named by their second element.
+_TABLE_KEYS = frozenset({"pte", "sept", "kvm.sp", "mem.fill"})
+# Moving further than this many frames rebuilds the trees from scratch instead of replaying changes.
+TREE_CACHE_SPAN = 5000
+
+
 class Session:
     """One TD under the debugger: a setup, a schedule, the timeline recorded so far and a cursor on it."""
 
@@ -95,6 +101,7 @@ class Session:
         self._interrupt = threading.Event()
         self._pos = 0
         self._selected: str | None = None
+        self._tree_cache = views.TreeCache()
         self.forks: list[ForkRecord] = []
         self._use(self._build())
         kvm = self._vm.kvm
@@ -130,6 +137,7 @@ class Session:
         self._task_frames = rec.task_frames
         self._prev = rec.prev
         self._waits = rec.waits
+        self._tree_cache = views.TreeCache()   # cached trees belong to the timeline they were built from
 
     # -- read-only state --------------------------------------------------------------------------------------
     @property
@@ -250,15 +258,38 @@ class Session:
         pos = self._pos if position is None else position
         tasks = self.task_views(pos)
         state = self._state(pos)
-        roots = views.roots(state, self.context)
+        self._invalidate_trees(pos)
+        cache = self._tree_cache
+        roots = views.roots(state, self.context, cache)
+        sept = views.sept_tree(state, self.context, cache)
+        cache.position = pos
         mirror_pfn = views.root_pfn(state, "mirror")
         direct_pfn = views.root_pfn(state, "direct")
         return views.StateView(
             pos,
             next((r for r in roots if r.pfn == mirror_pfn), None),
             next((r for r in roots if r.pfn == direct_pfn), None),
-            roots, views.sept_tree(state, self.context), views.private_ranges(state), views.memslots(state),
+            roots, sept, views.private_ranges(state), views.memslots(state),
             views.td_view(state, self.context), views.kvm_view(state), tasks)
+
+    def _invalidate_trees(self, pos: int) -> None:
+        """Forget cached views of page-table pages (KVM's and the S-EPT's) written between the cached trees'
+        position and `pos`, and of their ancestors; when that span is long, drop the whole cache."""
+        cache = self._tree_cache
+        frames = self._rt.timeline.frames
+        if cache.position is None or cache.position > len(frames) or abs(pos - cache.position) > TREE_CACHE_SPAN:
+            cache.clear()
+            return
+        lo, hi = sorted((cache.position, pos))
+        dirty: set[int] = set()
+        effects = frames.effects
+        for i in range(lo, hi):
+            flat = effects[i]
+            for j in range(0, len(flat), 3):
+                k = flat[j]
+                if type(k) is tuple and k[0] in _TABLE_KEYS:
+                    dirty.add(k[1])
+        cache.invalidate(dirty)
 
     def mirror_tree(self, position: int | None = None) -> views.RootView | None:
         return views.root_view(self._state(position), self.context, "mirror")

@@ -112,8 +112,52 @@ class RootView:
         return d(self.tree)
 
 
-def _table(state: State, pfn: int, level: int, kind: str, gfn_base: int, gfn_bits: int) -> TableView:
+class TreeCache:
+    """Table views kept between positions, so a step rebuilds only the tables whose entries changed (and
+    their ancestors). `parent` maps a table pfn to the table pointing at it."""
+
+    def __init__(self) -> None:
+        self.position: int | None = None
+        # table pfn -> {(kind, level, base, bits): view}; a pfn's views go as soon as its entries change, even
+        # while the table is unreachable, so a table that reappears later is never served stale.
+        self.tables: dict[int, dict[tuple, Any]] = {}
+        self.parent: dict[int, int] = {}
+
+    def clear(self) -> None:
+        self.tables.clear()
+        self.parent.clear()
+
+    def get(self, pfn: int, key: tuple) -> Any:
+        views = self.tables.get(pfn)
+        return None if views is None else views.get(key)
+
+    def put(self, pfn: int, key: tuple, view: Any) -> None:
+        self.tables.setdefault(pfn, {})[key] = view
+
+    def invalidate(self, dirty: set[int]) -> set[int]:
+        """Drop the views of the dirty tables and of every ancestor (their child references change too);
+        returns that set."""
+        out = set()
+        for pfn in dirty:
+            while pfn not in out:
+                out.add(pfn)
+                up = self.parent.get(pfn)
+                if up is None:
+                    break
+                pfn = up
+        for pfn in out:
+            self.tables.pop(pfn, None)
+        return out
+
+
+def _table(state: State, pfn: int, level: int, kind: str, gfn_base: int, gfn_bits: int,
+           cache: TreeCache | None = None) -> TableView:
     """`gfn_base` includes the root's gfn bits (the index space); reported gfns have them masked off."""
+    key = (level, kind, gfn_base, gfn_bits)
+    if cache is not None:
+        hit = cache.get(pfn, key)
+        if hit is not None:
+            return hit
     sp: KvmMmuPage | None = state.get(sp_key(pfn))
     fill = state.get(("mem.fill", pfn), 0)
     per = kvm_pages_per_hpage(level)
@@ -127,13 +171,19 @@ def _table(state: State, pfn: int, level: int, kind: str, gfn_base: int, gfn_bit
         leaf = is_shadow_present_pte(v) and is_last_spte(v, level)
         child = None
         if is_shadow_present_pte(v) and not leaf and level > 1:
-            child = _table(state, spte_to_pfn(v), level - 1, kind, gfn, gfn_bits)
+            child_pfn = spte_to_pfn(v)
+            if cache is not None:
+                cache.parent[child_pfn] = pfn
+            child = _table(state, child_pfn, level - 1, kind, gfn, gfn_bits, cache)
         entries.append(SpteView(pfn, i, level, gfn & ~gfn_bits, gfn << 12, v, leaf, v == FROZEN_SPTE, child))
-    return TableView(pfn, level, kind, (gfn_base & ~gfn_bits), (gfn_base & ~gfn_bits) + per * SPTE_ENT_PER_PAGE,
+    view = TableView(pfn, level, kind, (gfn_base & ~gfn_bits), (gfn_base & ~gfn_bits) + per * SPTE_ENT_PER_PAGE,
                      sp.external_spt if sp is not None else 0, tuple(entries))
+    if cache is not None:
+        cache.put(pfn, key, view)
+    return view
 
 
-def roots(state: State, ctx: VmContext) -> tuple[RootView, ...]:
+def roots(state: State, ctx: VmContext, cache: TreeCache | None = None) -> tuple[RootView, ...]:
     """Every root in kvm->arch.tdp_mmu_roots order, with its tree."""
     out = []
     for root in state.get(K_ROOTS, ()):
@@ -143,7 +193,7 @@ def roots(state: State, ctx: VmContext) -> tuple[RootView, ...]:
         kind = sp.kind
         out.append(RootView(kind, root, sp.role.level, sp.role.invalid, state.get(root_ref_key(root), 0),
                             _table(state, root, sp.role.level, kind, 0, 0 if sp.role.is_mirror
-                                   else ctx.gfn_direct_bits)))
+                                   else ctx.gfn_direct_bits, cache)))
     return tuple(out)
 
 
@@ -236,7 +286,13 @@ def td_config(state: State, ctx: VmContext) -> TdConfig | None:
     return state.get(td_key(ctx.tdr))
 
 
-def _sept_table(state: State, pfn: int, level: int, gpa_base: int) -> SeptTableView:
+def _sept_table(state: State, pfn: int, level: int, gpa_base: int,
+                cache: TreeCache | None = None) -> SeptTableView:
+    key = ("sept", level, gpa_base)
+    if cache is not None:
+        hit = cache.get(pfn, key)
+        if hit is not None:
+            return hit
     entries = []
     size = level_size(level)
     get = state.get
@@ -247,17 +303,22 @@ def _sept_table(state: State, pfn: int, level: int, gpa_base: int) -> SeptTableV
         gpa = gpa_base + i * size
         child = None
         if not e.state.is_leaf and level > 0:
-            child = _sept_table(state, e.pfn, level - 1, gpa)
+            if cache is not None:
+                cache.parent[e.pfn] = pfn
+            child = _sept_table(state, e.pfn, level - 1, gpa, cache)
         entries.append(SeptNode(decode_sept(e, gpa, level, pfn, i), child))
-    return SeptTableView(pfn, level, gpa_base, gpa_base + size * 512, tuple(entries))
+    view = SeptTableView(pfn, level, gpa_base, gpa_base + size * 512, tuple(entries))
+    if cache is not None:
+        cache.put(pfn, key, view)
+    return view
 
 
-def sept_tree(state: State, ctx: VmContext) -> SeptTableView | None:
+def sept_tree(state: State, ctx: VmContext, cache: TreeCache | None = None) -> SeptTableView | None:
     """The Secure EPT from the TD's root (TDCS page 3): entries that are not FREE, with their sub-tables."""
     cfg = td_config(state, ctx)
     if cfg is None:
         return None
-    return _sept_table(state, cfg.sept_root, cfg.root_level, 0)
+    return _sept_table(state, cfg.sept_root, cfg.root_level, 0, cache)
 
 
 def sept_entry_at(state: State, ctx: VmContext, gpa: int, level: int = 0) -> SeptEntryView | None:
