@@ -109,7 +109,15 @@ class IoctlOps(TdxOps):
                     continue
                 w.delete(key)
                 for pfn in range(base, base + 512):
-                    self.memory.free(pfn)
+                    if self.page_pinned(pfn):
+                        # A pinned page outlives the mapping: it is freed when the last pin goes.
+                        w.set(("hva.orphan", pfn), True)
+                    else:
+                        self.memory.free(pfn)
+
+    def page_pinned(self, pfn: int) -> bool:
+        """Whether KVM holds a pin on a userspace page (only the v7 series pins private pages)."""
+        return False
 
     # -- memslots -----------------------------------------------------------------------------------------------
     def kvm_delete_memslot(self, slot_id: int) -> Gen:

@@ -114,6 +114,7 @@ class V7(Upstream):
         yield from self.warn_on_once(not fault.write, "private fault that is not a write")
         assert fault.slot is not None
         fault.pfn, _level = self.hva_to_pfn(fault.slot, fault.gfn)
+        self.world.set(("v7.pinned", fault.pfn), True)
         fault.map_writable = True
         fault.max_level = PG_LEVEL_4K
         yield Step(EngineStep.FAULTIN, {"gfn": fault.gfn, "pfn": fault.pfn, "private": True,
@@ -180,3 +181,26 @@ class V7(Upstream):
             return ret
         ret = yield from super().tdx_sept_remove_private_spte(gfn, level, pfn)
         return ret
+
+    def page_pinned(self, pfn: int) -> bool:
+        return bool(self.world.get(("v7.pinned", pfn)))
+
+    def tdx_sept_drop_private_spte(self, gfn: int, level: int, pfn: int) -> Gen:
+        """After PAGE.REMOVE the pin taken at fault time is dropped (kvm_release_pfn); a page whose userspace
+        mapping was discarded meanwhile is freed now."""
+        ret = yield from super().tdx_sept_drop_private_spte(gfn, level, pfn)
+        self._unpin(pfn)
+        return ret
+
+    def tdx_reclaim_page(self, pfn: int) -> Gen:
+        ret = yield from super().tdx_reclaim_page(pfn)
+        self._unpin(pfn)
+        return ret
+
+    def _unpin(self, pfn: int) -> None:
+        w = self.world
+        if w.get(("v7.pinned", pfn)):
+            w.delete(("v7.pinned", pfn))
+            if w.get(("hva.orphan", pfn)):
+                w.delete(("hva.orphan", pfn))
+                self.memory.free(pfn)
