@@ -479,7 +479,7 @@ class Checker:
         last = self.last_change.get(task)
         if last is None or last.root != "mirror":
             return
-        gfn, level, old, new = p["gfn"], p["level"], p["old"], p["new"]
+        gfn, level, old, new = p.get("gfn"), p.get("level"), p.get("old"), p.get("new")
         if last.gfn != gfn or last.level != level:
             return
         removes_table = (_is_present(old) and not _is_leaf(old, level)

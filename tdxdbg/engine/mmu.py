@@ -22,7 +22,7 @@ from tdxdbg.engine.spte import (
     kvm_pages_per_hpage,
     shadow_dirty_mask,
 )
-from tdxdbg.engine.steps import EngineStep
+from tdxdbg.engine.steps import EngineStep, FaultInfo, FaultinInfo, RetPfInfo
 from tdxdbg.engine.tdp_mmu import TdpMmuOps
 from tdxdbg.runtime.step import Step
 
@@ -69,6 +69,9 @@ class KvmPageFault:
     map_writable: bool = False
     wrprot: bool = False
 
+    # Show this struct's fields in the debugger's locals pane (it is mutable, so as of now).
+    __tdxdbg_live_repr__ = True
+
     def __repr__(self) -> str:
         slot = self.slot.id if self.slot is not None else None
         return (f"kvm_page_fault(addr={self.addr:#x}, gfn={self.gfn:#x}, private={self.is_private}, "
@@ -81,8 +84,8 @@ class MmuOps(TdpMmuOps):
     def kvm_mmu_page_fault(self, vcpu: Any, gpa: int, error_code: int) -> Gen:
         """Entry from the EPT-violation handler. Returns a RetPf (resume the guest), 0 (exit to userspace)
         or a negative errno."""
-        yield Step(EngineStep.FAULT, {"vcpu": vcpu.index, "gpa": gpa, "error_code": error_code,
-                                      "private": bool(error_code & PFERR_PRIVATE_ACCESS)})
+        yield Step(EngineStep.FAULT, FaultInfo(vcpu=vcpu.index, gpa=gpa, error_code=error_code,
+                                      private=bool(error_code & PFERR_PRIVATE_ACCESS)))
         r: Any = RetPf.RET_PF_INVALID
         if r is RetPf.RET_PF_INVALID:
             r = yield from self.kvm_mmu_do_page_fault(vcpu, gpa, error_code, prefetch=False)
@@ -117,8 +120,8 @@ class MmuOps(TdpMmuOps):
 
     def record_ret_pf(self, vcpu: Any, fault: KvmPageFault, r: Any) -> Gen:
         if isinstance(r, RetPf):
-            yield Step(EngineStep.RET_PF, {"vcpu": vcpu.index, "ret": r.name, "value": self.ret_pf_value(r),
-                                           "gfn": fault.gfn, "gpa": fault.addr, "private": fault.is_private})
+            yield Step(EngineStep.RET_PF, RetPfInfo(vcpu=vcpu.index, ret=r.name, value=self.ret_pf_value(r),
+                                           gfn=fault.gfn, gpa=fault.addr, private=fault.is_private))
         return r
 
     def kvm_tdp_page_fault(self, vcpu: Any, fault: KvmPageFault) -> Gen:
@@ -197,14 +200,14 @@ class MmuOps(TdpMmuOps):
                 yield from self.kvm_mmu_prepare_memory_fault_exit(vcpu, fault)
                 return EFAULT
             fault.pfn = KVM_PFN_NOSLOT
-            yield Step(EngineStep.FAULTIN, {"gfn": fault.gfn, "result": "no memslot: MMIO"})
+            yield Step(EngineStep.FAULTIN, FaultinInfo(gfn=fault.gfn, result="no memslot: MMIO"))
             return RetPf.RET_PF_CONTINUE
         # A memslot being deleted or moved: retry until its SPTEs are zapped (checked after the no-slot case).
         if slot.invalid:
-            yield Step(EngineStep.FAULTIN, {"gfn": fault.gfn, "result": "memslot being deleted"})
+            yield Step(EngineStep.FAULTIN, FaultinInfo(gfn=fault.gfn, result="memslot being deleted"))
             return RetPf.RET_PF_RETRY
         if self.mmu_invalidate_retry_gfn_unsafe(fault.mmu_seq, fault.gfn):
-            yield Step(EngineStep.FAULTIN, {"gfn": fault.gfn, "result": "invalidation in progress"})
+            yield Step(EngineStep.FAULTIN, FaultinInfo(gfn=fault.gfn, result="invalidation in progress"))
             return RetPf.RET_PF_RETRY
         if fault.is_private:
             r = yield from self.kvm_mmu_faultin_pfn_private(vcpu, fault)
@@ -216,8 +219,8 @@ class MmuOps(TdpMmuOps):
             fault.max_level = min(fault.max_level, host_level)
             if slot.dirty_log:
                 fault.max_level = PG_LEVEL_4K
-        yield Step(EngineStep.FAULTIN, {"gfn": fault.gfn, "pfn": fault.pfn, "private": fault.is_private,
-                                        "max_level": fault.max_level, "result": "pfn"})
+        yield Step(EngineStep.FAULTIN, FaultinInfo(gfn=fault.gfn, pfn=fault.pfn, private=fault.is_private,
+                                        max_level=fault.max_level, result="pfn"))
         if self.mmu_invalidate_retry_gfn_unsafe(fault.mmu_seq, fault.gfn):
             return RetPf.RET_PF_RETRY
         return RetPf.RET_PF_CONTINUE
@@ -254,7 +257,7 @@ class MmuOps(TdpMmuOps):
         if not stale and fault.slot is not None:
             stale = self.mmu_invalidate_retry_gfn(fault.mmu_seq, fault.gfn)
         if stale:
-            yield Step(EngineStep.FAULTIN, {"gfn": fault.gfn, "result": "stale: retry"})
+            yield Step(EngineStep.FAULTIN, FaultinInfo(gfn=fault.gfn, result="stale: retry"))
         return stale
 
     # -- huge pages ------------------------------------------------------------------------------------------

@@ -83,3 +83,62 @@ class LockEvent(NamedTuple):
     lock: str
     mode: str        # "read" / "write"
     action: str      # "acquire", "release", "wait"
+
+
+class FaultInfo(NamedTuple):
+    """kvm_mmu_page_fault entered."""
+
+    vcpu: int
+    gpa: int
+    error_code: int
+    private: bool
+
+
+class FaultinInfo(NamedTuple):
+    """What kvm_mmu_faultin_pfn decided: a pfn, or why the fault retries or exits."""
+
+    gfn: int
+    result: str
+    pfn: int | None = None
+    private: bool | None = None
+    max_level: int | None = None
+
+
+class RetPfInfo(NamedTuple):
+    vcpu: int
+    ret: str
+    value: int
+    gfn: int
+    gpa: int
+    private: bool
+
+
+class ExitInfo(NamedTuple):
+    """A TD exit being handled by KVM: `what` says which part of the handling this is."""
+
+    vcpu: int
+    what: str
+    gpa: int | None = None
+    private: bool | None = None
+    ret: object = None
+    retries: int | None = None
+    retry: int | None = None
+    reenter: bool | None = None
+
+
+class HandleChangedInfo(NamedTuple):
+    gfn: int
+    level: int
+    old: int
+    new: int
+    shared: bool
+
+
+def _payload_get(self: NamedTuple, name: str, default: object = None) -> object:
+    """dict-style access, so readers treat NamedTuple and dict payloads alike."""
+    return getattr(self, name, default)
+
+
+for _cls in (IterPos, SpteChange, HookCall, RetPf, LockEvent, FaultInfo, FaultinInfo, RetPfInfo, ExitInfo,
+             HandleChangedInfo):
+    _cls.get = _payload_get  # type: ignore[attr-defined]

@@ -54,6 +54,13 @@ class TdpIter:
         self.yielded = False
         self.as_id = 0
 
+    # Show the iterator's position in the debugger's locals pane (it is mutable, so as of now).
+    __tdxdbg_live_repr__ = True
+
+    def __repr__(self) -> str:
+        return (f"tdp_iter({self.root_kind} L{self.level} gfn={self.gfn:#x} idx={self.index} "
+                f"old_spte={self.old_spte:#x}{'' if self.valid else ' invalid'})")
+
     @property
     def sptep(self) -> tuple[int, int]:
         return (self.table, self.index)

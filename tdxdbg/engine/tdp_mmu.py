@@ -46,7 +46,7 @@ from tdxdbg.engine.spte import (
     shadow_x_mask,
     spte_to_pfn,
 )
-from tdxdbg.engine.steps import EngineStep, SpteChange
+from tdxdbg.engine.steps import EngineStep, HandleChangedInfo, SpteChange
 from tdxdbg.engine.tdp_iter import TdpIter
 from tdxdbg.runtime.step import Step
 
@@ -465,8 +465,8 @@ class TdpMmuOps(GmemOps):
         pfn_changed = spte_to_pfn(old) != spte_to_pfn(new)
         if old == new:
             return
-        yield Step(EngineStep.HANDLE_CHANGED, {"gfn": gfn, "level": level, "old": old, "new": new,
-                                               "shared": shared})
+        yield Step(EngineStep.HANDLE_CHANGED, HandleChangedInfo(gfn=gfn, level=level, old=old, new=new,
+                                               shared=shared))
         if was_leaf and is_leaf and pfn_changed:
             yield from self.kvm_bug_on(True, "BUG: present leaf SPTE replaced by another pfn")
             return

@@ -29,7 +29,7 @@ from tdxdbg.engine.mmu import (
     MmuOps,
 )
 from tdxdbg.engine.spte import PG_LEVEL_4K
-from tdxdbg.engine.steps import EngineStep, HookCall
+from tdxdbg.engine.steps import EngineStep, ExitInfo, HookCall
 from tdxdbg.hw.ept import ExitQual
 from tdxdbg.hw.tdx.guest_calls import ExtExitQualType
 from tdxdbg.hw.tdx.leaves import Seamcall
@@ -289,7 +289,7 @@ class TdxOps(MmuOps):
             if slot is not None and slot.invalid:
                 break
             retries += 1
-            yield Step(EngineStep.EXIT, {"vcpu": vcpu.index, "what": "local retry", "gpa": gpa, "retry": retries})
+            yield Step(EngineStep.EXIT, ExitInfo(vcpu=vcpu.index, what="local retry", gpa=gpa, retry=retries))
         vcpu.fault_retries = retries
         return ret
 

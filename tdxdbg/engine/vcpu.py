@@ -7,7 +7,7 @@ from typing import Any
 
 from tdxdbg.engine.kvm import K_TD_STATE, K_VM_DEAD, K_WAIT_FOR_SEPT_ZAP, Gen, RetPf, TdState
 from tdxdbg.engine.mmu import EFAULT
-from tdxdbg.engine.steps import EngineStep
+from tdxdbg.engine.steps import EngineStep, ExitInfo
 from tdxdbg.hw.cpu import TdExit, TdVcpu
 from tdxdbg.hw.ept import ExitReason
 from tdxdbg.hw.insn import GuestProgram
@@ -70,7 +70,7 @@ class VcpuOps:
             if self.world.get(K_TD_STATE) is not TdState.TD_STATE_RUNNABLE:
                 # The VMM starts vCPU threads only once the TD is finalized (tdx_vcpu_pre_run refuses KVM_RUN
                 # before that): a build-time scenario's vCPUs wait for KVM_TDX_FINALIZE_VM (or teardown).
-                yield Step(EngineStep.EXIT, {"vcpu": vcpu.index, "what": "VMM: waiting for KVM_TDX_FINALIZE_VM"},
+                yield Step(EngineStep.EXIT, ExitInfo(vcpu=vcpu.index, what="VMM: waiting for KVM_TDX_FINALIZE_VM"),
                            _td_runnable_or_destroying)
             yield from self.kvm_mmu_load(vcpu)
             while True:
@@ -93,7 +93,7 @@ class VcpuOps:
         w = self.world
         while True:
             if w.get(K_VM_DEAD):
-                yield Step(EngineStep.EXIT, {"vcpu": vcpu.index, "what": "VM is dead: KVM_RUN returns -EIO"})
+                yield Step(EngineStep.EXIT, ExitInfo(vcpu=vcpu.index, what="VM is dead: KVM_RUN returns -EIO"))
                 return -5
             if w.get(("kvm.destroying",)):
                 return -4
@@ -102,7 +102,7 @@ class VcpuOps:
             yield from self.kvm_mmu_load(vcpu)
             if w.get(K_WAIT_FOR_SEPT_ZAP):
                 # tdx_vcpu_run: stay out of the TD while a zap retries with vCPUs kept out.
-                yield Step(EngineStep.EXIT, {"vcpu": vcpu.index, "what": "wait_for_sept_zap: not entering"},
+                yield Step(EngineStep.EXIT, ExitInfo(vcpu=vcpu.index, what="wait_for_sept_zap: not entering"),
                            lambda world: not world.peek(K_WAIT_FOR_SEPT_ZAP))
                 continue
             exit = yield from vcpu.hw.enter()
@@ -114,16 +114,16 @@ class VcpuOps:
         """Dispatch a TD exit. Returns 1 to re-enter, 0 to go to userspace, < 0 on error."""
         if exit.error:
             # TDH.VP.ENTER BUSY (S-EPT tree or epoch): exit reason -1, fastpath "handled": just re-enter.
-            yield Step(EngineStep.EXIT, {"vcpu": vcpu.index, "what": f"VP.ENTER failed: {exit}", "reenter": True})
+            yield Step(EngineStep.EXIT, ExitInfo(vcpu=vcpu.index, what=f"VP.ENTER failed: {exit}", reenter=True))
             return 1
         reason = exit.reason
         if reason is ExitReason.EPT_VIOLATION:
             vcpu.fault_retries = 0
             ret = yield from self.tdx_handle_ept_violation(vcpu, exit)
-            yield Step(EngineStep.EXIT, {
-                "vcpu": vcpu.index, "what": "EPT violation handled", "gpa": exit.gpa,
-                "private": self.tdx_is_private_gpa(exit.gpa),
-                "ret": ret.name if isinstance(ret, RetPf) else ret, "retries": vcpu.fault_retries})
+            yield Step(EngineStep.EXIT, ExitInfo(
+                vcpu=vcpu.index, what="EPT violation handled", gpa=exit.gpa,
+                private=self.tdx_is_private_gpa(exit.gpa),
+                ret=ret.name if isinstance(ret, RetPf) else ret, retries=vcpu.fault_retries))
             if isinstance(ret, RetPf):
                 return 1
             return ret
@@ -140,7 +140,7 @@ class VcpuOps:
             ret = yield from self.tdx_map_gpa(vcpu, exit.r12, exit.r13)
             return ret
         vcpu.hw.complete_tdvmcall(TdvmcallStatus.SUBFUNC_UNSUPPORTED)
-        yield Step(EngineStep.EXIT, {"vcpu": vcpu.index, "what": f"TDVMCALL {exit.r11:#x} unsupported"})
+        yield Step(EngineStep.EXIT, ExitInfo(vcpu=vcpu.index, what=f"TDVMCALL {exit.r11:#x} unsupported"))
         return 1
 
     def tdx_map_gpa(self, vcpu: KvmVcpu, gpa: int, size: int) -> Gen:
@@ -149,11 +149,11 @@ class VcpuOps:
         shared_bit = self.spec.gpaw.shared_bit
         if (not size or gpa + size > gpaw_limit or (gpa & shared_bit) != ((gpa + size - 1) & shared_bit)):
             vcpu.hw.complete_tdvmcall(TdvmcallStatus.OPERAND_INVALID, gpa)
-            yield Step(EngineStep.EXIT, {"vcpu": vcpu.index, "what": "MapGPA: invalid operand", "gpa": gpa})
+            yield Step(EngineStep.EXIT, ExitInfo(vcpu=vcpu.index, what="MapGPA: invalid operand", gpa=gpa))
             return 1
         if gpa % 4096 or size % 4096:
             vcpu.hw.complete_tdvmcall(TdvmcallStatus.ALIGN_ERROR, gpa)
-            yield Step(EngineStep.EXIT, {"vcpu": vcpu.index, "what": "MapGPA: misaligned", "gpa": gpa})
+            yield Step(EngineStep.EXIT, ExitInfo(vcpu=vcpu.index, what="MapGPA: misaligned", gpa=gpa))
             return 1
         vcpu.map_gpa = (gpa, gpa + size)
         yield from self.__tdx_map_gpa(vcpu)
@@ -181,7 +181,7 @@ class VcpuOps:
         vcpu.map_gpa = (nxt, end)
         if nxt >= end:
             vcpu.hw.complete_tdvmcall(TdvmcallStatus.SUCCESS)
-            yield Step(EngineStep.EXIT, {"vcpu": vcpu.index, "what": "MapGPA complete"})
+            yield Step(EngineStep.EXIT, ExitInfo(vcpu=vcpu.index, what="MapGPA complete"))
             return 1
         if self.kvm_vcpu_has_events(vcpu):
             vcpu.hw.complete_tdvmcall(TdvmcallStatus.RETRY, nxt)

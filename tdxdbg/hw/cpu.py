@@ -38,7 +38,15 @@ from tdxdbg.hw.tdx.guest_calls import (
 from tdxdbg.hw.tdx.leaves import Seamcall, Tdcall
 from tdxdbg.hw.tdx.locks import LockMode, release, try_acquire
 from tdxdbg.hw.tdx.module import TdxModule
-from tdxdbg.hw.tdx.seamcall import TdxStep
+from tdxdbg.hw.tdx.seamcall import (
+    GuestAccessInfo,
+    SeamcallEntry,
+    SeamcallReturn,
+    TdcallReturn,
+    TdEntry,
+    TdExitInfo,
+    TdxStep,
+)
 from tdxdbg.hw.tdx.status import OperandId, TdxStatus, describe
 from tdxdbg.hw.tdx.td import Lifecycle, OpState, TdConfig, VcpuState, lifecycle_key, op_state_key, vcpu_key
 from tdxdbg.runtime.step import Step
@@ -162,8 +170,9 @@ class TdVcpu:
                 epoch.leave(w, tdr, td_epoch)
                 return (yield from self._not_entered(
                     TdExit(TdxStatus.TDX_OPERAND_BUSY | OperandId.SEPT_TREE, entered=False), False))
-            yield Step(TdxStep.SEAMCALL, {"leaf": Seamcall.TDH_VP_ENTER, "rcx": self.tdvpr << 12,
-                                          "locks": ("sept_tree:exclusive",), "stepping_filter": st.epf_gpas})
+            # The zero-step filter: VP.ENTER holds the S-EPT tree lock exclusively across this step.
+            yield Step(TdxStep.SEAMCALL, SeamcallEntry(Seamcall.TDH_VP_ENTER, self.tdvpr << 12, 0, 0, 0,
+                                                       st.epf_gpas[0], 0, (("sept_tree", True),), False))
             faulting = next((g for g in st.epf_gpas if would_fault(m, cfg, g)), None)
             release(w, tree, LockMode.EXCLUSIVE, w.task)
             if faulting is not None:
@@ -172,7 +181,7 @@ class TdVcpu:
                     TdExit(ExitReason.EPT_VIOLATION, ExitReason.EPT_VIOLATION, gpa=faulting, entered=False), False))
             # The filter leaves the log as it is; only forward progress at a TD exit resets it.
         w.set(key, attrs.evolve(st, associated=True, in_guest=True, vcpu_epoch=td_epoch, entry_rip=rip))
-        yield Step(TdxStep.TD_ENTRY, {"vcpu": self.index, "epoch": td_epoch, "flush": flush, "rip": rip})
+        yield Step(TdxStep.TD_ENTRY, TdEntry(self.index, td_epoch, flush, rip))
         if self._vmcall_result is not None:
             self._complete(self._vmcall_result)
             self._vmcall_result = None
@@ -193,16 +202,19 @@ class TdVcpu:
         return exit
 
     def _not_entered(self, exit: TdExit, injected: bool) -> Generator[Step, None, TdExit]:
-        payload = self._exit_payload(exit)
-        payload["injected"] = injected
-        yield Step(TdxStep.SEAMCALL_RETURN if exit.error else TdxStep.TD_EXIT, payload)
+        """VP.ENTER returned without entering: an error status (a SEAMCALL return), or the zero-step filter's
+        synthesized EPT violation (a TD exit that never entered)."""
+        if exit.error:
+            yield Step(TdxStep.SEAMCALL_RETURN, SeamcallReturn(Seamcall.TDH_VP_ENTER, exit.rax, 0, 0, 0, 0, 0,
+                                                               injected))
+        else:
+            yield Step(TdxStep.TD_EXIT, self._exit_payload(exit, injected))
         return exit
 
-    def _exit_payload(self, exit: TdExit) -> dict[str, Any]:
-        return {"leaf": Seamcall.TDH_VP_ENTER, "vcpu": self.index, "rax": exit.rax,
-                "reason": exit.reason.name if exit.reason else None, "status": describe(exit.rax) if exit.error
-                else "TDX_SUCCESS", "error": exit.error, "gpa": exit.gpa, "exit_qual": exit.exit_qual,
-                "ext_qual": exit.ext_qual, "entered": exit.entered}
+    def _exit_payload(self, exit: TdExit, injected: bool = False) -> TdExitInfo:
+        return TdExitInfo(Seamcall.TDH_VP_ENTER, self.index, exit.rax, exit.reason.name if exit.reason else None,
+                          describe(exit.rax) if exit.error else "TDX_SUCCESS", exit.error, exit.gpa,
+                          exit.exit_qual, exit.ext_qual, exit.entered, injected)
 
     # -- guest execution --------------------------------------------------------------------------------------
     def _current(self) -> guest.Insn | None:
@@ -237,15 +249,15 @@ class TdVcpu:
                 return TdExit(ExitReason.HLT, ExitReason.HLT)
             if isinstance(insn, guest.MemAccess):
                 outcome = self._access(cfg, insn)
-                payload = {"vcpu": self.index, "access": insn.access.value, "gpa": insn.gpa,
-                           "shared": bool(insn.gpa & cfg.shared_bit)}
+                shared = bool(insn.gpa & cfg.shared_bit)
                 if isinstance(outcome, TdExit):
-                    payload["exit"] = "EPT_VIOLATION"
-                    yield Step(TdxStep.GUEST_ACCESS, payload)
+                    yield Step(TdxStep.GUEST_ACCESS, GuestAccessInfo(self.index, insn.access.value, insn.gpa,
+                                                                     shared, exit="EPT_VIOLATION"))
                     return outcome
-                payload["value"] = outcome if isinstance(outcome, int) else None
-                payload["ve"] = isinstance(outcome, guest.VirtualizationException)
-                yield Step(TdxStep.GUEST_ACCESS, payload)
+                yield Step(TdxStep.GUEST_ACCESS, GuestAccessInfo(
+                    self.index, insn.access.value, insn.gpa, shared,
+                    outcome if isinstance(outcome, int) else None, None,
+                    isinstance(outcome, guest.VirtualizationException)))
                 self._complete(outcome)
             elif insn.leaf is Tdcall.TDG_MEM_PAGE_ACCEPT:
                 result = yield from tdg_mem_page_accept(self.module, self.tdvpr, insn.rcx)
@@ -258,11 +270,11 @@ class TdVcpu:
                 return TdExit(ExitReason.TDCALL, ExitReason.TDCALL, r10=insn.r10, r11=insn.r11,
                               r12=insn.r12, r13=insn.r13)
             elif insn.leaf is Tdcall.TDG_VP_INFO:
-                yield Step(TdxStep.TDCALL_RETURN, {"leaf": insn.leaf, "status": "TDX_SUCCESS", "rax": 0})
+                yield Step(TdxStep.TDCALL_RETURN, TdcallReturn(insn.leaf, 0, 0, 0, "TDX_SUCCESS", False))
                 self._complete(TdcallResult(0, rcx=int(cfg.gpaw)))
             else:
-                yield Step(TdxStep.TDCALL_RETURN, {"leaf": insn.leaf, "status": "TDX_OPERAND_INVALID|RAX",
-                                                   "rax": TdxStatus.TDX_OPERAND_INVALID})
+                yield Step(TdxStep.TDCALL_RETURN, TdcallReturn(insn.leaf, 0, 0, TdxStatus.TDX_OPERAND_INVALID,
+                                                               "TDX_OPERAND_INVALID|RAX", False))
                 self._complete(TdcallResult(TdxStatus.TDX_OPERAND_INVALID | OperandId.RAX))
 
     def _access(self, cfg: TdConfig, insn: guest.MemAccess) -> int | TdExit | guest.VirtualizationException | None:

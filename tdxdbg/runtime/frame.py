@@ -102,7 +102,7 @@ class _Opaque:
     type_name: str
 
     def __repr__(self) -> str:
-        return f"<{self.type_name}>"
+        return self.type_name if self.type_name.endswith(")") else f"<{self.type_name}>"
 
 
 def _keep(t: type) -> bool:
@@ -135,6 +135,10 @@ def _plain(value: Any) -> Any:
     # Tuples (NamedTuples included: MmuLock, IterPos) of immutable values are values too.
     if isinstance(value, tuple) and len(value) <= 16 and all(_plain_value(v) for v in value):
         return value
+    # A mutable object that says its repr is worth showing (struct kvm_page_fault, tdp_iter): shown as it is
+    # now, which for the newest frames is as it was, and marked so.
+    if getattr(t, "__tdxdbg_live_repr__", False):
+        return _Opaque(f"{value!r} (current value)")
     opaque = _OPAQUE.get(t)
     if opaque is None:
         opaque = _OPAQUE[t] = _Opaque(t.__name__)

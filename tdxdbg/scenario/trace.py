@@ -129,7 +129,7 @@ def collect(frames: Sequence[Frame], final: Any, kvm: Any, stop: str) -> Facts:
                 faults.append(FaultRec(f.index, f.task, step.get("gpa"), bool(step.get("private")),
                                        ret_text(step.get("ret")), int(step.get("retries") or 0)))
         elif kind is TdxStep.GUEST_ACCESS:
-            if step.get("access") == "read" and "exit" not in step.fields() and not step.get("ve") \
+            if step.get("access") == "read" and step.get("exit") is None and not step.get("ve") \
                     and step.get("value") is not None:
                 reads.append(ReadRec(f.index, f.task, step.get("gpa"), step.get("value")))
         elif kind is StepKind.TASK_ERROR:

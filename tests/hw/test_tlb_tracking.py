@@ -15,6 +15,7 @@ from conftest import (
 
 from tdxdbg.hw import insn
 from tdxdbg.hw.ept import ExitReason
+from tdxdbg.hw.tdx.seamcall import TdxStep
 from tdxdbg.hw.tdx.sept import SeptState
 from tdxdbg.runtime import Runtime, Task
 from tdxdbg.runtime.scheduler import ScheduleSpec
@@ -120,7 +121,8 @@ def test_track_vs_vp_enter_epoch_lock_busy(env: Env) -> None:
     rt = Runtime(env.world, tasks, ScheduleSpec())
     rt.step(forced="track")
     f = rt.step(forced="vp")
-    assert (f.step.get("rax"), f.step.get("entered")) == (BUSY_TD_EPOCH, False)
+    # A VP.ENTER that fails returns as a SEAMCALL (not a TD exit): the TD was not entered.
+    assert (f.step.kind, f.step.get("rax")) == (TdxStep.SEAMCALL_RETURN, BUSY_TD_EPOCH)
     assert env.refcount() == (0, 0) and not v.in_guest
     assert regs(rt.step(forced="track")) == (SUCCESS, 0, 0)
     assert env.epoch() == 2

@@ -40,6 +40,7 @@ from tdxdbg.hw.ept import ExitReason
 from tdxdbg.hw.machine import drive
 from tdxdbg.hw.tdx.guest_calls import TdcallResult
 from tdxdbg.hw.tdx.pamt import PageType
+from tdxdbg.hw.tdx.seamcall import TdxStep
 from tdxdbg.hw.tdx.sept import SeptState
 from tdxdbg.hw.tdx.td import Lifecycle, OpState, TdAttr
 from tdxdbg.runtime import Runtime, Task
@@ -423,7 +424,8 @@ def test_ex12_zero_step_refusal_and_tree_busy(env: Env) -> None:
     rt = Runtime(env.world, tasks, ScheduleSpec())
     rt.step(forced="block")                  # BLOCK holds the tree exclusive
     f = rt.step(forced="vp")
-    assert (f.step.get("rax"), f.step.get("entered")) == (BUSY_SEPT_TREE, False)
+    # A VP.ENTER that fails returns as a SEAMCALL (not a TD exit): the TD was not entered.
+    assert (f.step.kind, f.step.get("rax")) == (TdxStep.SEAMCALL_RETURN, BUSY_SEPT_TREE)
     assert env.refcount() == (0, 0)
     rt.step(forced="vp")
     assert rt.task("vp").result.rax == BUSY_SEPT_TREE

@@ -8,6 +8,7 @@ from conftest import BUSY_SEPT_TREE, SC, SUCCESS, Env, regs
 from tdxdbg.hw import insn
 from tdxdbg.hw.ept import ExitReason
 from tdxdbg.hw.tdx.guest_calls import TdcallResult
+from tdxdbg.hw.tdx.seamcall import TdxStep
 from tdxdbg.hw.tdx.sept import SeptState
 from tdxdbg.runtime import Runtime, Task
 from tdxdbg.runtime.scheduler import ScheduleSpec
@@ -101,7 +102,8 @@ def test_filter_busy_when_tree_held(env: Env) -> None:
     rt = Runtime(env.world, tasks, ScheduleSpec())
     rt.step(forced="block")
     f = rt.step(forced="vp")
-    assert (f.step.get("rax"), f.step.get("entered")) == (BUSY_SEPT_TREE, False)
+    # A VP.ENTER that fails returns as a SEAMCALL (not a TD exit): the TD was not entered.
+    assert (f.step.kind, f.step.get("rax")) == (TdxStep.SEAMCALL_RETURN, BUSY_SEPT_TREE)
     assert env.refcount() == (0, 0)
     assert regs(rt.step(forced="block")) == (SUCCESS, 0, 0)
 

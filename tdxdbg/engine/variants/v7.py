@@ -25,7 +25,7 @@ from tdxdbg.engine.spte import (
     is_shadow_present_pte,
     spte_to_pfn,
 )
-from tdxdbg.engine.steps import EngineStep
+from tdxdbg.engine.steps import EngineStep, FaultinInfo
 from tdxdbg.engine.tdp_iter import TdpIter
 from tdxdbg.engine.tdp_mmu import EBUSY, root_kind
 from tdxdbg.engine.variants.upstream import Upstream
@@ -87,17 +87,17 @@ class V7(Upstream):
         fault.mmu_seq = self.mmu_invalidate_seq()
         slot = fault.slot
         if slot is not None and slot.invalid:
-            yield Step(EngineStep.FAULTIN, {"gfn": fault.gfn, "result": "memslot being deleted"})
+            yield Step(EngineStep.FAULTIN, FaultinInfo(gfn=fault.gfn, result="memslot being deleted"))
             return RetPf.RET_PF_RETRY
         if slot is None:
             if fault.is_private:
                 yield from self.kvm_mmu_prepare_memory_fault_exit(vcpu, fault)
                 return EFAULT
             fault.pfn = KVM_PFN_NOSLOT
-            yield Step(EngineStep.FAULTIN, {"gfn": fault.gfn, "result": "no memslot: MMIO"})
+            yield Step(EngineStep.FAULTIN, FaultinInfo(gfn=fault.gfn, result="no memslot: MMIO"))
             return RetPf.RET_PF_CONTINUE
         if self.mmu_invalidate_retry_gfn_unsafe(fault.mmu_seq, fault.gfn):
-            yield Step(EngineStep.FAULTIN, {"gfn": fault.gfn, "result": "invalidation in progress"})
+            yield Step(EngineStep.FAULTIN, FaultinInfo(gfn=fault.gfn, result="invalidation in progress"))
             return RetPf.RET_PF_RETRY
         if fault.is_private:
             ret = yield from self.kvm_faultin_pfn_private_mapped(vcpu, fault)
@@ -105,8 +105,8 @@ class V7(Upstream):
         fault.pfn, host_level = self.hva_to_pfn(slot, fault.gfn)
         fault.map_writable = not slot.readonly
         fault.max_level = min(fault.max_level, host_level)
-        yield Step(EngineStep.FAULTIN, {"gfn": fault.gfn, "pfn": fault.pfn, "private": False,
-                                        "max_level": fault.max_level, "result": "pfn"})
+        yield Step(EngineStep.FAULTIN, FaultinInfo(gfn=fault.gfn, pfn=fault.pfn, private=False,
+                                        max_level=fault.max_level, result="pfn"))
         return RetPf.RET_PF_CONTINUE
 
     def kvm_faultin_pfn_private_mapped(self, vcpu: Any, fault: KvmPageFault) -> Gen:
@@ -117,8 +117,8 @@ class V7(Upstream):
         self.world.set(("v7.pinned", fault.pfn), True)
         fault.map_writable = True
         fault.max_level = PG_LEVEL_4K
-        yield Step(EngineStep.FAULTIN, {"gfn": fault.gfn, "pfn": fault.pfn, "private": True,
-                                        "result": "pinned from hva"})
+        yield Step(EngineStep.FAULTIN, FaultinInfo(gfn=fault.gfn, pfn=fault.pfn, private=True,
+                                        result="pinned from hva"))
         return RetPf.RET_PF_CONTINUE
 
     def page_fault_can_be_fast(self, fault: KvmPageFault) -> bool:

@@ -23,7 +23,7 @@ from tdxdbg.hw.tdx.module import (
     GPAW48_HIGH_BITS,
     walk_sept,
 )
-from tdxdbg.hw.tdx.seamcall import TdxStep
+from tdxdbg.hw.tdx.seamcall import TdcallEntry, TdcallReturn, TdxStep
 from tdxdbg.hw.tdx.sept import SeptEntry, SeptState
 from tdxdbg.hw.tdx.status import OperandId, TdxStatus, describe
 from tdxdbg.hw.tdx.td import EPF_GPA_LIST_SIZE, STEPPING_EPF_THRESHOLD, TdConfig, VcpuState, vcpu_key
@@ -114,8 +114,7 @@ def tdg_mem_page_accept(m: TdxModule, tdvpr: int, rcx: int) -> Generator[Step, N
                 outcome, lock_key = TdcallResult(TdxStatus.TDX_OPERAND_BUSY | OperandId.RCX), None
             elif got is GuestLockResult.HOST_PRIORITY:
                 outcome, lock_key = TdcallResult(TdxStatus.TDX_OPERAND_BUSY_HOST_PRIORITY | OperandId.RCX), None
-    yield Step(TdxStep.TDCALL, {"leaf": Tdcall.TDG_MEM_PAGE_ACCEPT, "rcx": rcx, "gpa": gpa, "level": level,
-                                "locked": lock_key is not None})
+    yield Step(TdxStep.TDCALL, TdcallEntry(Tdcall.TDG_MEM_PAGE_ACCEPT, rcx, gpa, level, lock_key is not None))
     if outcome is None:
         assert lock_key is not None
         e = w.get(sept_key, SeptEntry())
@@ -132,12 +131,11 @@ def tdg_mem_page_accept(m: TdxModule, tdvpr: int, rcx: int) -> Generator[Step, N
         else:
             outcome = _accept_exit(gpa, level, level, e)
         release_entry(w, lock_key, w.task)
-    payload = {"leaf": Tdcall.TDG_MEM_PAGE_ACCEPT, "gpa": gpa, "level": level}
     if isinstance(outcome, TdcallResult):
-        payload.update(rax=outcome.rax, status=describe(outcome.rax), exit=False)
+        ret = TdcallReturn(Tdcall.TDG_MEM_PAGE_ACCEPT, gpa, level, outcome.rax, describe(outcome.rax), False)
     else:
-        payload.update(rax=None, status="EPT violation TD exit (ACCEPT)", exit=True)
-    yield Step(TdxStep.TDCALL_RETURN, payload)
+        ret = TdcallReturn(Tdcall.TDG_MEM_PAGE_ACCEPT, gpa, level, None, "EPT violation TD exit (ACCEPT)", True)
+    yield Step(TdxStep.TDCALL_RETURN, ret)
     return outcome
 
 

@@ -64,6 +64,67 @@ class SeamcallReturn(NamedTuple):
         return is_error(self.rax)
 
 
+class TdcallEntry(NamedTuple):
+    """A guest TDCALL entered the module (after its walk and entry lock)."""
+
+    leaf: Any
+    rcx: int
+    gpa: int
+    level: int
+    locked: bool
+
+
+class TdcallReturn(NamedTuple):
+    """What a guest TDCALL returned (or that it exited to the host instead: `exit`)."""
+
+    leaf: Any
+    gpa: int
+    level: int
+    rax: int | None
+    status: str
+    exit: bool
+
+
+class TdEntry(NamedTuple):
+    vcpu: int
+    epoch: int
+    flush: bool
+    rip: int
+
+
+class TdExitInfo(NamedTuple):
+    """TDH.VP.ENTER came back: the exit (reason, qualification, GPA) or why the TD was not entered."""
+
+    leaf: Any
+    vcpu: int
+    rax: int
+    reason: str | None
+    status: str
+    error: bool
+    gpa: int
+    exit_qual: int
+    ext_qual: int
+    entered: bool
+    injected: bool = False
+
+
+class GuestAccessInfo(NamedTuple):
+    """One guest read, write or fetch: its value, or the EPT-violation exit or #VE it took instead."""
+
+    vcpu: int
+    access: str
+    gpa: int
+    shared: bool
+    value: int | None = None
+    exit: str | None = None
+    ve: bool = False
+
+
+def _payload_get(self: Any, name: str, default: Any = None) -> Any:
+    """dict-style access, so readers treat NamedTuple and dict payloads alike."""
+    return getattr(self, name, default)
+
+
 @attrs.frozen(slots=True)
 class SeamcallResult:
     leaf: Seamcall
@@ -126,3 +187,7 @@ def handler(leaf: Seamcall) -> Callable[[type], type]:
         return cls
 
     return register
+
+
+for _cls in (SeamcallEntry, SeamcallReturn, TdcallEntry, TdcallReturn, TdEntry, TdExitInfo, GuestAccessInfo):
+    _cls.get = _payload_get  # type: ignore[attr-defined]
