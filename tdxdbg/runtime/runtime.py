@@ -130,8 +130,6 @@ class Runtime:
             footprint = (intern(reads[0], reads[0]),)
         else:
             footprint = tuple([intern(k, k) for k in dict.fromkeys(reads)])
-            # Identical footprints (the same lock, the same entry re-read) share one tuple too.
-            footprint = intern(footprint, footprint)
         writes.clear()
         reads.clear()
         if task.state is _DONE or task.state is _FAILED:

@@ -24,8 +24,8 @@ KEYFRAME_MIN_WRITES = 4096
 # then cost at most half the memory of the effects they summarise, and rebuilding a position applies at most
 # about two states' worth of effects.
 KEYFRAME_STATE_FACTOR = 2
-# Locals are kept for this many of the most recent frames; older frames keep their stack. The session
-# rebuilds an older frame's locals by replaying the schedule (execution is deterministic).
+# Locals are kept for this many of the most recent frames; older frames keep their stack and show no locals
+# (they cost about half of a frame's memory).
 LOCALS_WINDOW = 100_000
 # Recorded frames live as long as the timeline and hold no reference cycles, yet the cyclic garbage collector
 # would walk all of them again and again as the timeline grows (it halves recording speed at 100,000 frames).
