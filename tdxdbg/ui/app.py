@@ -32,6 +32,8 @@ from tdxdbg.ui.tables import Marks, TableLine, all_lines, max_width, render
 
 # Frames the app records ahead in the background after opening, so the timeline strip shows a whole run.
 RECORD_AHEAD = 200_000
+# Seconds between header updates (frames recorded so far) while a run goes on in the background.
+PROGRESS_INTERVAL = 0.25
 
 
 class TdxdbgApp(App[int]):
@@ -90,6 +92,8 @@ class TdxdbgApp(App[int]):
         self.table_lines: list[TableLine] = []
         self.search_text = ""
         self._lock = threading.Lock()
+        self._progress: Any = None
+        self._after_recording: Callable[[], None] | None = None
         self._run_label = ""
         self.status_text = ""
 
@@ -264,13 +268,27 @@ class TdxdbgApp(App[int]):
             self.notify("a run is in progress (Esc stops it)", severity="warning")
             return
         if background:
-            self._run_in_worker(fn, label or "running")
+            self._run_label = label or "running"
+            self._start_progress()
+            self._run_in_worker(fn, self._run_label)
             return
         with self._lock:
             event = fn()
         self.after_stop(event)
 
+    def _start_progress(self) -> None:
+        """While a run goes on in the worker, the header shows how many frames are recorded so far."""
+        self._refresh_header()
+        if self._progress is None:
+            self._progress = self.set_interval(PROGRESS_INTERVAL, self._refresh_header)
+
+    def _stop_progress(self) -> None:
+        if self._progress is not None:
+            self._progress.stop()
+            self._progress = None
+
     def after_stop(self, event: StopEvent | None) -> None:
+        self._stop_progress()
         if event is not None:
             if event.reason is StopReason.BREAKPOINT and event.frame_index is not None:
                 self.breakpoint_hits.add(event.frame_index)
@@ -282,8 +300,6 @@ class TdxdbgApp(App[int]):
 
     @work(thread=True, exclusive=True, group="run")
     def _run_in_worker(self, fn: Callable[[], StopEvent], label: str) -> None:
-        self._run_label = label
-        self.call_from_thread(self._refresh_header)
         try:
             with self._lock:
                 event = fn()
@@ -298,7 +314,7 @@ class TdxdbgApp(App[int]):
         if s is None or self.record_ahead <= 0:
             return
         self._run_label = "recording…"
-        self.call_from_thread(self._refresh_header)
+        self.call_from_thread(self._start_progress)
         try:
             with self._lock:
                 pos = s.position
@@ -306,41 +322,50 @@ class TdxdbgApp(App[int]):
                 s.goto(pos)
         finally:
             self._run_label = ""
-        self.call_from_thread(self.refresh_all)
+        self.call_from_thread(self._recording_done)
 
-    def _busy(self) -> bool:
-        if self._run_label:
-            s = self.session
-            if s is not None and self._run_label.startswith("recording"):
-                s.interrupt()   # stepping wins over recording ahead
-                self.workers.wait_for_complete()
-                return False
-            self.notify("a run is in progress (Esc stops it)", severity="warning")
+    def _recording_done(self) -> None:
+        self._stop_progress()
+        self.refresh_all()
+        then, self._after_recording = self._after_recording, None
+        if then is not None:
+            then()
+
+    def _busy(self, then: Callable[[], None] | None = None) -> bool:
+        """True when a run owns the session. Recording ahead gives way: it is interrupted and `then` (the
+        command the user asked for) runs as soon as the recording worker has let go of the session."""
+        if not self._run_label:
+            return False
+        s = self.session
+        if s is not None and self._run_label.startswith("recording") and then is not None:
+            self._after_recording = then
+            s.interrupt()
             return True
-        return False
+        self.notify("a run is in progress (Esc stops it)", severity="warning")
+        return True
 
     def action_step_into(self) -> None:
-        if not self._busy():
+        if not self._busy(self.action_step_into):
             self.run_command(lambda: self.session.step_into())
 
     def action_step_over(self) -> None:
-        if not self._busy():
+        if not self._busy(self.action_step_over):
             self.run_command(lambda: self.session.step_over(), background=True, label="step over…")
 
     def action_step_out(self) -> None:
-        if not self._busy():
+        if not self._busy(self.action_step_out):
             self.run_command(lambda: self.session.step_out(), background=True, label="step out…")
 
     def action_continue(self) -> None:
-        if not self._busy():
+        if not self._busy(self.action_continue):
             self.run_command(lambda: self.session.continue_(), background=True, label="continuing…")
 
     def action_reverse_step(self) -> None:
-        if not self._busy():
+        if not self._busy(self.action_reverse_step):
             self.run_command(lambda: self.session.reverse_step())
 
     def action_reverse_continue(self) -> None:
-        if not self._busy():
+        if not self._busy(self.action_reverse_continue):
             self.run_command(lambda: self.session.reverse_continue(), background=True, label="reverse…")
 
     def action_interrupt(self) -> None:
@@ -348,7 +373,7 @@ class TdxdbgApp(App[int]):
             self.session.interrupt()
 
     def goto_frame(self, index: int) -> None:
-        if self.session is not None and not self._busy():
+        if self.session is not None and not self._busy(lambda: self.goto_frame(index)):
             self.run_command(lambda: self.session.goto_frame(index), background=index >= len(self.session.frames),
                              label="running to frame…")
 
@@ -515,9 +540,8 @@ class TdxdbgApp(App[int]):
         self.notify(f"{self.search_text!r} not found in the log")
 
     def action_reload(self) -> None:
-        if self._run_label and self.session is not None:
-            self.session.interrupt()
-            self.workers.wait_for_complete()
+        if self._busy(self.action_reload):
+            return
         pos = self.session.position if self.session is not None else 0
         spec = self.opened.path if self.opened is not None else self.spec
         while len(self.screen_stack) > 1:

@@ -29,7 +29,7 @@ def header_text(title: str, variant: str, position: int, total: int, task: str |
     style = "bold white on red" if vm_state != "running" else "green"
     t.append(f" VM {vm_state} ", style=style)
     if running:
-        t.append(f" {running} ", style="bold cyan")
+        t.append(f" {running} {total:,} frames (Esc stops) ", style="bold cyan")
     t.append(f" · {variant} · ", style="grey70")
     t.append(title, style="bold")
     return t
