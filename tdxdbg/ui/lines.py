@@ -34,29 +34,21 @@ class LineList(ScrollView, can_focus=True):
 
     cursor: reactive[int] = reactive(0)
 
-    class Chosen(Message):
+    class _LineMessage(Message):
+        def __init__(self, lines: LineList, index: int) -> None:
+            super().__init__()
+            self.lines = lines
+            self.index = index
+
+        @property
+        def control(self) -> LineList:
+            return self.lines
+
+    class Chosen(_LineMessage):
         """Enter on a line."""
 
-        def __init__(self, lines: LineList, index: int) -> None:
-            super().__init__()
-            self.lines = lines
-            self.index = index
-
-        @property
-        def control(self) -> LineList:
-            return self.lines
-
-    class Moved(Message):
+    class Moved(_LineMessage):
         """The cursor moved to a line."""
-
-        def __init__(self, lines: LineList, index: int) -> None:
-            super().__init__()
-            self.lines = lines
-            self.index = index
-
-        @property
-        def control(self) -> LineList:
-            return self.lines
 
     def __init__(self, *, name: str | None = None, id: str | None = None, classes: str | None = None) -> None:
         super().__init__(name=name, id=id, classes=classes)

@@ -8,6 +8,7 @@ import shutil
 from pathlib import Path
 
 from textual.widgets import Static
+from ui_helpers import settle
 
 from tdxdbg.hw.tdx.leaves import Seamcall
 from tdxdbg.hw.tdx.seamcall import TdxStep
@@ -17,15 +18,6 @@ from tdxdbg.ui.lines import Pane
 from tdxdbg.ui.screens import ErrorScreen
 
 SIZE = (160, 48)
-
-
-async def settle(pilot, app: TdxdbgApp) -> None:
-    for _ in range(300):
-        await pilot.pause(0.01)
-        if not app._run_label:
-            break
-    await app.workers.wait_for_complete()
-    await pilot.pause(0.05)
 
 
 def pane(app: TdxdbgApp, selector: str) -> str:

@@ -4,19 +4,11 @@ the SVGs under __snapshots__ are the reviewed reference: update them with --snap
 from __future__ import annotations
 
 import pytest
+from ui_helpers import settle
 
 from tdxdbg.engine.spte import FROZEN_SPTE
 from tdxdbg.engine.steps import EngineStep
 from tdxdbg.ui.app import TdxdbgApp
-
-
-async def _settle(pilot, app: TdxdbgApp) -> None:
-    for _ in range(300):
-        await pilot.pause(0.01)
-        if not app._run_label:
-            break
-    await app.workers.wait_for_complete()
-    await pilot.pause(0.05)
 
 
 def _first_freeze(frames) -> int:
@@ -46,8 +38,8 @@ def test_main_screen(snap_compare, case: str, size: tuple[int, int]) -> None:
     app = TdxdbgApp(scenario)
 
     async def run_before(pilot) -> None:
-        await _settle(pilot, app)
+        await settle(pilot, app)
         app.goto_frame(where(app.session.frames))
-        await _settle(pilot, app)
+        await settle(pilot, app)
 
     assert snap_compare(app, terminal_size=size, run_before=run_before)
