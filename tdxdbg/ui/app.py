@@ -580,6 +580,10 @@ class TdxdbgApp(App[int]):
         if self.session is not None and not self._busy():
             self.run_command(lambda: self.session.choose_task(name))
 
+    async def action_quit(self) -> None:
+        """Quit; a scenario that never opened is a failed run (exit status 2), as for the headless commands."""
+        self.exit(2 if self.session is None else 0)
+
     def action_help(self) -> None:
         self.push_screen(HelpScreen(self.BINDINGS))
 
