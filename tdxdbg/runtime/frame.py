@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import enum
 from collections.abc import Generator, Hashable
+from operator import is_
 from types import CodeType, FrameType, GeneratorType
 from typing import Any, NamedTuple
 
@@ -50,13 +51,8 @@ class Scope(NamedTuple):
         return name in self.names
 
 
+# Names of locals, interned: every frame of the same shape shares one tuple.
 _NAMES: dict[tuple[str, ...], tuple[str, ...]] = {}
-
-
-def _scope(f: FrameType) -> Scope:
-    loc = f.f_locals
-    names = tuple(loc)
-    return Scope(_NAMES.setdefault(names, names), tuple(loc.values()))
 
 
 class Frame(NamedTuple):
@@ -86,10 +82,29 @@ class Frame(NamedTuple):
         return key in self.reads or self.wrote(key)
 
 
-# Interned stack entries, keyed by (code, instruction offset), so a million frames share a few hundred objects
-# and the line number (slow to compute) is looked up once per offset.
-_ENTRIES: dict[tuple[CodeType, int], StackEntry] = {}
-_STACKS: dict[tuple[StackEntry, ...], tuple[StackEntry, ...]] = {}
+# Interned stack entries, per code object then instruction offset, so a million frames share a few hundred
+# objects and the line number (slow to compute) is looked up once per offset. Keyed by id(code): hashing a code
+# object hashes its constants every time. _CODES keeps every code seen alive, so an id is never reused.
+_ENTRIES: dict[int, dict[int, StackEntry]] = {}
+_CODES: list[CodeType] = []
+# Interned stacks, as a trie: (id(stack of the outer activations), id(entry)) -> that stack plus the entry.
+# Building a stack costs a dict look-up per activation that ran instead of hashing the whole tuple. Every stack
+# and entry is kept alive here (or in _ENTRIES), so the ids stay unique.
+_STACKS: dict[tuple[int, int], tuple[StackEntry, ...]] = {}
+
+
+def _entry(code: CodeType, lasti: int, f: FrameType) -> StackEntry:
+    by_lasti = _ENTRIES.get(id(code))
+    if by_lasti is None:
+        by_lasti = _ENTRIES[id(code)] = {}
+        _CODES.append(code)
+    entry = by_lasti[lasti] = StackEntry(code.co_qualname, code.co_filename, f.f_lineno)
+    return entry
+
+
+def _push(stack: tuple[StackEntry, ...], entry: StackEntry) -> tuple[StackEntry, ...]:
+    out = _STACKS[(id(stack), id(entry))] = (*stack, entry)
+    return out
 
 # Types whose values are kept as they are (immutable); anything else is shown by its type name.
 _KEEP: dict[type, bool] = {int: True, str: True, bool: True, float: True, type(None): True, bytes: True}
@@ -150,20 +165,76 @@ def plain_locals(values: Scope | dict[str, Any]) -> tuple[tuple[str, Any], ...]:
     return tuple((name, _plain(v)) for name, v in values.items() if name != "self")
 
 
+# A locals entry is delta-encoded against the same task's previous frame, whose activations mostly did not run:
+#     (previous entry, keep, names_a, *values_a, names_b, *values_b, ...)
+# means "the first `keep` scopes of the previous entry, then Scope(names_a, values_a), Scope(names_b, ...)".
+# A Scope tuple per activation per frame cost ~60% of a frame's memory; an entry costs only the activations
+# whose locals changed, with no tuple per scope. Every LOCALS_FULL_EVERY captures of a task an entry is full
+# (keep = 0, previous None), so decoding walks back at most that many entries. An entry holds its predecessor
+# by reference, so dropping old frames' entries (the locals window) never breaks a newer one.
+LOCALS_FULL_EVERY = 64
+
+
+def encode_locals(scopes: tuple[Scope, ...]) -> tuple[Any, ...]:
+    """A full (non-delta) entry for a tuple of Scopes; () for none."""
+    if not scopes:
+        return ()
+    out: list[Any] = [None, 0]
+    for scope in scopes:
+        out.append(_NAMES.setdefault(scope.names, scope.names))
+        out.extend(scope.values)
+    return tuple(out)
+
+
+def decode_locals(entry: tuple[Any, ...]) -> tuple[Scope, ...]:
+    """The Scopes (outermost first) of a locals entry made by `capture` or `encode_locals`.
+
+    Walks back newest first and decodes only the scopes still missing (depths below the previous entry's
+    `keep`), so the cost follows the stack depth, not the length of the delta chain."""
+    if not entry:
+        return ()
+    parts: list[list[Scope]] = []
+    limit = -1  # depths >= limit are known already (-1: none yet)
+    e = entry
+    while True:
+        keep = e[1]
+        if limit < 0 or keep < limit:
+            scopes = []
+            i, n, depth = 2, len(e), keep
+            while i < n and (limit < 0 or depth < limit):
+                names = e[i]
+                j = i + 1 + len(names)
+                scopes.append(Scope(names, e[i + 1:j]))
+                i = j
+                depth += 1
+            parts.append(scopes)
+            limit = keep
+        if not keep:
+            break
+        e = e[0]
+    out: list[Scope] = []
+    for scopes in reversed(parts):
+        out.extend(scopes)
+    return tuple(out)
+
+
 class StackCache:
     """Per task: the activations seen at the previous capture, outermost first, as
-    (frame, instruction offset, sub-generator, entry, locals), plus the stack tuple built from them."""
+    (frame, instruction offset, sub-generator, entry, local names, local values, stack down to it), and the
+    locals entry recorded then (with how many captures since the last full one)."""
 
-    __slots__ = ("chain", "stack")
+    __slots__ = ("chain", "entry", "since_full")
 
     def __init__(self) -> None:
-        self.chain: list[tuple[FrameType, int, Any, StackEntry, Any]] = []
-        self.stack: tuple[StackEntry, ...] = ()
+        self.chain: list[tuple[FrameType, int, Any, StackEntry, Any, Any, tuple[StackEntry, ...]]] = []
+        self.entry: tuple[Any, ...] = ()
+        self.since_full = 0
 
 
 def capture(gen: Generator[Any, Any, Any], cache: StackCache, want_locals: bool = True
-            ) -> tuple[tuple[StackEntry, ...], tuple[Scope, ...]]:
-    """The call stack of a suspended generator chain (outermost first) and each activation's locals.
+            ) -> tuple[tuple[StackEntry, ...], tuple[Any, ...]]:
+    """The call stack of a suspended generator chain (outermost first) and a locals entry (see above; decode it
+    with `decode_locals`), () when locals are not wanted.
 
     An activation suspended in the same `yield from` on the same sub-generator as at the previous capture has
     not run since: its entry and locals are reused, so only the activations that ran cost anything.
@@ -172,37 +243,71 @@ def capture(gen: Generator[Any, Any, Any], cache: StackCache, want_locals: bool 
     depth = 0
     n_prev = len(chain)
     g: Any = gen
-    # Reuse the unchanged outer part of the chain.
-    while depth < n_prev:
-        f = g.gi_frame
-        if f is None:
-            break
-        prev = chain[depth]
-        sub = g.gi_yieldfrom
-        if prev[0] is not f or sub is None or prev[2] is not sub or prev[1] != f.f_lasti:
-            break
-        depth += 1
-        g = sub if type(sub) is GeneratorType else None
-        if g is None:
-            break
+    # Reuse the unchanged outer part of the chain: an activation still suspended in `yield from` on the same
+    # generator object has not run since (a generator is exhausted when a `yield from` over it ends), so the
+    # next one down is the same generator too. Only the task's own generator needs its frame checked.
+    if n_prev and chain[0][0] is gen.gi_frame:
+        while depth < n_prev:
+            sub = g.gi_yieldfrom
+            prev = chain[depth]
+            if sub is None or prev[2] is not sub:
+                break
+            if type(sub) is not GeneratorType:
+                if prev[1] == g.gi_frame.f_lasti:
+                    depth += 1
+                g = None
+                break
+            depth += 1
+            g = sub
     same_prefix = depth
+    old_tail = chain[depth:]
     del chain[depth:]
+    stack = chain[-1][6] if chain else ()
+    entries = _ENTRIES
+    stacks = _STACKS
+    names_of = _NAMES
+    append = chain.append
     while g is not None:
         f = g.gi_frame
         if f is None:
             break
         code = f.f_code
         lasti = f.f_lasti
-        entry = _ENTRIES.get((code, lasti))
+        by_lasti = entries.get(id(code))
+        entry = by_lasti.get(lasti) if by_lasti is not None else None
         if entry is None:
-            entry = _ENTRIES[(code, lasti)] = StackEntry(code.co_qualname, code.co_filename, f.f_lineno)
+            entry = _entry(code, lasti, f)
+        stack = stacks.get((id(stack), id(entry))) or _push(stack, entry)
         sub = g.gi_yieldfrom
-        chain.append((f, lasti, sub, entry, _scope(f) if want_locals else None))
+        if want_locals:
+            loc = f.f_locals
+            names = tuple(loc)
+            append((f, lasti, sub, entry, names_of.setdefault(names, names), tuple(loc.values()), stack))
+        else:
+            append((f, lasti, sub, entry, None, None, stack))
         g = sub if type(sub) is GeneratorType else None
-    if same_prefix == len(chain) and len(cache.stack) == same_prefix:
-        stack = cache.stack
+    n = len(chain)
+    if not want_locals:
+        return stack, ()
+    prev_entry = cache.entry
+    if prev_entry and cache.since_full < LOCALS_FULL_EVERY:
+        keep = same_prefix
+        # Activations that ran but whose locals are the very same objects as before are shared too.
+        for old in old_tail:
+            if keep == n:
+                break
+            new = chain[keep]
+            if old[4] is not new[4] or not all(map(is_, old[5], new[5])):
+                break
+            keep += 1
+        cache.since_full += 1
     else:
-        stack = tuple([c[3] for c in chain])
-        stack = _STACKS.setdefault(stack, stack)
-        cache.stack = stack
-    return stack, (tuple([c[4] for c in chain]) if want_locals else ())
+        prev_entry = None
+        keep = 0
+        cache.since_full = 0
+    out: list[Any] = [prev_entry if keep else None, keep]
+    for c in chain[keep:] if keep else chain:
+        out.append(c[4])
+        out.extend(c[5])
+    cache.entry = entry_out = tuple(out) if n else ()
+    return stack, entry_out

@@ -47,8 +47,8 @@ class Runtime:
         self.checks = list(checks)
         self.record_locals = record_locals
         self.timeline = Timeline(world.snapshot())
+        self._record = self.timeline.recorder()
         self._stack_cache: dict[str, StackCache] = {t.name: StackCache() for t in self.tasks}
-        self._keys: dict = {}
         world.take_effects()
 
     # -- queries -----------------------------------------------------------------------------------------
@@ -119,20 +119,20 @@ class Runtime:
             if step.wait is not None:
                 task.wait = step.wait
                 task.state = _WAITING
-        # The frame's effects (flat) and footprint (inlined World.take_effects: this is the hottest path).
+        # The frame's effects (flat) and footprint: inlined World.take_effects, this is the hottest path. The
+        # timeline packs both into its columns, so the footprint only becomes a tuple when a check wants one.
         flat = tuple(writes) if writes else ()
-        # Keys are interned so that a million frames' footprints share one object per key.
-        intern = self._keys.setdefault
         n = len(reads)
         if not n:
-            footprint: tuple = ()
+            footprint: Any = ()
         elif n == 1:
-            footprint = (intern(reads[0], reads[0]),)
+            footprint = (reads[0],)
         else:
-            footprint = tuple([intern(k, k) for k in dict.fromkeys(reads)])
+            footprint = dict.fromkeys(reads)  # distinct keys, in first-read order
         writes.clear()
         reads.clear()
-        if task.state is _DONE or task.state is _FAILED:
+        state = task.state
+        if state is _DONE or state is _FAILED:
             stack: tuple = ()
             local_values: tuple = ()
         else:
@@ -140,12 +140,16 @@ class Runtime:
         violations: tuple[Violation, ...] = ()
         if self.checks:
             world.stack = stack  # checks may ask who issued the step (e.g. KVM or a raw host SEAMCALL)
-            effects = chunk_effects(flat)
+            effects = chunk_effects(flat) if flat else ()
+            if n > 1:
+                footprint = tuple(footprint)
             found = [v for check in self.checks for v in check(world, step, effects, footprint)]
             if found:
                 violations = tuple(found)
-            world.take_effects()
-        self.timeline.record(task.name, step, stack, flat, footprint, local_values, violations, world)
+            # Checks read through `peek`; drop anything they recorded anyway.
+            writes.clear()
+            reads.clear()
+        self._record(task.name, step, stack, flat, footprint, local_values, violations, world)
         return index
 
     def run(self, max_frames: int | None = None,

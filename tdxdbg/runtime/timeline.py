@@ -14,9 +14,9 @@ from array import array
 from collections.abc import Hashable, Iterator, Sequence
 from typing import Any, overload
 
-from tdxdbg.runtime.frame import Frame, StackEntry, Violation
+from tdxdbg.runtime.frame import Frame, Scope, StackEntry, Violation, decode_locals, encode_locals
 from tdxdbg.runtime.step import Step
-from tdxdbg.runtime.world import World, apply_flat, chunk_effects, undo_flat
+from tdxdbg.runtime.world import MISSING, Effect, World
 
 # Do not copy tiny states on every frame: a keyframe is due only after this many writes at least.
 KEYFRAME_MIN_WRITES = 4096
@@ -36,57 +36,195 @@ GC_FREEZE_EVERY = 16384
 GC_THRESHOLDS = (50_000, 20, 100)
 
 
+class _KeyIds(dict):
+    """World key -> small int id, assigning the next id to a key seen for the first time. A dict subclass so
+    that `map(ids.__getitem__, keys)` stays in C for known keys (only `__missing__` runs Python)."""
+
+    __slots__ = ("keys",)
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.keys: list[Hashable] = []
+
+    def __missing__(self, key: Hashable) -> int:
+        i = self[key] = len(self.keys)
+        self.keys.append(key)
+        return i
+
+
+class _Column(Sequence[Any]):
+    """A read-only per-frame view over one of FrameStore's packed columns (`effects`, `reads`, `locals`)."""
+
+    __slots__ = ("_get", "_len")
+
+    def __init__(self, get: Any, length: Any) -> None:
+        self._get = get
+        self._len = length
+
+    def __len__(self) -> int:
+        return self._len()
+
+    def __getitem__(self, i: Any) -> Any:
+        if isinstance(i, slice):
+            return [self._get(j) for j in range(*i.indices(self._len()))]
+        n = self._len()
+        if i < 0:
+            i += n
+        if not 0 <= i < n:
+            raise IndexError(i)
+        return self._get(i)
+
+
 class FrameStore(Sequence[Frame]):
-    """The recorded frames, kept column by column so a million of them stay small: task, step kind and
-    stack as indexes into interned tables, payload, flat effects, footprint and locals as references.
-    Indexing builds the Frame value on demand."""
+    """The recorded frames, kept column by column so a million of them stay small. Indexing builds the Frame
+    value on demand.
+
+    - task, step kind and stack: indexes into interned tables (arrays of small ints);
+    - payload: a reference;
+    - effects: packed over all frames, frame i owning entries eff_off[i]:eff_off[i + 1] of three parallel
+      columns (key id, old value, new value): no tuple per frame, and each World key object is kept once;
+    - footprint: packed the same way as key ids (read_off, read_ids);
+    - locals: one delta-encoded entry per frame (see frame.encode_locals), dropped past LOCALS_WINDOW.
+    """
 
     def __init__(self) -> None:
         self._task_names: list[str] = []
         self._task_ids: dict[str, int] = {}
+        # Step kinds and stacks are looked up by identity: an enum member hashes in Python (slow) and a stack
+        # tuple re-hashes all its entries, while the runtime hands in the same interned objects over and over.
+        # The tables keep those objects alive, so their ids stay unique.
         self._kinds: list[Any] = []
-        self._kind_ids: dict[Any, int] = {}
+        self._kind_ids: dict[int, int] = {}
         self._stacks: list[tuple[StackEntry, ...]] = []
-        self._stack_ids: dict[tuple[StackEntry, ...], int] = {}
+        self._stack_ids: dict[int, int] = {}
+        self._stack_eq: dict[tuple[StackEntry, ...], int] = {}
+        self._stack_refs: list[tuple[StackEntry, ...]] = []
         self.task_col = array("H")
         self.kind_col = array("H")
         self.stack_col = array("I")
         self.payloads: list[Any] = []
-        self.effects: list[tuple[Any, ...]] = []     # flat: key, old, new, ...
-        self.reads: list[tuple[Hashable, ...]] = []
-        self.locals: list[tuple[Any, ...]] = []
+        self._key_ids = _KeyIds()
+        self._kid = self._key_ids.__getitem__
+        # Effects, packed: eff_off[i] = number of writes in frames[0:i] (the timeline's cumulative counts too).
+        self.eff_off = array("q", [0])
+        self.eff_keys = array("I")
+        self.eff_old: list[Any] = []
+        self.eff_new: list[Any] = []
+        # Footprints, packed: frame i read the keys read_ids[read_off[i]:read_off[i + 1]].
+        self.read_off = array("I", [0])
+        self.read_ids = array("I")
+        self._locals: list[tuple[Any, ...]] = []
         self.violations: dict[int, tuple[Violation, ...]] = {}
+        # Per-frame views of the packed columns, for readers that index them (the session, tests).
+        self.effects: Sequence[tuple[Any, ...]] = _Column(self.flat_effects_of, self.__len__)
+        self.reads: Sequence[tuple[Hashable, ...]] = _Column(self.reads_of, self.__len__)
+        self.locals: Sequence[tuple[Any, ...]] = _Column(self.locals_of, self.__len__)
+        self._add = self._adder()
 
-    def _intern(self, table: list, ids: dict, value: Any) -> int:
-        i = ids.get(value)
+    def _intern_stack(self, stack: tuple[StackEntry, ...]) -> int:
+        i = self._stack_eq.get(stack)
         if i is None:
-            i = ids[value] = len(table)
-            table.append(value)
+            i = self._stack_eq[stack] = len(self._stacks)
+            self._stacks.append(stack)
+        self._stack_ids[id(stack)] = i
+        self._stack_refs.append(stack)  # keeps id(stack) from being reused
         return i
 
-    def add(self, task: str, step: Step, stack: tuple[StackEntry, ...], flat_effects: tuple[Any, ...],
-            reads: tuple[Hashable, ...], local_values: tuple[Any, ...],
+    def _intern_kind(self, kind: Any) -> int:
+        i = self._kind_ids[id(kind)] = len(self._kinds)
+        self._kinds.append(kind)
+        return i
+
+    def _intern_task(self, task: str) -> int:
+        i = self._task_ids[task] = len(self._task_names)
+        self._task_names.append(task)
+        return i
+
+    def add(self, task: str, step: Step, stack: tuple[StackEntry, ...], flat_effects: Sequence[Any],
+            reads: Sequence[Hashable], local_values: tuple[Any, ...],
             violations: tuple[Violation, ...]) -> None:
-        self.task_col.append(self._intern(self._task_names, self._task_ids, task))
-        self.kind_col.append(self._intern(self._kinds, self._kind_ids, step.kind))
-        self.stack_col.append(self._intern(self._stacks, self._stack_ids, stack))
-        self.payloads.append(step.payload)
-        self.effects.append(flat_effects)
-        self.reads.append(reads)
-        self.locals.append(local_values)
-        n = len(self.locals)
-        if n > LOCALS_WINDOW:
-            self.locals[n - LOCALS_WINDOW - 1] = ()
-        if violations:
-            self.violations[len(self.payloads) - 1] = violations
+        """Append one frame. `flat_effects` is (key, old, new, key, old, new, ...), `reads` the distinct keys
+        read and `local_values` an entry made by frame.capture or frame.encode_locals."""
+        self._add(task, step, stack, flat_effects, reads, local_values, violations)
+
+    def _adder(self) -> Any:
+        """`add` as a closure over the columns' bound methods: this runs once per frame, and closure variables
+        are much cheaper than attribute look-ups on self."""
+        task_ids, kind_ids, stack_ids = self._task_ids, self._kind_ids, self._stack_ids
+        intern_task, intern_kind, intern_stack = self._intern_task, self._intern_kind, self._intern_stack
+        task_col, kind_col, stack_col = self.task_col.append, self.kind_col.append, self.stack_col.append
+        payloads = self.payloads
+        add_payload = payloads.append
+        kid = self._kid
+        eff_off = self.eff_off
+        add_off = eff_off.append
+        add_keys, add_old, add_new = self.eff_keys.extend, self.eff_old.extend, self.eff_new.extend
+        read_ids = self.read_ids
+        add_reads = read_ids.extend
+        add_read_off = self.read_off.append
+        loc = self._locals
+        add_loc = loc.append
+        all_violations = self.violations
+
+        def add(task: str, step: Step, stack: tuple[StackEntry, ...], flat_effects: Sequence[Any],
+                reads: Sequence[Hashable], local_values: tuple[Any, ...],
+                violations: tuple[Violation, ...]) -> None:
+            i = task_ids.get(task)
+            task_col(intern_task(task) if i is None else i)
+            kind = step.kind
+            i = kind_ids.get(id(kind))
+            kind_col(intern_kind(kind) if i is None else i)
+            i = stack_ids.get(id(stack))
+            stack_col(intern_stack(stack) if i is None else i)
+            add_payload(step.payload)
+            if flat_effects:
+                add_keys(map(kid, flat_effects[0::3]))
+                add_old(flat_effects[1::3])
+                add_new(flat_effects[2::3])
+                add_off(eff_off[-1] + len(flat_effects) // 3)
+            else:
+                add_off(eff_off[-1])
+            if reads:
+                add_reads(map(kid, reads))
+            add_read_off(len(read_ids))
+            add_loc(local_values)
+            n = len(loc)
+            if n > LOCALS_WINDOW:
+                loc[n - LOCALS_WINDOW - 1] = ()
+            if violations:
+                all_violations[n - 1] = violations
+
+        return add
 
     def __len__(self) -> int:
         return len(self.payloads)
 
+    # Per-frame columns, unpacked.
+    def effects_of(self, i: int) -> tuple[Effect, ...]:
+        a, b = self.eff_off[i], self.eff_off[i + 1]
+        if a == b:
+            return ()
+        keys = self._key_ids.keys
+        return tuple(zip([keys[k] for k in self.eff_keys[a:b]], self.eff_old[a:b], self.eff_new[a:b], strict=True))
+
+    def flat_effects_of(self, i: int) -> tuple[Any, ...]:
+        """Frame i's writes, flat: key, old, new, key, old, new, ..."""
+        return tuple(x for effect in self.effects_of(i) for x in effect)
+
+    def reads_of(self, i: int) -> tuple[Hashable, ...]:
+        a, b = self.read_off[i], self.read_off[i + 1]
+        if a == b:
+            return ()
+        keys = self._key_ids.keys
+        return tuple([keys[k] for k in self.read_ids[a:b]])
+
+    def locals_of(self, i: int) -> tuple[Scope, ...]:
+        return decode_locals(self._locals[i])
+
     def _frame(self, i: int) -> Frame:
         return Frame(i, self._task_names[self.task_col[i]], Step(self._kinds[self.kind_col[i]], self.payloads[i]),
-                     self._stacks[self.stack_col[i]], chunk_effects(self.effects[i]), self.reads[i],
-                     self.locals[i], self.violations.get(i, ()))
+                     self._stacks[self.stack_col[i]], self.effects_of(i), self.reads_of(i),
+                     self.locals_of(i), self.violations.get(i, ()))
 
     @overload
     def __getitem__(self, index: int) -> Frame: ...
@@ -119,8 +257,12 @@ class FrameStore(Sequence[Frame]):
         return self._stacks[self.stack_col[i]]
 
     def wrote(self, i: int, key: Hashable) -> bool:
-        flat = self.effects[i]
-        return any(flat[j] == key for j in range(0, len(flat), 3))
+        k = self._key_ids.get(key)  # dict.get: no id is assigned to a key never seen
+        return k is not None and k in self.eff_keys[self.eff_off[i]:self.eff_off[i + 1]]
+
+    def key_id(self, key: Hashable) -> int | None:
+        """The id of a World key in the packed columns, or None if no frame read or wrote it."""
+        return self._key_ids.get(key)
 
 
 class Timeline:
@@ -133,13 +275,14 @@ class Timeline:
         self._key_positions: list[int] = [0]
         self._key_states: list[dict[Hashable, Any]] = [dict(initial)]
         self._writes_since_key = 0
-        # Cumulative write counts: _cum[p] = number of writes in frames[0:p].
-        self._cum = array("q", [0])
+        # Cumulative write counts: _cum[p] = number of writes in frames[0:p] (the frame store's effect offsets).
+        self._cum = self.frames.eff_off
         self._cursor_pos = 0
         self._cursor_state: dict[Hashable, Any] = dict(initial)
-        # key -> frames that wrote it, in order; filled up to _write_indexed on demand (last_write).
-        self._write_index: dict[Hashable, array] = {}
+        # key id -> frames that wrote it, in order; filled up to _write_indexed on demand (last_write).
+        self._write_index: dict[int, array] = {}
         self._write_indexed = 0
+        self._record = self.recorder()
 
     def __len__(self) -> int:
         return len(self.frames)
@@ -153,25 +296,40 @@ class Timeline:
     def append(self, frame: Frame, world: World) -> None:
         """Record a Frame value (slow path: tests and replays); the runtime uses `record`."""
         flat = tuple(x for effect in frame.effects for x in effect)
-        self.record(frame.task, frame.step, frame.stack, flat, frame.reads, frame.locals, frame.violations, world)
+        self.record(frame.task, frame.step, frame.stack, flat, frame.reads, encode_locals(frame.locals),
+                    frame.violations, world)
 
-    def record(self, task: str, step: Step, stack: tuple[StackEntry, ...], flat_effects: tuple[Any, ...],
-               reads: tuple[Hashable, ...], local_values: tuple[Any, ...], violations: tuple[Violation, ...],
+    def record(self, task: str, step: Step, stack: tuple[StackEntry, ...], flat_effects: Sequence[Any],
+               reads: Sequence[Hashable], local_values: tuple[Any, ...], violations: tuple[Violation, ...],
                world: World) -> None:
-        frames = self.frames
-        frames.add(task, step, stack, flat_effects, reads, local_values, violations)
-        n_frames = len(frames)
-        if not n_frames % GC_FREEZE_EVERY:
-            gc.freeze()
-        n = len(flat_effects) // 3
-        cum = self._cum
-        cum.append(cum[-1] + n)
-        self._writes_since_key += n
-        if (self._writes_since_key >= KEYFRAME_MIN_WRITES
-                and self._writes_since_key >= KEYFRAME_STATE_FACTOR * len(world)):
-            self._key_positions.append(n_frames)
-            self._key_states.append(world.snapshot())
-            self._writes_since_key = 0
+        """Record one frame: flat effects (key, old, new, ...), the distinct keys read, and a locals entry made
+        by frame.capture or frame.encode_locals."""
+        self._record(task, step, stack, flat_effects, reads, local_values, violations, world)
+
+    def recorder(self) -> Any:
+        """`record` as a closure (the runtime calls it once per frame; see FrameStore._adder)."""
+        add = self.frames._add
+        payloads = self.frames.payloads
+        key_positions = self._key_positions
+        key_states = self._key_states
+        freeze = gc.freeze
+
+        def record(task: str, step: Step, stack: tuple[StackEntry, ...], flat_effects: Sequence[Any],
+                   reads: Sequence[Hashable], local_values: tuple[Any, ...], violations: tuple[Violation, ...],
+                   world: World) -> None:
+            add(task, step, stack, flat_effects, reads, local_values, violations)
+            n_frames = len(payloads)
+            if not n_frames % GC_FREEZE_EVERY:
+                freeze()
+            if flat_effects:
+                self._writes_since_key += len(flat_effects) // 3
+                if (self._writes_since_key >= KEYFRAME_MIN_WRITES
+                        and self._writes_since_key >= KEYFRAME_STATE_FACTOR * len(world)):
+                    key_positions.append(n_frames)
+                    key_states.append(world.snapshot())
+                    self._writes_since_key = 0
+
+        return record
 
     @property
     def keyframe_count(self) -> int:
@@ -206,16 +364,32 @@ class Timeline:
         return self._cursor_state
 
     def _move_cursor(self, position: int) -> None:
-        state = self._cursor_state
-        effects = self.frames.effects
+        """Walk the cursor state to `position`. The writes of frames pos..position are contiguous in the packed
+        effect columns, so this is one loop over them, not one per frame."""
         pos = self._cursor_pos
-        while pos < position:
-            apply_flat(state, effects[pos])
-            pos += 1
-        while pos > position:
-            pos -= 1
-            undo_flat(state, effects[pos])
-        self._cursor_pos = pos
+        if pos == position:
+            return
+        state = self._cursor_state
+        frames = self.frames
+        keys = frames._key_ids.keys
+        off = frames.eff_off
+        pop = state.pop
+        if pos < position:
+            a, b = off[pos], off[position]
+            for k, new in zip(map(keys.__getitem__, frames.eff_keys[a:b]), frames.eff_new[a:b], strict=True):
+                if new is MISSING:
+                    pop(k, None)
+                else:
+                    state[k] = new
+        else:
+            a, b = off[position], off[pos]
+            keys_back = map(keys.__getitem__, reversed(frames.eff_keys[a:b]))
+            for k, old in zip(keys_back, reversed(frames.eff_old[a:b]), strict=True):
+                if old is MISSING:
+                    pop(k, None)
+                else:
+                    state[k] = old
+        self._cursor_pos = position
 
     def last_write(self, key: Hashable, before: int) -> int | None:
         """Index of the last frame before position `before` that wrote `key`, or None.
@@ -223,19 +397,22 @@ class Timeline:
         Backed by an index of writes per key, built on the first query and extended with the frames recorded
         since on each later one, so asking costs nothing while recording and little afterwards."""
         index = self._write_index
-        effects = self.frames.effects
-        for i in range(self._write_indexed, len(effects)):
-            flat = effects[i]
-            for j in range(0, len(flat), 3):
-                k = flat[j]
+        frames = self.frames
+        n = len(frames)
+        off = frames.eff_off
+        eff_keys = frames.eff_keys
+        for i in range(self._write_indexed, n):
+            for j in range(off[i], off[i + 1]):
+                k = eff_keys[j]
                 hits = index.get(k)
                 if hits is None:
                     index[k] = array("q", (i,))
                 elif hits[-1] != i:
                     hits.append(i)
-        self._write_indexed = len(effects)
-        hits = index.get(key)
+        self._write_indexed = n
+        kid = frames.key_id(key)
+        hits = index.get(kid) if kid is not None else None
         if not hits:
             return None
-        k = bisect.bisect_left(hits, min(before, len(effects))) - 1
+        k = bisect.bisect_left(hits, min(before, n)) - 1
         return hits[k] if k >= 0 else None
