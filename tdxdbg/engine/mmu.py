@@ -191,7 +191,7 @@ class MmuOps(TdpMmuOps):
         A private/shared mismatch with the attributes is a KVM_EXIT_MEMORY_FAULT to userspace."""
         fault.mmu_seq = self.mmu_invalidate_seq()
         slot = fault.slot
-        if fault.is_private != self.kvm_mem_is_private(fault.gfn):
+        if self.faultin_attributes_mismatch(fault):
             yield from self.kvm_mmu_prepare_memory_fault_exit(vcpu, fault)
             return EFAULT
         if slot is None:
@@ -224,6 +224,10 @@ class MmuOps(TdpMmuOps):
         if self.mmu_invalidate_retry_gfn_unsafe(fault.mmu_seq, fault.gfn):
             return RetPf.RET_PF_RETRY
         return RetPf.RET_PF_CONTINUE
+
+    def faultin_attributes_mismatch(self, fault: KvmPageFault) -> bool:
+        """The access's privateness disagrees with the gfn's memory attributes: userspace must convert."""
+        return fault.is_private != self.kvm_mem_is_private(fault.gfn)
 
     def kvm_mmu_faultin_pfn_private(self, vcpu: Any, fault: KvmPageFault) -> Gen:
         slot = fault.slot

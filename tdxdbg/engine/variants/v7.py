@@ -16,7 +16,7 @@ from __future__ import annotations
 from typing import Any
 
 from tdxdbg.engine.kvm import RET_PF_V516, Gen, RetPf
-from tdxdbg.engine.mmu import EFAULT, EIO, KVM_PFN_NOSLOT, KvmPageFault
+from tdxdbg.engine.mmu import EIO, KvmPageFault
 from tdxdbg.engine.mmu_page import K_ROOTS, MmuRole, RootTypes, root_ref_key
 from tdxdbg.engine.spte import (
     FROZEN_SPTE,
@@ -25,7 +25,7 @@ from tdxdbg.engine.spte import (
     is_shadow_present_pte,
     spte_to_pfn,
 )
-from tdxdbg.engine.steps import EngineStep, FaultinInfo
+from tdxdbg.engine.steps import EngineStep
 from tdxdbg.engine.tdp_iter import TdpIter
 from tdxdbg.engine.tdp_mmu import EBUSY, root_kind
 from tdxdbg.engine.variants.upstream import Upstream
@@ -82,32 +82,14 @@ class V7(Upstream):
         yield from super().kvm_mmu_uninit_tdp_mmu()
 
     # -- faultin: private pages pinned from the HVA ----------------------------------------------------------
-    def kvm_mmu_faultin_pfn(self, vcpu: Any, fault: KvmPageFault) -> Gen:
-        """kvm_faultin_pfn of the v7 era: no memory attributes to disagree with; private pages are pinned."""
-        fault.mmu_seq = self.mmu_invalidate_seq()
-        slot = fault.slot
-        if slot is not None and slot.invalid:
-            yield Step(EngineStep.FAULTIN, FaultinInfo(gfn=fault.gfn, result="memslot being deleted"))
-            return RetPf.RET_PF_RETRY
-        if slot is None:
-            if fault.is_private:
-                yield from self.kvm_mmu_prepare_memory_fault_exit(vcpu, fault)
-                return EFAULT
-            fault.pfn = KVM_PFN_NOSLOT
-            yield Step(EngineStep.FAULTIN, FaultinInfo(gfn=fault.gfn, result="no memslot: MMIO"))
-            return RetPf.RET_PF_CONTINUE
-        if self.mmu_invalidate_retry_gfn_unsafe(fault.mmu_seq, fault.gfn):
-            yield Step(EngineStep.FAULTIN, FaultinInfo(gfn=fault.gfn, result="invalidation in progress"))
-            return RetPf.RET_PF_RETRY
-        if fault.is_private:
-            ret = yield from self.kvm_faultin_pfn_private_mapped(vcpu, fault)
-            return ret
-        fault.pfn, host_level = self.hva_to_pfn(slot, fault.gfn)
-        fault.map_writable = not slot.readonly
-        fault.max_level = min(fault.max_level, host_level)
-        yield Step(EngineStep.FAULTIN, FaultinInfo(gfn=fault.gfn, pfn=fault.pfn, private=False,
-                                        max_level=fault.max_level, result="pfn"))
-        return RetPf.RET_PF_CONTINUE
+    def faultin_attributes_mismatch(self, fault: KvmPageFault) -> bool:
+        """No memory attributes in v7: the GPA's shared bit alone says private or shared."""
+        return False
+
+    def kvm_mmu_faultin_pfn_private(self, vcpu: Any, fault: KvmPageFault) -> Gen:
+        """v7 takes private pages from the memslot's userspace mapping, not from guest_memfd."""
+        ret = yield from self.kvm_faultin_pfn_private_mapped(vcpu, fault)
+        return ret
 
     def kvm_faultin_pfn_private_mapped(self, vcpu: Any, fault: KvmPageFault) -> Gen:
         """pin_user_pages_fast(hva, FOLL_WRITE): TDX allows only RWX, read-only isn't supported."""
@@ -117,8 +99,6 @@ class V7(Upstream):
         self.world.set(("v7.pinned", fault.pfn), True)
         fault.map_writable = True
         fault.max_level = PG_LEVEL_4K
-        yield Step(EngineStep.FAULTIN, FaultinInfo(gfn=fault.gfn, pfn=fault.pfn, private=True,
-                                        result="pinned from hva"))
         return RetPf.RET_PF_CONTINUE
 
     def page_fault_can_be_fast(self, fault: KvmPageFault) -> bool:
