@@ -150,6 +150,32 @@ def _is_leaf(spte: int, level: int) -> bool:
     return level == 1 or bool(spte & PT_PAGE_SIZE_MASK)
 
 
+class PfnRefs:
+    """Which pfn each mapping (keyed by where it lives) points at, and how many mappings point at each pfn."""
+
+    __slots__ = ("by_place", "refs")
+
+    def __init__(self) -> None:
+        self.by_place: dict[Hashable, int] = {}
+        self.refs: dict[int, int] = {}
+
+    def ref(self, place: Hashable, pfn: int) -> None:
+        self.by_place[place] = pfn
+        self.refs[pfn] = self.refs.get(pfn, 0) + 1
+
+    def unref(self, place: Hashable) -> None:
+        pfn = self.by_place.pop(place, None)
+        if pfn is not None:
+            n = self.refs[pfn] - 1
+            if n:
+                self.refs[pfn] = n
+            else:
+                del self.refs[pfn]
+
+    def count(self, pfn: int) -> int:
+        return self.refs.get(pfn, 0)
+
+
 class Checker:
     """All invariants of one VM; call it as a check. State: the running indexes described in the module doc."""
 
@@ -157,12 +183,9 @@ class Checker:
         self.kvm = kvm
         self.tdr: int = kvm.tdr
         self.gfn_direct_bits: int = kvm.gfn_direct_bits
-        # (table, index) -> pfn of every present SPTE of a KVM page table; pfn -> how many.
-        self.spte_pfn: dict[tuple[int, int], int] = {}
-        self.spte_refs: dict[int, int] = {}
-        # ("sept", table, index) -> pfn of every non-FREE S-EPT entry; pfn -> how many.
-        self.sept_pfn: dict[Hashable, int] = {}
-        self.sept_refs: dict[int, int] = {}
+        # Who maps each pfn: present SPTEs of KVM page tables by (table, index), non-FREE S-EPT entries by key.
+        self.sptes = PfnRefs()
+        self.sept_entries = PfnRefs()
         # tdr -> number of PAMT entries owned by it (TDR excluded).
         self.owned: dict[int, int] = {}
         # Freezes per task: task -> {(table, index)}; tables handed to handle_removed_pt.
@@ -185,38 +208,12 @@ class Checker:
             tag = key[0]
             if tag == "pte":
                 if _is_present(value) and world.peek(("kvm.sp", key[1])) is not None:
-                    self._ref_spte((key[1], key[2]), spte_to_pfn(value))
+                    self.sptes.ref((key[1], key[2]), spte_to_pfn(value))
             elif tag == "sept":
                 if value.state is not SeptState.FREE:
-                    self._ref_sept(key, value.pfn)
+                    self.sept_entries.ref(key, value.pfn)
             elif tag == "pamt" and value.page_type is not PageType.PT_NDA and value.owner != key[1]:
                 self.owned[value.owner] = self.owned.get(value.owner, 0) + 1
-
-    def _ref_spte(self, pos: tuple[int, int], pfn: int) -> None:
-        self.spte_pfn[pos] = pfn
-        self.spte_refs[pfn] = self.spte_refs.get(pfn, 0) + 1
-
-    def _unref_spte(self, pos: tuple[int, int]) -> None:
-        pfn = self.spte_pfn.pop(pos, None)
-        if pfn is not None:
-            n = self.spte_refs[pfn] - 1
-            if n:
-                self.spte_refs[pfn] = n
-            else:
-                del self.spte_refs[pfn]
-
-    def _ref_sept(self, key: Hashable, pfn: int) -> None:
-        self.sept_pfn[key] = pfn
-        self.sept_refs[pfn] = self.sept_refs.get(pfn, 0) + 1
-
-    def _unref_sept(self, key: Hashable) -> None:
-        pfn = self.sept_pfn.pop(key, None)
-        if pfn is not None:
-            n = self.sept_refs[pfn] - 1
-            if n:
-                self.sept_refs[pfn] = n
-            else:
-                del self.sept_refs[pfn]
 
     # -- the check ---------------------------------------------------------------------------------------------
     def __call__(self, world: World, step: Step, effects: tuple, reads: tuple) -> list[Violation] | tuple:
@@ -252,9 +249,9 @@ class Checker:
             if tag == "pte":
                 written.append((key[1], key[2], old, new))
             elif tag == "sept":
-                self._unref_sept(key)
+                self.sept_entries.unref(key)
                 if new is not MISSING and new.state is not SeptState.FREE:
-                    self._ref_sept(key, new.pfn)
+                    self.sept_entries.ref(key, new.pfn)
             elif tag == "pamt":
                 pfn = key[1]
                 if old is not MISSING and old.page_type is not PageType.PT_NDA and old.owner != pfn:
@@ -293,7 +290,7 @@ class Checker:
 
     def _pte(self, world: World, table: int, index: int, old: Any, new: Any, out: list[Violation]) -> None:
         pos = (table, index)
-        self._unref_spte(pos)
+        self.sptes.unref(pos)
         sp: KvmMmuPage | None = world.peek(("kvm.sp", table))
         if sp is None:
             return  # not a KVM page table, or one being freed
@@ -310,7 +307,7 @@ class Checker:
                 out.append(Violation(SPTE_INVARIANTS, f"#VE-possible SPTE {new:#x} written at {table:#x}[{index}]"))
             return
         pfn = spte_to_pfn(new)
-        self._ref_spte(pos, pfn)
+        self.sptes.ref(pos, pfn)
         level = sp.role.level
         gfn = (sp.gfn + index * (1 << (9 * (level - 1)))) & ~self.gfn_direct_bits
         leaf = _is_leaf(new, level)
@@ -407,12 +404,12 @@ class Checker:
         if pamt is not None and pamt.page_type in (PageType.PT_REG, PageType.PT_EPT):
             out.append(Violation(PAGE_FREED_WHILE_MAPPED, f"pfn {pfn:#x} freed while its PAMT type is "
                                                           f"{pamt.page_type.name} (owner {pamt.owner:#x})"))
-        n = self.sept_refs.get(pfn, 0)
+        n = self.sept_entries.count(pfn)
         # After KEY.FREEID the S-EPT tree is dead (RECLAIM leaves its entries behind): only PAMT counts then.
         if n and world.peek(("tdx.lifecycle", self.tdr)) is not Lifecycle.TD_TEARDOWN:
             out.append(Violation(PAGE_FREED_WHILE_MAPPED, f"pfn {pfn:#x} freed while {n} S-EPT entr"
                                                           f"{'y maps' if n == 1 else 'ies map'} it"))
-        n = self.spte_refs.get(pfn, 0)
+        n = self.sptes.count(pfn)
         if n:
             out.append(Violation(PAGE_FREED_WHILE_MAPPED, f"pfn {pfn:#x} freed while {n} present SPTE"
                                                           f"{' maps' if n == 1 else 's map'} it"))
