@@ -43,6 +43,15 @@ def run(s: VmSetup, policy: Policy = Policy.ROUND_ROBIN, seed: int = 0, order: t
     return built, rt
 
 
+def step_until(rt: Runtime, task: str, pred: Callable[[Frame], bool]) -> None:
+    """Force `task` step by step until a frame it makes matches `pred` (fails if it cannot run)."""
+    while True:
+        f = rt.step(forced=task)
+        assert f is not None, f"{task} cannot run"
+        if pred(f):
+            return
+
+
 def frames(rt: Runtime, *kinds: Any, task: str | None = None, **fields: Any) -> list[Frame]:
     """Frames of the given step kinds (and task), whose payload fields equal `fields`."""
     out = []

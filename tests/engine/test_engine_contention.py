@@ -14,6 +14,7 @@ from engine_helpers import (
     seamcall_return,
     seamcalls,
     setup,
+    step_until,
 )
 
 from tdxdbg.engine.steps import EngineStep
@@ -40,21 +41,13 @@ def _is_mirror_leaf_iter(f) -> bool:
     return f.step.kind is EngineStep.ITER and f.step.get("root") == "mirror" and f.step.get("level") == 1
 
 
-def _run_until(rt: Runtime, task: str, pred) -> None:
-    while True:
-        f = rt.step(forced=task)
-        assert f is not None, f"{task} cannot run"
-        if pred(f):
-            return
-
-
 def test_two_vcpus_one_gfn_one_aug_loser_retries():
     """R1 / set_external_spte_present: both vCPUs read the non-present leaf; vCPU0 freezes it first, vCPU1's
     cmpxchg fails -> -EBUSY -> RET_PF_RETRY; its local retry finds the leaf present -> RET_PF_SPURIOUS."""
     built = build_vm(setup(_writer(1), _writer(2)))
     rt = Runtime(built.machine.world, built.tasks, ScheduleSpec(Policy.ROUND_ROBIN))
-    _run_until(rt, "vcpu0", _is_mirror_leaf_iter)
-    _run_until(rt, "vcpu1", _is_mirror_leaf_iter)
+    step_until(rt, "vcpu0", _is_mirror_leaf_iter)
+    step_until(rt, "vcpu1", _is_mirror_leaf_iter)
     # Both walkers are now at the leaf with old_spte = SHADOW_NONPRESENT_VALUE.
     at_leaf = [f for f in rt.timeline.frames if _is_mirror_leaf_iter(f)]
     assert [(f.task, f.step.get("old_spte")) for f in at_leaf] == [("vcpu0", NONPRESENT), ("vcpu1", NONPRESENT)]
@@ -89,8 +82,8 @@ def test_loser_that_reads_frozen_retries_without_allocating():
     def froze(f) -> bool:
         return f.step.kind is EngineStep.SPTE_CMPXCHG and f.step.get("level") == 1 and f.step.get("ok")
 
-    _run_until(rt, "vcpu0", froze)
-    _run_until(rt, "vcpu1", lambda f: f.step.kind is EngineStep.RET_PF)
+    step_until(rt, "vcpu0", froze)
+    step_until(rt, "vcpu1", lambda f: f.step.kind is EngineStep.RET_PF)
     seen = [f for f in rt.timeline.frames if _is_mirror_leaf_iter(f) and f.task == "vcpu1"]
     assert [f.step.get("old_spte") for f in seen] == [FROZEN]
     assert ret_pfs(rt, "vcpu1") == [("RET_PF_RETRY", RET_PF_RETRY)]

@@ -14,6 +14,7 @@ from engine_helpers import (
     ret_pfs,
     seamcalls,
     setup,
+    step_until,
 )
 
 from tdxdbg.engine.steps import EngineStep
@@ -24,14 +25,6 @@ from tdxdbg.runtime import Runtime, Step, StopReason
 from tdxdbg.runtime.scheduler import Policy, ScheduleSpec
 
 G = 0x3000   # a shared gfn
-
-
-def _until(rt: Runtime, task: str, pred) -> None:
-    while True:
-        f = rt.step(forced=task)
-        assert f is not None, f"{task} cannot run"
-        if pred(f):
-            return
 
 
 def _notifier_vm():
@@ -56,11 +49,11 @@ def test_notifier_invalidation_seen_by_is_page_fault_stale():
     lockless checks; the fault waits for read_lock, then is_page_fault_stale sees the in-progress range ->
     RET_PF_RETRY without touching an SPTE."""
     rt = _notifier_vm()
-    _until(rt, "vcpu0", _faultin_done)
-    _until(rt, "host0", lambda f: f.step.kind is EngineStep.LOCK)          # write_lock taken, begin not yet
-    _until(rt, "vcpu0", lambda f: f.step.kind is EngineStep.LOCK_WAIT)     # read_lock waits for the writer
-    _until(rt, "host0", lambda f: f.step.get("op") == "notifier: between start and end")
-    _until(rt, "vcpu0", lambda f: f.step.kind is EngineStep.RET_PF)
+    step_until(rt, "vcpu0", _faultin_done)
+    step_until(rt, "host0", lambda f: f.step.kind is EngineStep.LOCK)          # write_lock taken, begin not yet
+    step_until(rt, "vcpu0", lambda f: f.step.kind is EngineStep.LOCK_WAIT)     # read_lock waits for the writer
+    step_until(rt, "host0", lambda f: f.step.get("op") == "notifier: between start and end")
+    step_until(rt, "vcpu0", lambda f: f.step.kind is EngineStep.RET_PF)
     assert ret_pfs(rt) == [("RET_PF_RETRY", RET_PF_RETRY)]
     assert frames(rt, EngineStep.FAULTIN, result="stale: retry")
     assert not frames(rt, EngineStep.SPTE_CMPXCHG) and not frames(rt, EngineStep.ITER, task="vcpu0")
@@ -77,13 +70,13 @@ def test_notifier_invalidation_between_faultin_and_map_retries():
     written); the re-entered fault retries again before looking up the pfn until invalidate_range_end, then
     RET_PF_FIXED."""
     rt = _notifier_vm()
-    _until(rt, "vcpu0", _faultin_done)
-    _until(rt, "host0", lambda f: f.step.get("op") == "notifier: between start and end")
-    _until(rt, "vcpu0", lambda f: f.step.kind is EngineStep.RET_PF)
+    step_until(rt, "vcpu0", _faultin_done)
+    step_until(rt, "host0", lambda f: f.step.get("op") == "notifier: between start and end")
+    step_until(rt, "vcpu0", lambda f: f.step.kind is EngineStep.RET_PF)
     assert ret_pfs(rt) == [("RET_PF_RETRY", RET_PF_RETRY)]
     assert not frames(rt, EngineStep.SPTE_CMPXCHG)
     # A shared fault is not retried locally: the vCPU re-enters and faults again while the range is in progress.
-    _until(rt, "vcpu0", lambda f: f.step.kind is EngineStep.RET_PF)
+    step_until(rt, "vcpu0", lambda f: f.step.kind is EngineStep.RET_PF)
     assert ret_pfs(rt)[-1] == ("RET_PF_RETRY", RET_PF_RETRY)
     assert frames(rt, EngineStep.FAULTIN, result="invalidation in progress")
     assert rt.run() is StopReason.DONE
@@ -112,13 +105,13 @@ def test_memslot_deletion_retries_then_memory_fault_exit():
     built = build_vm(setup(prog, host_programs=(host,)))
     kvm = built.kvm
     rt = Runtime(built.machine.world, built.tasks, ScheduleSpec(Policy.ROUND_ROBIN))
-    _until(rt, "vcpu0", lambda f: f.step.kind is EngineStep.RET_PF)
-    _until(rt, "host0", lambda f: f.step.get("op") == "memslot marked KVM_MEMSLOT_INVALID")
-    _until(rt, "vcpu0", lambda f: f.step.kind is EngineStep.RET_PF)
+    step_until(rt, "vcpu0", lambda f: f.step.kind is EngineStep.RET_PF)
+    step_until(rt, "host0", lambda f: f.step.get("op") == "memslot marked KVM_MEMSLOT_INVALID")
+    step_until(rt, "vcpu0", lambda f: f.step.kind is EngineStep.RET_PF)
     assert ret_pfs(rt) == [("RET_PF_FIXED", RET_PF_FIXED), ("RET_PF_RETRY", RET_PF_RETRY)]
     assert frames(rt, EngineStep.FAULTIN, result="memslot being deleted")
     # The local retry loop does not spin on an invalid memslot: the handler returns and KVM_RUN goes on.
-    _until(rt, "vcpu0", lambda f: f.step.kind is EngineStep.EXIT and f.step.get("what") == "EPT violation handled")
+    step_until(rt, "vcpu0", lambda f: f.step.kind is EngineStep.EXIT and f.step.get("what") == "EPT violation handled")
     assert not frames(rt, EngineStep.EXIT, what="local retry")
     assert rt.run() is StopReason.DONE
     no_kvm_bug(rt)
