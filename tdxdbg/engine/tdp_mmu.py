@@ -178,24 +178,34 @@ class TdpMmuOps(GmemOps):
             return bool(types & RootTypes.KVM_MIRROR_ROOTS)
         return bool(types & RootTypes.KVM_DIRECT_ROOTS)
 
+    # kvm_tdp_mmu_alloc_root runs under mmu_lock for read and gives a new root two references: the vCPU's and
+    # the TDP MMU's own (dropped when the root is zapped). Older series (kvm_tdp_mmu_get_vcpu_root_hpa) held
+    # the lock for write and gave one; a variant says so by overriding these.
+    root_alloc_write_locked = False
+    root_initial_refcount = 2
+
     def kvm_tdp_mmu_alloc_root(self, mirror: bool) -> Gen:
-        """Reuse a valid root with the same role.word (taking a reference) or make one with refcount 2."""
+        """Reuse a valid root with the same role.word (taking a reference) or make one."""
         role = MmuRole(self.root_level, mirror)
-        yield from self.read_lock()
+        if self.root_alloc_write_locked:
+            lock, unlock = self.write_lock, self.write_unlock
+        else:
+            lock, unlock = self.read_lock, self.read_unlock
+        yield from lock()
         for root in self.roots():
             sp = self.sptep_to_sp(root)
             if sp.role == role and self.world.get(root_ref_key(root), 0) > 0:
                 self.world.set(root_ref_key(root), self.world.get(root_ref_key(root)) + 1)
-                yield from self.read_unlock()
+                yield from unlock()
                 return root
         table = self.tdp_mmu_alloc_sp()
         self.tdp_mmu_init_sp(table, 0, role)
-        # One reference for the vCPU, one for the TDP MMU itself (dropped when the root is zapped).
-        self.world.set(root_ref_key(table), 2)
+        refcount = self.root_initial_refcount
+        self.world.set(root_ref_key(table), refcount)
         self.world.set(K_ROOTS, (*self.roots(), table))
         yield Step(EngineStep.ROOT, {"action": "alloc", "root": table, "kind": root_kind(mirror),
-                                     "role_word": role.word, "refcount": 2})
-        yield from self.read_unlock()
+                                     "role_word": role.word, "refcount": refcount})
+        yield from unlock()
         return table
 
     def kvm_tdp_mmu_put_root(self, root: int) -> Gen:

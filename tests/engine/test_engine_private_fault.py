@@ -18,11 +18,13 @@ from engine_helpers import (
 )
 
 from tdxdbg.engine.gmem import Memslot
+from tdxdbg.engine.mmu_page import root_ref_key
 from tdxdbg.engine.steps import EngineStep
-from tdxdbg.engine.vm import VmSetup
+from tdxdbg.engine.vm import VmSetup, load_variant
 from tdxdbg.hw import guest
 from tdxdbg.hw.tdx.leaves import Seamcall
 from tdxdbg.hw.tdx.seamcall import TdxStep
+from tdxdbg.runtime.world import MISSING
 
 GPA = 0x0000_0123_4567_8000
 GFN = 0x12345678
@@ -111,3 +113,26 @@ def test_ret_pf_fixed_without_reentering(first_fault):
     assert fault.step.get("error_code") & (1 << 49) and fault.step.get("error_code") & 0x2
     assert rt.task("vcpu0").result == "halted"
     no_kvm_bug(rt)
+
+
+@pytest.mark.parametrize(("variant", "lock_mode", "refcount"), [("upstream", "read", 2), ("v7", "write", 1)])
+def test_alloc_root_lock_and_initial_refcount(variant, lock_mode, refcount):
+    """kvm_mmu_load allocates the mirror root, then the direct one. kvm_tdp_mmu_alloc_root (upstream): mmu_lock
+    for read, a new root holds the vCPU's reference and the TDP MMU's own (2). v7's
+    kvm_tdp_mmu_get_vcpu_root_hpa: mmu_lock for write, one reference."""
+    def prog():
+        yield from guest.accept_memory(0x1000, 0x1000)
+
+    _built, rt = run(VmSetup(variant=load_variant(variant), memslots=(Memslot(0, 0, 16, guest_memfd=True),),
+                             private_ranges=((0, 16),), vcpu_programs=(prog,)))
+    allocs = frames(rt, EngineStep.ROOT, action="alloc")
+    assert [(f.step.get("kind"), f.step.get("refcount")) for f in allocs] == \
+        [("mirror", refcount), ("direct", refcount)]
+    for alloc in allocs:
+        key = root_ref_key(alloc.step.get("root"))
+        assert [e[1:] for f in rt.timeline.frames[:alloc.index + 1] for e in f.effects if e[0] == key] == \
+            [(MISSING, refcount)]
+    locks = [f for f in frames(rt, EngineStep.LOCK, task="vcpu0")
+             if f.stack and f.stack[-2].function.endswith("kvm_tdp_mmu_alloc_root")]
+    assert [(f.step.get("mode"), f.step.get("action")) for f in locks] == \
+        [(lock_mode, "acquire"), (lock_mode, "release")] * 2

@@ -17,7 +17,7 @@ from typing import Any
 
 from tdxdbg.engine.kvm import RET_PF_V516, Gen, RetPf
 from tdxdbg.engine.mmu import EIO, KvmPageFault
-from tdxdbg.engine.mmu_page import K_ROOTS, MmuRole, RootTypes, root_ref_key
+from tdxdbg.engine.mmu_page import RootTypes, root_ref_key
 from tdxdbg.engine.spte import (
     FROZEN_SPTE,
     PG_LEVEL_4K,
@@ -27,7 +27,7 @@ from tdxdbg.engine.spte import (
 )
 from tdxdbg.engine.steps import EngineStep
 from tdxdbg.engine.tdp_iter import TdpIter
-from tdxdbg.engine.tdp_mmu import EBUSY, root_kind
+from tdxdbg.engine.tdp_mmu import EBUSY
 from tdxdbg.engine.variants.upstream import Upstream
 from tdxdbg.runtime.step import Step
 
@@ -50,24 +50,9 @@ class V7(Upstream):
         return TdpIter(self.memory, root, sp.role.level, sp.kind, min_level, self.kvm_gfn_for_root(root, gfn), 0)
 
     # -- roots -----------------------------------------------------------------------------------------------
-    def kvm_tdp_mmu_alloc_root(self, mirror: bool) -> Gen:
-        """kvm_tdp_mmu_get_vcpu_root_hpa: one reference, the private root is one per VM."""
-        role = MmuRole(self.root_level, mirror)
-        yield from self.write_lock()
-        for root in self.roots():
-            sp = self.sptep_to_sp(root)
-            if sp.role == role and self.world.get(root_ref_key(root), 0) > 0:
-                self.world.set(root_ref_key(root), self.world.get(root_ref_key(root)) + 1)
-                yield from self.write_unlock()
-                return root
-        table = self.tdp_mmu_alloc_sp()
-        self.tdp_mmu_init_sp(table, 0, role)
-        self.world.set(root_ref_key(table), 1)
-        self.world.set(K_ROOTS, (*self.roots(), table))
-        yield Step(EngineStep.ROOT, {"action": "alloc", "root": table, "kind": root_kind(mirror),
-                                     "role_word": role.word, "refcount": 1})
-        yield from self.write_unlock()
-        return table
+    # kvm_tdp_mmu_get_vcpu_root_hpa: under the write lock, one reference; the private root is one per VM.
+    root_alloc_write_locked = True
+    root_initial_refcount = 1
 
     def kvm_tdp_mmu_invalidate_roots(self, types: RootTypes) -> Gen:
         """The private root is never invalidated while the VM lives (only at destruction)."""
