@@ -203,7 +203,7 @@ class IoctlOps(TdxOps):
         self.world.set(K_DESTROYING, True)
         yield from self.kvm_make_all_cpus_request_outside_guest_mode()
         yield Step(EngineStep.HOST_OP, {"op": "waiting for vCPU threads to stop"},
-                   lambda w: all(v.stopped_key is None or w.peek(v.stopped_key) for v in self.vcpus))
+                   lambda w: all(w.peek(v.stopped_key) for v in self.vcpus))
         for slot in self.memslots():
             if slot.guest_memfd:
                 yield from self.kvm_gmem_release(slot)

@@ -134,15 +134,8 @@ class KvmBase:
         return cond
 
     # -- mmu_lock ------------------------------------------------------------------------------------------
-    def mmu_lock_state(self) -> MmuLock:
-        return self.world.get(K_MMU_LOCK, FREE_MMU_LOCK)
-
     def holds_mmu_lock_write(self) -> bool:
         return self.world.get(K_MMU_LOCK, FREE_MMU_LOCK).writer == self.world.task
-
-    def holds_mmu_lock(self) -> bool:
-        lk = self.world.get(K_MMU_LOCK, FREE_MMU_LOCK)
-        return lk.writer == self.world.task or self.world.task in lk.readers
 
     def read_lock(self) -> Gen:
         """read_lock(&kvm->mmu_lock): waits while a writer holds it."""

@@ -86,11 +86,11 @@ class MmuOps(TdpMmuOps):
         or a negative errno."""
         yield Step(EngineStep.FAULT, FaultInfo(vcpu=vcpu.index, gpa=gpa, error_code=error_code,
                                       private=bool(error_code & PFERR_PRIVATE_ACCESS)))
-        r: Any = RetPf.RET_PF_INVALID
-        if r is RetPf.RET_PF_INVALID:
-            r = yield from self.kvm_mmu_do_page_fault(vcpu, gpa, error_code, prefetch=False)
-            if (yield from self.kvm_bug_on(r is RetPf.RET_PF_INVALID, "RET_PF_INVALID from the fault path")):
-                return EIO
+        # The kernel first tries handle_mmio_page_fault for PFERR_RSVD faults (EPT misconfig); a TD never takes
+        # one (its MMIO is a #VE), so the fault always goes to kvm_mmu_do_page_fault.
+        r: Any = yield from self.kvm_mmu_do_page_fault(vcpu, gpa, error_code, prefetch=False)
+        if (yield from self.kvm_bug_on(r is RetPf.RET_PF_INVALID, "RET_PF_INVALID from the fault path")):
+            return EIO
         if isinstance(r, int):
             return r
         if r is RetPf.RET_PF_WRITE_PROTECTED:
@@ -152,7 +152,7 @@ class MmuOps(TdpMmuOps):
             return False
         # Private faults (and any fault whose privateness disagrees with the attributes) take the slow path:
         # fast page faults walk the direct root only.
-        if fault.is_private or fault.is_private != self.kvm_mem_is_private(fault.gfn):
+        if fault.is_private or self.faultin_attributes_mismatch(fault):
             return False
         return fault.write and fault.present
 

@@ -26,7 +26,6 @@ class EngineStep(enum.Enum):
     USER_EXIT = "user_exit"            # exit to userspace (memory fault, hypercall)
     INVALIDATE = "invalidate"          # mmu_invalidate begin/end
     HOST_OP = "host_op"                # a host (userspace) action starts
-    GUEST_OP = "guest_op"              # the guest program's operation finished
     KICK = "kick"                      # vCPUs kicked out of guest mode
     ROOT = "root"                      # root allocated, invalidated, put
 
@@ -70,13 +69,6 @@ class HookCall(NamedTuple):
     level: int
     pfn: int = 0
     ret: int | None = None
-
-
-class RetPf(NamedTuple):
-    name: str
-    value: int
-    gfn: int
-    private: bool
 
 
 class LockEvent(NamedTuple):
@@ -139,6 +131,6 @@ def _payload_get(self: NamedTuple, name: str, default: object = None) -> object:
     return getattr(self, name, default)
 
 
-for _cls in (IterPos, SpteChange, HookCall, RetPf, LockEvent, FaultInfo, FaultinInfo, RetPfInfo, ExitInfo,
+for _cls in (IterPos, SpteChange, HookCall, LockEvent, FaultInfo, FaultinInfo, RetPfInfo, ExitInfo,
              HandleChangedInfo):
     _cls.get = _payload_get  # type: ignore[attr-defined]

@@ -565,12 +565,6 @@ class TdpMmuOps(GmemOps):
                 flush = (yield from self.tdp_mmu_zap_leafs(root, start, end, may_block, flush)) or flush
         return flush
 
-    def kvm_tdp_mmu_zap_leafs(self, start: int, end: int, flush: bool) -> Gen:
-        for root in self.roots():
-            if self.tdp_mmu_root_match(root, RootTypes.KVM_VALID_ROOTS):
-                flush = (yield from self.tdp_mmu_zap_leafs(root, start, end, True, flush)) or flush
-        return flush
-
     def tdp_mmu_max_gfn_exclusive(self) -> int:
         return 1 << (self.spec.host_maxphyaddr - 12)
 

@@ -86,9 +86,6 @@ class V7(Upstream):
         fault.max_level = PG_LEVEL_4K
         return RetPf.RET_PF_CONTINUE
 
-    def page_fault_can_be_fast(self, fault: KvmPageFault) -> bool:
-        return not fault.rsvd and not fault.is_private and fault.write and fault.present
-
     # -- freeze on every private atomic update ---------------------------------------------------------------
     def tdp_mmu_set_spte_atomic(self, it: TdpIter, new: int) -> Gen:
         if not self.is_mirror_sptep(it.table):
