@@ -60,7 +60,7 @@ Invariant names (stable: scenario files use them as `violation = "name"`):
 from __future__ import annotations
 
 from collections.abc import Callable, Hashable, Iterable
-from typing import Any
+from typing import Any, NamedTuple
 
 from tdxdbg.engine.kvm import FREE_MMU_LOCK, K_MMU_LOCK, K_TD_STATE, TdState
 from tdxdbg.engine.mmu_page import K_ROOTS, KvmMmuPage
@@ -68,11 +68,12 @@ from tdxdbg.engine.spte import (
     EPT_SPTE_HOST_WRITABLE,
     EPT_SPTE_MMU_WRITABLE,
     FROZEN_SPTE,
-    PT_PAGE_SIZE_MASK,
     PT_WRITABLE_MASK,
-    SPTE_MMU_PRESENT_MASK,
     is_ept_ve_possible,
+    is_last_spte,
     is_mmio_spte,
+    is_shadow_present_pte,
+    kvm_pages_per_hpage,
     spte_index,
     spte_to_pfn,
 )
@@ -142,12 +143,17 @@ def _from_kvm(stack: tuple) -> bool:
     return False
 
 
-def _is_present(spte: int) -> bool:
-    return bool(spte & SPTE_MMU_PRESENT_MASK)
+class _SpteAt(NamedTuple):
+    """Where an SPTE is, for violation messages: formatted only when a message is built (this is per write)."""
 
+    kind: str
+    gfn: int
+    level: int
+    table: int
+    index: int
 
-def _is_leaf(spte: int, level: int) -> bool:
-    return level == 1 or bool(spte & PT_PAGE_SIZE_MASK)
+    def __str__(self) -> str:
+        return f"{self.kind} SPTE gfn {self.gfn:#x} level {self.level} ({self.table:#x}[{self.index}])"
 
 
 class PfnRefs:
@@ -207,7 +213,7 @@ class Checker:
                 continue
             tag = key[0]
             if tag == "pte":
-                if _is_present(value) and world.peek(("kvm.sp", key[1])) is not None:
+                if is_shadow_present_pte(value) and world.peek(("kvm.sp", key[1])) is not None:
                     self.sptes.ref((key[1], key[2]), spte_to_pfn(value))
             elif tag == "sept":
                 if value.state is not SeptState.FREE:
@@ -294,28 +300,29 @@ class Checker:
         sp: KvmMmuPage | None = world.peek(("kvm.sp", table))
         if sp is None:
             return  # not a KVM page table, or one being freed
-        fill = world.peek(("mem.fill", table), 0)
-        if old is MISSING:
-            old = fill
-        if new is MISSING:
-            new = fill
+        if old is MISSING or new is MISSING:
+            fill = world.peek(("mem.fill", table), 0)
+            if old is MISSING:
+                old = fill
+            if new is MISSING:
+                new = fill
         if new != FROZEN_SPTE:
             for frozen in self.frozen.values():
                 frozen.discard(pos)
-        if not _is_present(new):
+        if not is_shadow_present_pte(new):
             if not is_mmio_spte(new) and is_ept_ve_possible(new):
                 out.append(Violation(SPTE_INVARIANTS, f"#VE-possible SPTE {new:#x} written at {table:#x}[{index}]"))
             return
         pfn = spte_to_pfn(new)
         self.sptes.ref(pos, pfn)
         level = sp.role.level
-        gfn = (sp.gfn + index * (1 << (9 * (level - 1)))) & ~self.gfn_direct_bits
-        leaf = _is_leaf(new, level)
-        where = f"{sp.kind} SPTE gfn {gfn:#x} level {level} ({table:#x}[{index}])"
+        gfn = (sp.gfn + index * kvm_pages_per_hpage(level)) & ~self.gfn_direct_bits
+        leaf = is_last_spte(new, level)
+        where = _SpteAt(sp.kind, gfn, level, table, index)
         if is_ept_ve_possible(new):
             out.append(Violation(SPTE_INVARIANTS, f"#VE-possible SPTE {new:#x}: {where}"))
         if leaf:
-            if _is_present(old) and _is_leaf(old, level) and spte_to_pfn(old) != pfn:
+            if is_shadow_present_pte(old) and is_last_spte(old, level) and spte_to_pfn(old) != pfn:
                 out.append(Violation(SPTE_INVARIANTS, f"present leaf replaced by another pfn "
                                                       f"{spte_to_pfn(old):#x} -> {pfn:#x}: {where}"))
             if new & PT_WRITABLE_MASK and not new & EPT_SPTE_MMU_WRITABLE:
@@ -330,7 +337,7 @@ class Checker:
             self._alias(world, gfn, "mirror", where, out)
 
     def _mirror_present(self, world: World, sp: KvmMmuPage, gfn: int, level: int, new: int, leaf: bool,
-                        where: str, out: list[Violation]) -> None:
+                        where: _SpteAt, out: list[Violation]) -> None:
         cfg = world.peek(("tdx.td", self.tdr))
         if cfg is None:
             out.append(Violation(MIRROR_PRESENT_WITHOUT_SEPT, f"{where} present but the TD does not exist"))
@@ -379,15 +386,15 @@ class Checker:
             v = peek(("pte", table, idx))
             if v is None:
                 v = peek(("mem.fill", table), 0)
-            if not _is_present(v):
+            if not is_shadow_present_pte(v):
                 return None
-            if _is_leaf(v, level):
+            if is_last_spte(v, level):
                 return v
             table = spte_to_pfn(v)
             level -= 1
         return None
 
-    def _alias(self, world: World, gfn: int, other: str, where: str, out: list[Violation]) -> None:
+    def _alias(self, world: World, gfn: int, other: str, where: _SpteAt, out: list[Violation]) -> None:
         peek = world.peek
         for root in peek(K_ROOTS, ()):
             sp = peek(("kvm.sp", root))
@@ -466,7 +473,7 @@ class Checker:
             return
         if c.new == FROZEN_SPTE and c.what.startswith("freeze") and c.old != FROZEN_SPTE:
             self.frozen.setdefault(task, set()).add((c.table, c.index))
-        if c.root == "mirror" and _is_present(c.old) and not _is_present(c.new):
+        if c.root == "mirror" and is_shadow_present_pte(c.old) and not is_shadow_present_pte(c.new):
             if kind is EngineStep.SPTE_CMPXCHG:
                 out.append(Violation(ATOMIC_MIRROR_ZAP, f"mirror SPTE gfn {c.gfn:#x} level {c.level} zapped by "
                                                         f"cmpxchg ({c.old:#x} -> {c.new:#x})"))
@@ -482,8 +489,9 @@ class Checker:
         gfn, level, old, new = p.get("gfn"), p.get("level"), p.get("old"), p.get("new")
         if last.gfn != gfn or last.level != level:
             return
-        removes_table = (_is_present(old) and not _is_leaf(old, level)
-                         and (not _is_present(new) or _is_leaf(new, level) or spte_to_pfn(old) != spte_to_pfn(new)))
+        removes_table = (is_shadow_present_pte(old) and not is_last_spte(old, level)
+                         and (not is_shadow_present_pte(new) or is_last_spte(new, level)
+                              or spte_to_pfn(old) != spte_to_pfn(new)))
         if removes_table and (p.get("shared") or not self._writer(world, task)):
             out.append(Violation(MIRROR_ZAP_WITHOUT_WRITE_LOCK, f"mirror table under gfn {gfn:#x} level {level} "
                                                                 f"removed with shared={p.get('shared')} (needs "
