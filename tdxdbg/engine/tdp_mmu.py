@@ -260,10 +260,10 @@ class TdpMmuOps(GmemOps):
     def kvm_is_addr_direct(self, gpa: int) -> bool:
         return not self.gfn_direct_bits or bool((gpa >> 12) & self.gfn_direct_bits)
 
-    def iter_for(self, root: int, min_level: int, gfn: int, gfn_bits: int | None = None) -> TdpIter:
+    def iter_for(self, root: int, min_level: int, gfn: int) -> TdpIter:
         sp = self.sptep_to_sp(root)
-        bits = self.kvm_gfn_root_bits(root) if gfn_bits is None else gfn_bits
-        return TdpIter(self.memory, root, sp.role.level, sp.kind, min_level, gfn, bits)
+        return TdpIter(self.memory, root, sp.role.level, sp.kind, min_level, self.kvm_gfn_for_root(root, gfn),
+                       self.kvm_gfn_root_bits(root))
 
     # -- the map path ---------------------------------------------------------------------------------------
     def kvm_tdp_mmu_map(self, vcpu: Any, fault: KvmPageFault) -> Gen:

@@ -45,9 +45,9 @@ class V7(Upstream):
     def kvm_gfn_for_root(self, root: int, gfn: int) -> int:
         return gfn if self.sptep_to_sp(root).role.is_mirror else gfn | self.gfn_direct_bits
 
-    def iter_for(self, root: int, min_level: int, gfn: int, gfn_bits: int | None = None) -> TdpIter:
-        sp = self.sptep_to_sp(root)
-        return TdpIter(self.memory, root, sp.role.level, sp.kind, min_level, self.kvm_gfn_for_root(root, gfn), 0)
+    def kvm_gfn_root_bits(self, root: int) -> int:
+        """No iterator gfn_bits: the gfn itself carries the shared bit."""
+        return 0
 
     # -- roots -----------------------------------------------------------------------------------------------
     # kvm_tdp_mmu_get_vcpu_root_hpa: under the write lock, one reference; the private root is one per VM.
