@@ -18,6 +18,16 @@ K_INVALIDATE = ("kvm.mmu_invalidate",)
 HUGE_2M = kvm_pages_per_hpage(PgLevel.PG_LEVEL_2M)
 
 
+def gmem_pfn_key(slot_id: int, gfn: int) -> tuple:
+    """The guest_memfd page backing `gfn` of a slot."""
+    return ("gmem.pfn", slot_id, gfn)
+
+
+def hva_chunk_key(slot_id: int, chunk: int) -> tuple:
+    """The first pfn of a slot's 2 MiB chunk of userspace backing (chunk = gfn // HUGE_2M)."""
+    return ("hva.chunk", slot_id, chunk)
+
+
 class Memslot(NamedTuple):
     """struct kvm_memory_slot: gfns [base_gfn, base_gfn + npages)."""
 
@@ -110,7 +120,7 @@ class GmemOps(KvmBase):
     # -- backing memory --------------------------------------------------------------------------------------
     def kvm_gmem_get_pfn(self, slot: Memslot, gfn: int) -> int:
         """guest_memfd: the file's page for this gfn, allocated (zeroed) on first use."""
-        key = ("gmem.pfn", slot.id, gfn)
+        key = gmem_pfn_key(slot.id, gfn)
         pfn = self.world.get(key)
         if pfn is None:
             pfn = self.memory.alloc("gmem")
@@ -121,7 +131,7 @@ class GmemOps(KvmBase):
         """The shared backing (userspace memory): 2 MiB transparent huge pages, allocated on first touch.
         Returns (pfn, host mapping level)."""
         chunk = gfn // HUGE_2M
-        key = ("hva.chunk", slot.id, chunk)
+        key = hva_chunk_key(slot.id, chunk)
         base = self.world.get(key)
         if base is None:
             base = self.memory.alloc_contiguous(HUGE_2M, "hva", align=HUGE_2M)

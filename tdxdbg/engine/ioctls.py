@@ -6,16 +6,14 @@ from __future__ import annotations
 
 from typing import Any
 
-from tdxdbg.engine.gmem import Memslot
-from tdxdbg.engine.kvm import K_PRE_FAULT_ALLOWED, Gen
+from tdxdbg.engine.gmem import HUGE_2M, K_MEMSLOTS, Memslot, gmem_pfn_key, hva_chunk_key
+from tdxdbg.engine.kvm import K_DESTROYING, K_PRE_FAULT_ALLOWED, Gen
 from tdxdbg.engine.mmu import PFERR_GUEST_FINAL_MASK, PFERR_PRIVATE_ACCESS, PFERR_WRITE_MASK
 from tdxdbg.engine.mmu_page import AttrFilter, RootTypes
 from tdxdbg.engine.spte import PG_LEVEL_4K
 from tdxdbg.engine.steps import EngineStep
 from tdxdbg.engine.tdx import EINVAL, TdxOps
 from tdxdbg.runtime.step import Step
-
-K_DESTROYING = ("kvm.destroying",)
 
 
 class IoctlOps(TdxOps):
@@ -74,7 +72,7 @@ class IoctlOps(TdxOps):
                 continue
             lo, hi = max(start, slot.base_gfn), min(end, slot.base_gfn + slot.npages)
             for gfn in range(lo, hi):
-                key = ("gmem.pfn", slot.id, gfn)
+                key = gmem_pfn_key(slot.id, gfn)
                 pfn = w.get(key)
                 if pfn is not None:
                     w.delete(key)
@@ -102,13 +100,13 @@ class IoctlOps(TdxOps):
             lo, hi = max(start, slot.base_gfn), min(end, slot.base_gfn + slot.npages)
             if lo >= hi:
                 continue
-            for chunk in range(lo // 512, (hi - 1) // 512 + 1):
-                key = ("hva.chunk", slot.id, chunk)
+            for chunk in range(lo // HUGE_2M, (hi - 1) // HUGE_2M + 1):
+                key = hva_chunk_key(slot.id, chunk)
                 base = w.get(key)
                 if base is None:
                     continue
                 w.delete(key)
-                for pfn in range(base, base + 512):
+                for pfn in range(base, base + HUGE_2M):
                     if self.page_pinned(pfn):
                         # A pinned page outlives the mapping: it is freed when the last pin goes.
                         w.set(("hva.orphan", pfn), True)
@@ -127,7 +125,7 @@ class IoctlOps(TdxOps):
         self._replace_slot(slot_id, invalid=True)
         yield Step(EngineStep.HOST_OP, {"op": "memslot marked KVM_MEMSLOT_INVALID", "slot": slot_id})
         yield from self.kvm_mmu_zap_memslot_leafs(slot)
-        self.world.set(("kvm.memslots",), tuple(s for s in self.memslots() if s.id != slot_id))
+        self.world.set(K_MEMSLOTS, tuple(s for s in self.memslots() if s.id != slot_id))
         yield Step(EngineStep.HOST_OP, {"op": "memslot removed", "slot": slot_id})
         return 0
 

@@ -67,6 +67,8 @@ K_NR_PREMAPPED = ("kvm.nr_premapped",)
 K_WAIT_FOR_SEPT_ZAP = ("kvm.wait_for_sept_zap",)
 K_HKID = ("kvm.hkid_assigned",)
 K_PRE_FAULT_ALLOWED = ("kvm.pre_fault_allowed",)
+# The VM is being destroyed (kvm_destroy_vm has started): vCPUs stop, the private root may go.
+K_DESTROYING = ("kvm.destroying",)
 
 
 @attrs.frozen(slots=True)

@@ -9,6 +9,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from tdxdbg.engine.spte import (
+    PAGE_SHIFT,
     PT64_ROOT_MAX_LEVEL,
     SPTE_ENT_PER_PAGE,
     gfn_round_for_level,
@@ -24,8 +25,6 @@ from tdxdbg.runtime.step import Step
 if TYPE_CHECKING:
     from tdxdbg.engine.kvm import Gen
     from tdxdbg.hw.memory import HostMemory
-
-PAGE_SHIFT = 12
 
 
 class TdpIter:

@@ -24,6 +24,7 @@ from tdxdbg.engine.mmu_page import (
 )
 from tdxdbg.engine.spte import (
     ACC_ALL,
+    EPT_SPTE_HOST_WRITABLE,
     FROZEN_SPTE,
     PG_LEVEL_4K,
     PT_WRITABLE_MASK,
@@ -371,7 +372,7 @@ class TdpMmuOps(GmemOps):
         step = kvm_pages_per_hpage(level)
         base_pfn = spte_to_pfn(huge)
         for i in range(SPTE_ENT_PER_PAGE):
-            child = make_spte(level, base_pfn + i * step, host_writable=bool(huge & (1 << 57)),
+            child = make_spte(level, base_pfn + i * step, host_writable=bool(huge & EPT_SPTE_HOST_WRITABLE),
                               memtype=TDX_SHARED_MEMTYPE)
             child = (child & ~(shadow_accessed_mask | shadow_dirty_mask | PT_WRITABLE_MASK)) | (
                 huge & (shadow_accessed_mask | shadow_dirty_mask | PT_WRITABLE_MASK))

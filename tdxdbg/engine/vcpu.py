@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from tdxdbg.engine.kvm import K_TD_STATE, K_VM_DEAD, K_WAIT_FOR_SEPT_ZAP, Gen, RetPf, TdState
+from tdxdbg.engine.kvm import K_DESTROYING, K_TD_STATE, K_VM_DEAD, K_WAIT_FOR_SEPT_ZAP, Gen, RetPf, TdState
 from tdxdbg.engine.mmu import EFAULT
 from tdxdbg.engine.steps import EngineStep, ExitInfo
 from tdxdbg.hw.cpu import TdExit, TdVcpu
@@ -95,7 +95,7 @@ class VcpuOps:
             if w.get(K_VM_DEAD):
                 yield Step(EngineStep.EXIT, ExitInfo(vcpu=vcpu.index, what="VM is dead: KVM_RUN returns -EIO"))
                 return -5
-            if w.get(("kvm.destroying",)):
+            if w.get(K_DESTROYING):
                 return -4
             if vcpu.hw.halted:
                 return 0
@@ -226,4 +226,4 @@ class VcpuOps:
 
 
 def _td_runnable_or_destroying(world: Any) -> bool:
-    return world.peek(K_TD_STATE) is TdState.TD_STATE_RUNNABLE or bool(world.peek(("kvm.destroying",)))
+    return world.peek(K_TD_STATE) is TdState.TD_STATE_RUNNABLE or bool(world.peek(K_DESTROYING))

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from tdxdbg.engine.kvm import RET_PF_V516, Gen, RetPf
+from tdxdbg.engine.kvm import K_DESTROYING, RET_PF_V516, Gen, RetPf
 from tdxdbg.engine.mmu import EIO, KvmPageFault
 from tdxdbg.engine.mmu_page import RootTypes, root_ref_key
 from tdxdbg.engine.spte import (
@@ -56,7 +56,7 @@ class V7(Upstream):
 
     def kvm_tdp_mmu_invalidate_roots(self, types: RootTypes) -> Gen:
         """The private root is never invalidated while the VM lives (only at destruction)."""
-        if not self.world.get(("kvm.destroying",)):
+        if not self.world.get(K_DESTROYING):
             types &= ~RootTypes.KVM_MIRROR_ROOTS
         yield from super().kvm_tdp_mmu_invalidate_roots(types)
 
