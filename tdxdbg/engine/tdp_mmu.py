@@ -145,8 +145,8 @@ class TdpMmuOps(GmemOps):
         w.set(K_RCU_PENDING, tuple(keep))
 
     # -- SPTE writes --------------------------------------------------------------------------------------------
-    def _change(self, it_or_loc: Any, old: int, new: int, ok: bool, what: str) -> SpteChange:
-        table, index, level, gfn = it_or_loc
+    def _change(self, table: int, index: int, level: int, gfn: int, old: int, new: int, ok: bool,
+                what: str) -> SpteChange:
         return SpteChange(root_kind(self.is_mirror_sptep(table)), level, gfn, table, index, old, new, ok, what)
 
     def try_cmpxchg64(self, table: int, index: int, old: int, new: int, level: int, gfn: int,
@@ -156,7 +156,7 @@ class TdpMmuOps(GmemOps):
         ok = cur == old
         if ok:
             self.memory.write_entry(table, index, new)
-        yield Step(EngineStep.SPTE_CMPXCHG, self._change((table, index, level, gfn), cur, new, ok, what))
+        yield Step(EngineStep.SPTE_CMPXCHG, self._change(table, index, level, gfn, cur, new, ok, what))
         return ok, cur
 
     def kvm_tdp_mmu_write_spte(self, table: int, index: int, old: int, new: int, level: int, gfn: int,
@@ -164,7 +164,7 @@ class TdpMmuOps(GmemOps):
         """__kvm_tdp_mmu_write_spte / kvm_tdp_mmu_write_spte: WRITE_ONCE, or xchg when hardware may set A/D."""
         cur = self.memory.read_entry(table, index)
         self.memory.write_entry(table, index, new)
-        yield Step(EngineStep.SPTE_WRITE, self._change((table, index, level, gfn), cur, new, True, what))
+        yield Step(EngineStep.SPTE_WRITE, self._change(table, index, level, gfn, cur, new, True, what))
         return cur
 
     # -- roots ----------------------------------------------------------------------------------------------
@@ -506,8 +506,8 @@ class TdpMmuOps(GmemOps):
                         old = cur
                         break
                     if is_frozen_spte(cur):
-                        yield Step(EngineStep.SPTE_CMPXCHG, self._change((pt, i, level, gfn), cur, FROZEN_SPTE,
-                                                                         False, "freeze (spin)"))
+                        yield Step(EngineStep.SPTE_CMPXCHG, self._change(pt, i, level, gfn, cur, FROZEN_SPTE, False,
+                                                                         "freeze (spin)"))
                         continue
                     old = yield from self.kvm_tdp_mmu_write_spte(pt, i, cur, FROZEN_SPTE, level, gfn, "freeze")
                     break
