@@ -16,7 +16,9 @@ from tdxdbg.hw import insn as guest
 from tdxdbg.hw.ept import (
     EPT_RWX,
     EXIT_QUAL_RWX_SHIFT,
+    PAGE_SHIFT,
     PAGE_SIZE,
+    PT_ENTRIES,
     Access,
     EptBit,
     ExitQual,
@@ -36,7 +38,7 @@ from tdxdbg.hw.tdx.guest_calls import (
     would_fault,
 )
 from tdxdbg.hw.tdx.leaves import Seamcall, Tdcall
-from tdxdbg.hw.tdx.locks import LockMode, release, try_acquire
+from tdxdbg.hw.tdx.locks import LockMode, release, tree_lock_key, try_acquire
 from tdxdbg.hw.tdx.module import TdxModule
 from tdxdbg.hw.tdx.seamcall import (
     GuestAccessInfo,
@@ -48,7 +50,7 @@ from tdxdbg.hw.tdx.seamcall import (
     TdxStep,
 )
 from tdxdbg.hw.tdx.status import OperandId, TdxStatus, describe
-from tdxdbg.hw.tdx.td import Lifecycle, OpState, TdConfig, VcpuState, lifecycle_key, op_state_key, vcpu_key
+from tdxdbg.hw.tdx.td import Lifecycle, OpState, TdConfig, VcpuState, lifecycle_key, op_state_key, td_key, vcpu_key
 from tdxdbg.runtime.step import Step
 
 RUN_OP_STATES = frozenset({OpState.RUNNABLE, OpState.LIVE_EXPORT, OpState.LIVE_IMPORT})
@@ -73,6 +75,12 @@ class TdExit:
     r12: int = 0
     r13: int = 0
     entered: bool = True
+
+    @classmethod
+    def of(cls, reason: ExitReason, exit_qual: int = 0, ext_qual: int = 0, gpa: int = 0, r10: int = 0,
+           r11: int = 0, r12: int = 0, r13: int = 0, entered: bool = True) -> TdExit:
+        """A TD exit (RAX holds the exit reason)."""
+        return cls(reason, reason, exit_qual, ext_qual, gpa, r10, r11, r12, r13, entered)
 
     @property
     def error(self) -> bool:
@@ -146,7 +154,7 @@ class TdVcpu:
         key = vcpu_key(self.tdvpr)
         st: VcpuState = w.get(key)
         tdr = st.tdr
-        cfg: TdConfig = w.get(("tdx.td", tdr))
+        cfg: TdConfig = w.get(td_key(tdr))
         rip = w.get(self.rip_key)
         injected = m.count_call(Seamcall.TDH_VP_ENTER)
         status = injected
@@ -165,7 +173,7 @@ class TdVcpu:
         flush = st.vcpu_epoch != td_epoch
         if st.epf_gpas:
             # `td_entry_stepping_filter`: refuse to enter while a recorded GPA would still fault.
-            tree = ("tdx.tree_lock", tdr)
+            tree = tree_lock_key(tdr)
             if not try_acquire(w, tree, LockMode.EXCLUSIVE, w.task):
                 epoch.leave(w, tdr, td_epoch)
                 return (yield from self._not_entered(
@@ -178,7 +186,7 @@ class TdVcpu:
             if faulting is not None:
                 epoch.leave(w, tdr, td_epoch)
                 return (yield from self._not_entered(
-                    TdExit(ExitReason.EPT_VIOLATION, ExitReason.EPT_VIOLATION, gpa=faulting, entered=False), False))
+                    TdExit.of(ExitReason.EPT_VIOLATION, gpa=faulting, entered=False), False))
             # The filter leaves the log as it is; only forward progress at a TD exit resets it.
         w.set(key, attrs.evolve(st, associated=True, in_guest=True, vcpu_epoch=td_epoch, entry_rip=rip))
         yield Step(TdxStep.TD_ENTRY, TdEntry(self.index, td_epoch, flush, rip))
@@ -243,10 +251,10 @@ class TdVcpu:
         while True:
             if w.get(self.kick_key):
                 w.delete(self.kick_key)
-                return TdExit(ExitReason.EXTERNAL_INTERRUPT, ExitReason.EXTERNAL_INTERRUPT)
+                return TdExit.of(ExitReason.EXTERNAL_INTERRUPT)
             insn = self._current()
             if insn is None:
-                return TdExit(ExitReason.HLT, ExitReason.HLT)
+                return TdExit.of(ExitReason.HLT)
             if isinstance(insn, guest.MemAccess):
                 outcome = self._access(cfg, insn)
                 shared = bool(insn.gpa & cfg.shared_bit)
@@ -262,13 +270,11 @@ class TdVcpu:
             elif insn.leaf is Tdcall.TDG_MEM_PAGE_ACCEPT:
                 result = yield from tdg_mem_page_accept(self.module, self.tdvpr, insn.rcx)
                 if isinstance(result, EptViolation):
-                    return TdExit(ExitReason.EPT_VIOLATION, ExitReason.EPT_VIOLATION, result.exit_qual,
-                                  result.ext_qual, result.gpa)
+                    return TdExit.of(ExitReason.EPT_VIOLATION, result.exit_qual, result.ext_qual, result.gpa)
                 self._complete(result)
             elif insn.leaf is Tdcall.TDG_VP_VMCALL:
                 # Exits to the host with the call's registers; RIP moves when the host completes it.
-                return TdExit(ExitReason.TDCALL, ExitReason.TDCALL, r10=insn.r10, r11=insn.r11,
-                              r12=insn.r12, r13=insn.r13)
+                return TdExit.of(ExitReason.TDCALL, r10=insn.r10, r11=insn.r11, r12=insn.r12, r13=insn.r13)
             elif insn.leaf is Tdcall.TDG_VP_INFO:
                 yield Step(TdxStep.TDCALL_RETURN, TdcallReturn(insn.leaf, 0, 0, 0, "TDX_SUCCESS", False))
                 self._complete(TdcallResult(0, rcx=int(cfg.gpaw)))
@@ -282,7 +288,7 @@ class TdVcpu:
         gpa = insn.gpa
         qual = insn.access.exit_qual | DATA_ACCESS_QUAL
         if gpa & cfg.shared_bit:
-            res = self._walk_shared(cfg, gpa, insn.access)
+            res = self._walk_shared(cfg, gpa, insn.access, qual)
             if isinstance(res, int):
                 return self._data(res, gpa, insn)
             return res
@@ -294,7 +300,7 @@ class TdVcpu:
         assert t.violation is not None
         v = t.violation
         exit_qual = v.exit_qual if v.ext_qual else int(qual)
-        return TdExit(ExitReason.EPT_VIOLATION, ExitReason.EPT_VIOLATION, exit_qual, v.ext_qual, v.gpa)
+        return TdExit.of(ExitReason.EPT_VIOLATION, exit_qual, v.ext_qual, v.gpa)
 
     def _data(self, pfn: int, gpa: int, insn: guest.MemAccess) -> int | None:
         offset = gpa & (PAGE_SIZE - 1)
@@ -303,16 +309,16 @@ class TdVcpu:
             return None
         return self.memory.read_word(pfn, offset)
 
-    def _walk_shared(self, cfg: TdConfig, gpa: int,
-                     access: Access) -> int | TdExit | guest.VirtualizationException:
+    def _walk_shared(self, cfg: TdConfig, gpa: int, access: Access,
+                     qual: ExitQual) -> int | TdExit | guest.VirtualizationException:
         """The CPU's walk of the shared EPT: A bits on every entry used, D on the leaf of a write.
-        A non-present entry exits to the host when SVE is set and becomes a #VE in the guest when it is clear."""
+        A non-present entry exits to the host when SVE is set and becomes a #VE in the guest when it is clear.
+        `qual` is the access's exit qualification."""
         mem = self.memory
         table = self.world.get(self.eptp_key)
-        qual = access.exit_qual | DATA_ACCESS_QUAL
         page_gpa = gpa & ~(PAGE_SIZE - 1)
         if not table:
-            return TdExit(ExitReason.EPT_VIOLATION, ExitReason.EPT_VIOLATION, int(qual), 0, page_gpa)
+            return TdExit.of(ExitReason.EPT_VIOLATION, int(qual), 0, page_gpa)
         level = int(cfg.root_level)
         perms = int(EPT_RWX)
         while True:
@@ -321,13 +327,12 @@ class TdVcpu:
             perms &= e
             if not is_present(e):
                 if e & EptBit.SUPPRESS_VE:
-                    return TdExit(ExitReason.EPT_VIOLATION, ExitReason.EPT_VIOLATION, int(qual), 0, page_gpa)
+                    return TdExit.of(ExitReason.EPT_VIOLATION, int(qual), 0, page_gpa)
                 # The #VE information area reports the full faulting GPA (the guest's MMIO emulation uses it).
                 return guest.VirtualizationException(gpa, int(qual))
             leaf = level == 0 or bool(e & EptBit.PAGE_SIZE)
             if leaf and not perms & NEEDED[access]:
-                return TdExit(ExitReason.EPT_VIOLATION, ExitReason.EPT_VIOLATION,
-                              int(qual) | (perms << EXIT_QUAL_RWX_SHIFT), 0, page_gpa)
+                return TdExit.of(ExitReason.EPT_VIOLATION, int(qual) | (perms << EXIT_QUAL_RWX_SHIFT), 0, page_gpa)
             # Plain ints in the World: `int | EptBit` would store an EptBit pseudo-member.
             new = e | int(EptBit.ACCESSED)
             if leaf and access is Access.WRITE:
@@ -335,5 +340,5 @@ class TdVcpu:
             if new != e:
                 mem.write_entry(table, idx, new)
             if leaf:
-                return entry_pfn(e) + ((gpa >> 12) & ((1 << (9 * level)) - 1))
+                return entry_pfn(e) + ((gpa >> PAGE_SHIFT) & (PT_ENTRIES ** level - 1))
             table, level = entry_pfn(e), level - 1

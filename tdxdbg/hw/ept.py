@@ -52,14 +52,6 @@ class Level(enum.IntEnum):
     PML4 = 3
     PML5 = 4
 
-    @property
-    def page_size(self) -> int:
-        return level_size(self)
-
-    @property
-    def label(self) -> str:
-        return LEVEL_LABELS[self]
-
 
 LEVEL_LABELS = {Level.PT: "4K", Level.PD: "2M", Level.PDPT: "1G", Level.PML4: "512G", Level.PML5: "256T"}
 
@@ -75,10 +67,6 @@ def level_size(level: int) -> int:
 def pt_index(gpa: int, level: int) -> int:
     """Index of `gpa` in the table at `level` (SDM: bits 12+9L+8 .. 12+9L)."""
     return (gpa >> level_shift(level)) & (PT_ENTRIES - 1)
-
-
-def is_aligned(gpa: int, level: int) -> bool:
-    return gpa & (level_size(level) - 1) == 0
 
 
 def entry_pfn(entry: int) -> int:
@@ -148,4 +136,8 @@ class Access(enum.Enum):
 
     @property
     def exit_qual(self) -> ExitQual:
-        return {Access.READ: ExitQual.READ, Access.WRITE: ExitQual.WRITE, Access.FETCH: ExitQual.FETCH}[self]
+        return ACCESS_EXIT_QUAL[self]
+
+
+# The exit-qualification bit each access kind sets.
+ACCESS_EXIT_QUAL = {Access.READ: ExitQual.READ, Access.WRITE: ExitQual.WRITE, Access.FETCH: ExitQual.FETCH}

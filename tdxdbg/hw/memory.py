@@ -15,7 +15,7 @@ Keys:
 
 from __future__ import annotations
 
-from tdxdbg.hw.ept import ENTRY_BYTES, PAGE_SHIFT, PAGE_SIZE, PT_ENTRIES
+from tdxdbg.hw.ept import ENTRY_BYTES, PAGE_SIZE, PT_ENTRIES
 from tdxdbg.runtime.world import MISSING, World
 
 # The first pfn handed out (256 MiB): low memory is the host kernel's, and small pfns would look like GPAs.
@@ -77,12 +77,6 @@ class HostMemory:
         self._clear(pfn)
         w.set(("mem.free_next", pfn), w.get(K_FREE))
         w.set(K_FREE, pfn)
-
-    def owner(self, pfn: int) -> str | None:
-        return self.world.get(("mem.owner", pfn))
-
-    def is_allocated(self, pfn: int) -> bool:
-        return self.world.get(("mem.owner", pfn)) is not None
 
     # -- data pages --------------------------------------------------------------------------------------
     def read_word(self, pfn: int, offset: int) -> int:
@@ -146,12 +140,3 @@ class HostMemory:
         for i in range(PT_ENTRIES):
             if ("pte", pfn, i) in w:
                 w.delete(("pte", pfn, i))
-
-
-def pfn_to_hpa(pfn: int) -> int:
-    return pfn << PAGE_SHIFT
-
-
-def hpa_to_pfn(hpa: int) -> int:
-    return hpa >> PAGE_SHIFT
-

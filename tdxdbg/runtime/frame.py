@@ -175,19 +175,8 @@ def plain_locals(values: Scope | dict[str, Any]) -> tuple[tuple[str, Any], ...]:
 LOCALS_FULL_EVERY = 64
 
 
-def encode_locals(scopes: tuple[Scope, ...]) -> tuple[Any, ...]:
-    """A full (non-delta) entry for a tuple of Scopes; () for none."""
-    if not scopes:
-        return ()
-    out: list[Any] = [None, 0]
-    for scope in scopes:
-        out.append(_NAMES.setdefault(scope.names, scope.names))
-        out.extend(scope.values)
-    return tuple(out)
-
-
 def decode_locals(entry: tuple[Any, ...]) -> tuple[Scope, ...]:
-    """The Scopes (outermost first) of a locals entry made by `capture` or `encode_locals`.
+    """The Scopes (outermost first) of a locals entry made by `capture`.
 
     Walks back newest first and decodes only the scopes still missing (depths below the previous entry's
     `keep`), so the cost follows the stack depth, not the length of the delta chain."""

@@ -19,7 +19,7 @@ class TaskState(enum.Enum):
 class Task:
     """A named generator of Steps. `yield` is a preemption point, `yield from` a call."""
 
-    __slots__ = ("error", "gen", "kind", "name", "result", "started", "state", "wait")
+    __slots__ = ("error", "gen", "kind", "name", "result", "state", "wait")
 
     def __init__(self, name: str, gen: Generator[Step, Any, Any], kind: str = "task") -> None:
         self.name = name
@@ -29,17 +29,10 @@ class Task:
         self.wait: Callable[[Any], bool] | None = None
         self.result: Any = None
         self.error: str | None = None
-        self.started = False
 
     @property
     def finished(self) -> bool:
         return self.state in (TaskState.DONE, TaskState.FAILED)
-
-    def runnable(self, world: Any) -> bool:
-        if self.finished:
-            return False
-        wait = self.wait
-        return wait is None or bool(wait(world))
 
     def __repr__(self) -> str:
         return f"Task({self.name!r}, {self.state.value})"

@@ -14,7 +14,7 @@ from array import array
 from collections.abc import Hashable, Iterator, Sequence
 from typing import Any, overload
 
-from tdxdbg.runtime.frame import Frame, Scope, StackEntry, Violation, decode_locals, encode_locals
+from tdxdbg.runtime.frame import Frame, Scope, StackEntry, Violation, decode_locals
 from tdxdbg.runtime.step import Step
 from tdxdbg.runtime.world import MISSING, Effect, World
 
@@ -84,7 +84,7 @@ class FrameStore(Sequence[Frame]):
     - effects: packed over all frames, frame i owning entries eff_off[i]:eff_off[i + 1] of three parallel
       columns (key id, old value, new value): no tuple per frame, and each World key object is kept once;
     - footprint: packed the same way as key ids (read_off, read_ids);
-    - locals: one delta-encoded entry per frame (see frame.encode_locals), dropped past LOCALS_WINDOW.
+    - locals: one delta-encoded entry per frame (see frame.capture), dropped past LOCALS_WINDOW.
     """
 
     def __init__(self) -> None:
@@ -140,16 +140,11 @@ class FrameStore(Sequence[Frame]):
         self._task_names.append(task)
         return i
 
-    def add(self, task: str, step: Step, stack: tuple[StackEntry, ...], flat_effects: Sequence[Any],
-            reads: Sequence[Hashable], local_values: tuple[Any, ...],
-            violations: tuple[Violation, ...]) -> None:
-        """Append one frame. `flat_effects` is (key, old, new, key, old, new, ...), `reads` the distinct keys
-        read and `local_values` an entry made by frame.capture or frame.encode_locals."""
-        self._add(task, step, stack, flat_effects, reads, local_values, violations)
-
     def _adder(self) -> Any:
-        """`add` as a closure over the columns' bound methods: this runs once per frame, and closure variables
-        are much cheaper than attribute look-ups on self."""
+        """The function that appends one frame, as a closure over the columns' bound methods: it runs once per
+        frame, and closure variables are much cheaper than attribute look-ups on self. Its `flat_effects` is
+        (key, old, new, key, old, new, ...), `reads` the distinct keys read and `local_values` an entry made by
+        frame.capture."""
         task_ids, kind_ids, stack_ids = self._task_ids, self._kind_ids, self._stack_ids
         intern_task, intern_kind, intern_stack = self._intern_task, self._intern_kind, self._intern_stack
         task_col, kind_col, stack_col = self.task_col.append, self.kind_col.append, self.stack_col.append
@@ -209,7 +204,15 @@ class FrameStore(Sequence[Frame]):
 
     def flat_effects_of(self, i: int) -> tuple[Any, ...]:
         """Frame i's writes, flat: key, old, new, key, old, new, ..."""
-        return tuple(x for effect in self.effects_of(i) for x in effect)
+        a, b = self.eff_off[i], self.eff_off[i + 1]
+        if a == b:
+            return ()
+        keys = self._key_ids.keys
+        flat: list[Any] = [None] * (3 * (b - a))
+        flat[0::3] = [keys[k] for k in self.eff_keys[a:b]]
+        flat[1::3] = self.eff_old[a:b]
+        flat[2::3] = self.eff_new[a:b]
+        return tuple(flat)
 
     def reads_of(self, i: int) -> tuple[Hashable, ...]:
         a, b = self.read_off[i], self.read_off[i + 1]
@@ -282,7 +285,6 @@ class Timeline:
         # key id -> frames that wrote it, in order; filled up to _write_indexed on demand (last_write).
         self._write_index: dict[int, array] = {}
         self._write_indexed = 0
-        self._record = self.recorder()
 
     def __len__(self) -> int:
         return len(self.frames)
@@ -293,21 +295,10 @@ class Timeline:
     def __iter__(self) -> Iterator[Frame]:
         return iter(self.frames)
 
-    def append(self, frame: Frame, world: World) -> None:
-        """Record a Frame value (slow path: tests and replays); the runtime uses `record`."""
-        flat = tuple(x for effect in frame.effects for x in effect)
-        self.record(frame.task, frame.step, frame.stack, flat, frame.reads, encode_locals(frame.locals),
-                    frame.violations, world)
-
-    def record(self, task: str, step: Step, stack: tuple[StackEntry, ...], flat_effects: Sequence[Any],
-               reads: Sequence[Hashable], local_values: tuple[Any, ...], violations: tuple[Violation, ...],
-               world: World) -> None:
-        """Record one frame: flat effects (key, old, new, ...), the distinct keys read, and a locals entry made
-        by frame.capture or frame.encode_locals."""
-        self._record(task, step, stack, flat_effects, reads, local_values, violations, world)
-
     def recorder(self) -> Any:
-        """`record` as a closure (the runtime calls it once per frame; see FrameStore._adder)."""
+        """The function that records one frame: flat effects (key, old, new, ...), the distinct keys read, and a
+        locals entry made by frame.capture. A closure, as the runtime calls it once per frame (see
+        FrameStore._adder)."""
         add = self.frames._add
         payloads = self.frames.payloads
         key_positions = self._key_positions

@@ -12,21 +12,14 @@ from typing import TYPE_CHECKING
 
 import attrs
 
-from tdxdbg.hw.ept import PAGE_SHIFT, PT_ENTRIES, ExitQual, Gpaw, Level, level_size
+from tdxdbg.hw.ept import PAGE_SHIFT, PT_ENTRIES, ExitQual, Level
 from tdxdbg.hw.tdx.leaves import Tdcall
 from tdxdbg.hw.tdx.locks import GuestLockResult, entry_lock_key, guest_acquire_entry, release_entry
-from tdxdbg.hw.tdx.module import (
-    GPA_LEVEL_MASK,
-    GPA_PAGE_MASK,
-    GPA_RESERVED_HIGH,
-    GPA_RESERVED_LOW,
-    GPAW48_HIGH_BITS,
-    walk_sept,
-)
+from tdxdbg.hw.tdx.module import check_private_gpa, walk_sept
 from tdxdbg.hw.tdx.seamcall import TdcallEntry, TdcallReturn, TdxStep
 from tdxdbg.hw.tdx.sept import SeptEntry, SeptState
 from tdxdbg.hw.tdx.status import OperandId, TdxStatus, describe
-from tdxdbg.hw.tdx.td import EPF_GPA_LIST_SIZE, STEPPING_EPF_THRESHOLD, TdConfig, VcpuState, vcpu_key
+from tdxdbg.hw.tdx.td import EPF_GPA_LIST_SIZE, STEPPING_EPF_THRESHOLD, TdConfig, VcpuState, td_key, vcpu_key
 from tdxdbg.runtime.step import Step
 
 if TYPE_CHECKING:
@@ -74,16 +67,6 @@ class EptViolation:
     ext_qual: int = 0
 
 
-def check_private_gpa(cfg: TdConfig, raw: int, max_level: int) -> tuple[int, int] | None:
-    """`verify_page_info_input` + `check_gpa_validity` for a guest request: (gpa, level), or None if invalid."""
-    level = raw & GPA_LEVEL_MASK
-    gpa = raw & GPA_PAGE_MASK
-    if (raw & (GPA_RESERVED_LOW | GPA_RESERVED_HIGH) or level > max_level or gpa & (level_size(level) - 1)
-            or gpa & cfg.shared_bit or (cfg.gpaw is Gpaw.GPAW_48 and gpa & GPAW48_HIGH_BITS)):
-        return None
-    return gpa, level
-
-
 def tdg_mem_page_accept(m: TdxModule, tdvpr: int, rcx: int) -> Generator[Step, None, TdcallResult | EptViolation]:
     """TDG.MEM.PAGE.ACCEPT: PENDING -> MAPPED with the page zeroed, or a status, or an async EPT-violation exit.
 
@@ -91,7 +74,7 @@ def tdg_mem_page_accept(m: TdxModule, tdvpr: int, rcx: int) -> Generator[Step, N
     """
     w = m.world
     st: VcpuState = w.get(vcpu_key(tdvpr))
-    cfg: TdConfig = w.get(("tdx.td", st.tdr))
+    cfg: TdConfig = w.get(td_key(st.tdr))
     outcome: TdcallResult | EptViolation | None = None
     lock_key = None
     sept_key: tuple[str, int, int] = ("sept", 0, 0)

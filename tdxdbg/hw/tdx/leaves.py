@@ -4,9 +4,7 @@ from __future__ import annotations
 
 import enum
 
-# RAX bits 15:0 carry the leaf, bits 23:16 its version.
-LEAF_MASK = 0xFFFF
-VERSION_SHIFT = 16
+# RAX bits 15:0 carry the leaf, bits 23:16 its version (not modelled: the enums below are the leaf numbers).
 
 
 class Seamcall(enum.IntEnum):

@@ -12,7 +12,7 @@ from tdxdbg.hw.tdx import epoch
 from tdxdbg.hw.tdx.leaves import Seamcall
 from tdxdbg.hw.tdx.locks import LockMode
 from tdxdbg.hw.tdx.pamt import PageType, Pamt, get_pamt, set_pamt
-from tdxdbg.hw.tdx.seamcall import Call, SeamcallResult, handler
+from tdxdbg.hw.tdx.seamcall import Call, SeamcallResult, handler, success
 from tdxdbg.hw.tdx.status import OperandId, TdxStatus
 from tdxdbg.hw.tdx.td import (
     KEYID_MASK,
@@ -21,6 +21,7 @@ from tdxdbg.hw.tdx.td import (
     VcpuState,
     add_chldcnt,
     chldcnt_key,
+    get_config,
     lifecycle_key,
     op_state_key,
     vcpu_key,
@@ -36,15 +37,11 @@ TRACK_OP_STATES = frozenset(OpState) - {OpState.UNINITIALIZED, OpState.FAILED_IM
 WB_DONE = "tdx.wb_done"
 
 
-def _ok(c: Call, rcx: int = 0, rdx: int = 0, r8: int = 0) -> SeamcallResult:
-    return SeamcallResult(c.leaf, S.TDX_SUCCESS, rcx, rdx, r8)
-
-
 def _tdr_of(m: TdxModule, c: Call, tdr_pa: int) -> int | None:
     tdr = tdr_pa >> PAGE_SHIFT
     if tdr_pa & (PAGE_SIZE - 1) or get_pamt(m.world, tdr).page_type is not PageType.PT_TDR:
         return None
-    c.cfg = m.world.get(("tdx.td", tdr))
+    c.cfg = get_config(m.world, tdr)
     return tdr
 
 
@@ -67,7 +64,7 @@ class MemTrack:
         if epoch.previous_epoch_busy(epoch.get_epoch(m.world, c.cfg.tdr)):
             return m.fail(c, S.TDX_PREVIOUS_TLB_EPOCH_BUSY)
         epoch.advance(m.world, c.cfg.tdr)
-        return _ok(c)
+        return success(c)
 
 
 @handler(Seamcall.TDH_MR_FINALIZE)
@@ -84,7 +81,7 @@ class MrFinalize:
         if not _vcpus_of(m, c.cfg.tdr):
             return m.fail(c, S.TDX_NO_VCPUS)
         m.world.set(op_state_key(c.cfg.tdr), OpState.RUNNABLE)
-        return _ok(c)
+        return success(c)
 
 
 @handler(Seamcall.TDH_VP_FLUSH)
@@ -110,7 +107,7 @@ class VpFlush:
         if st.in_guest:
             return m.fail(c, S.TDX_VCPU_ASSOCIATED)
         m.world.set(key, VcpuState(st.tdr, st.index, vcpu_epoch=st.vcpu_epoch))
-        return _ok(c)
+        return success(c)
 
 
 def _vcpus_of(m: TdxModule, tdr: int) -> list[VcpuState]:
@@ -139,7 +136,7 @@ class VpFlushDone:
         if any(v.associated for v in _vcpus_of(m, c.cfg.tdr)):
             return m.fail(c, S.TDX_FLUSHVP_NOT_DONE)
         m.world.set(lifecycle_key(c.cfg.tdr), Lifecycle.TD_BLOCKED)
-        return _ok(c)
+        return success(c)
 
 
 @handler(Seamcall.TDH_PHYMEM_CACHE_WB)
@@ -162,7 +159,7 @@ class CacheWb:
             return m.fail(c, S.TDX_NO_HKID_READY_TO_WBCACHE)
         for tdr in pending:
             w.set((WB_DONE, tdr), True)
-        return _ok(c)
+        return success(c)
 
 
 @handler(Seamcall.TDH_MNG_KEY_FREEID)
@@ -186,7 +183,7 @@ class KeyFreeId:
     def execute(m: TdxModule, c: Call) -> SeamcallResult:
         assert c.cfg is not None
         m.world.set(lifecycle_key(c.cfg.tdr), Lifecycle.TD_TEARDOWN)
-        return _ok(c)
+        return success(c)
 
 
 @handler(Seamcall.TDH_PHYMEM_PAGE_RECLAIM)
@@ -224,7 +221,7 @@ class PageReclaim:
             for i in range(count):
                 set_pamt(w, c.page + i, Pamt())
             add_chldcnt(w, p.owner, -count)
-        return _ok(c, *out)
+        return success(c, *out)
 
 
 @handler(Seamcall.TDH_PHYMEM_PAGE_WBINVD)
@@ -242,4 +239,4 @@ class PageWbinvd:
     def execute(m: TdxModule, c: Call) -> SeamcallResult:
         if get_pamt(m.world, c.page).page_type is not PageType.PT_NDA:
             return m.fail(c, S.TDX_PAGE_METADATA_INCORRECT, OperandId.RCX)
-        return _ok(c)
+        return success(c)

@@ -35,6 +35,11 @@ class Sharex:
 FREE_LOCK = Sharex()
 
 
+def tree_lock_key(tdr: int) -> tuple[str, int]:
+    """The TD's S-EPT tree lock."""
+    return ("tdx.tree_lock", tdr)
+
+
 def try_acquire(world: World, key: Hashable, mode: LockMode, holder: str) -> bool:
     lock: Sharex = world.get(key, FREE_LOCK)
     if lock.exclusive is not None:

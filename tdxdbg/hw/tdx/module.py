@@ -16,7 +16,15 @@ from tdxdbg.hw.memory import HostMemory
 # The leaf handlers register themselves in HANDLERS when imported.
 from tdxdbg.hw.tdx import epoch, lifecycle_leaves, sept_leaves  # noqa: F401
 from tdxdbg.hw.tdx.leaves import Seamcall
-from tdxdbg.hw.tdx.locks import LockMode, entry_lock_key, host_acquire_entry, release, release_entry, try_acquire
+from tdxdbg.hw.tdx.locks import (
+    LockMode,
+    entry_lock_key,
+    host_acquire_entry,
+    release,
+    release_entry,
+    tree_lock_key,
+    try_acquire,
+)
 from tdxdbg.hw.tdx.pamt import PageType, Pamt, get_pamt, set_pamt
 from tdxdbg.hw.tdx.seamcall import HANDLERS, Call, SeamcallEntry, SeamcallResult, SeamcallReturn, TdxStep
 from tdxdbg.hw.tdx.sept import FREE_ENTRY, SeptEntry, SeptState, arch_info
@@ -48,6 +56,16 @@ GPA_PAGE_MASK = 0x000F_FFFF_FFFF_F000   # bits 51:12
 GPA_RESERVED_HIGH = 0xFFF0_0000_0000_0000  # bits 63:52
 # GPAW 48: bits 51:48 of a private GPA must be zero (`check_gpa_validity`).
 GPAW48_HIGH_BITS = 0x000F_0000_0000_0000
+
+
+def check_private_gpa(cfg: TdConfig, raw: int, max_level: int) -> tuple[int, int] | None:
+    """`verify_page_info_input` + `check_gpa_validity` of a page_info RCX: (gpa, level), or None if invalid."""
+    level = raw & GPA_LEVEL_MASK
+    gpa = raw & GPA_PAGE_MASK
+    if (raw & (GPA_RESERVED_LOW | GPA_RESERVED_HIGH) or level > max_level or gpa & (level_size(level) - 1)
+            or gpa & cfg.shared_bit or (cfg.gpaw is Gpaw.GPAW_48 and gpa & GPAW48_HIGH_BITS)):
+        return None
+    return gpa, level
 
 
 def walk_sept(get: Callable[..., Any], cfg: TdConfig, gpa: int, target: int) -> tuple[int, int, int, SeptEntry]:
@@ -168,14 +186,10 @@ class TdxModule:
 
     def check_gpa(self, c: Call, cfg: TdConfig, raw: int, min_level: int, max_level: int,
                   operand: OperandId = OperandId.RCX) -> SeamcallResult | None:
-        """`verify_page_info_input` + `check_gpa_validity`: before any lock is taken."""
-        level = raw & GPA_LEVEL_MASK
-        gpa = raw & GPA_PAGE_MASK
-        c.gpa, c.level = gpa, level
-        bad = (raw & (GPA_RESERVED_LOW | GPA_RESERVED_HIGH) or not min_level <= level <= max_level
-               or gpa & (level_size(level) - 1) or gpa & cfg.shared_bit
-               or (cfg.gpaw is Gpaw.GPAW_48 and gpa & GPAW48_HIGH_BITS))
-        if bad:
+        """`check_private_gpa` plus the leaf's minimum level, before any lock is taken. c.gpa and c.level are
+        set even when the operand is invalid (the SEAMCALL step shows them)."""
+        c.gpa, c.level = raw & GPA_PAGE_MASK, raw & GPA_LEVEL_MASK
+        if check_private_gpa(cfg, raw, max_level) is None or c.level < min_level:
             return self.fail(c, TdxStatus.TDX_OPERAND_INVALID, operand)
         return None
 
@@ -205,7 +219,7 @@ class TdxModule:
 
     def lock_tree(self, c: Call, mode: LockMode) -> SeamcallResult | None:
         assert c.cfg is not None
-        if not self.lock(c, "sept_tree", ("tdx.tree_lock", c.cfg.tdr), mode):
+        if not self.lock(c, "sept_tree", tree_lock_key(c.cfg.tdr), mode):
             return self.fail(c, TdxStatus.TDX_OPERAND_BUSY, OperandId.SEPT_TREE)
         return None
 

@@ -42,11 +42,11 @@ def pamt_key(pfn: int) -> tuple[str, int]:
 
 
 def get_pamt(world: World, pfn: int) -> Pamt:
-    return world.get(("pamt", pfn), NDA)
+    return world.get(pamt_key(pfn), NDA)
 
 
 def set_pamt(world: World, pfn: int, entry: Pamt) -> None:
     if entry.page_type is PageType.PT_NDA:
-        world.delete(("pamt", pfn))
+        world.delete(pamt_key(pfn))
     else:
-        world.set(("pamt", pfn), entry)
+        world.set(pamt_key(pfn), entry)

@@ -10,7 +10,7 @@ import attrs
 
 from tdxdbg.hw.tdx.leaves import Seamcall
 from tdxdbg.hw.tdx.sept import FREE_ENTRY, SeptEntry
-from tdxdbg.hw.tdx.status import describe, is_error, status_name
+from tdxdbg.hw.tdx.status import TdxStatus, describe, is_error, status_name
 
 if TYPE_CHECKING:
     from tdxdbg.hw.tdx.module import TdxModule
@@ -120,11 +120,6 @@ class GuestAccessInfo(NamedTuple):
     ve: bool = False
 
 
-def _payload_get(self: Any, name: str, default: Any = None) -> Any:
-    """dict-style access, so readers treat NamedTuple and dict payloads alike."""
-    return getattr(self, name, default)
-
-
 @attrs.frozen(slots=True)
 class SeamcallResult:
     leaf: Seamcall
@@ -143,6 +138,11 @@ class SeamcallResult:
 
     def __str__(self) -> str:
         return f"{self.leaf.dotted} = {describe(self.rax)}"
+
+
+def success(c: Call, rcx: int = 0, rdx: int = 0, r8: int = 0) -> SeamcallResult:
+    """TDX_SUCCESS for the call `c`, with its output registers."""
+    return SeamcallResult(c.leaf, TdxStatus.TDX_SUCCESS, rcx, rdx, r8)
 
 
 @attrs.define(slots=True)
@@ -187,7 +187,3 @@ def handler(leaf: Seamcall) -> Callable[[type], type]:
         return cls
 
     return register
-
-
-for _cls in (SeamcallEntry, SeamcallReturn, TdcallEntry, TdcallReturn, TdEntry, TdExitInfo, GuestAccessInfo):
-    _cls.get = _payload_get  # type: ignore[attr-defined]

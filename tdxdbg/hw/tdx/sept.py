@@ -78,8 +78,8 @@ ALLOWED_STATES: dict[Seamcall, frozenset[SeptState]] = {
     Seamcall.TDH_MEM_SEPT_REMOVE: frozenset({_S.NL_MAPPED, _S.NL_BLOCKED}),
     Seamcall.TDH_MEM_RANGE_UNBLOCK: frozenset({_S.NL_BLOCKED, _S.BLOCKED, _S.PENDING_BLOCKED}),
 }
-# TDG.MEM.PAGE.ACCEPT is allowed on PENDING (and PENDING_EXPORTED_DIRTY, a migration state).
-ACCEPT_ALLOWED = frozenset({_S.PENDING})
+# TDG.MEM.PAGE.ACCEPT (a TDCALL, see guest_calls) is allowed on PENDING (and PENDING_EXPORTED_DIRTY, a migration
+# state).
 
 
 @attrs.frozen(slots=True)

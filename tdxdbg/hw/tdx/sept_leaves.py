@@ -11,15 +11,17 @@ from __future__ import annotations
 import hashlib
 from typing import TYPE_CHECKING
 
+import attrs
+
 from tdxdbg.hw.ept import PAGE_SHIFT, PAGE_SIZE, PT_ENTRIES, Level
 from tdxdbg.hw.tdx import epoch
 from tdxdbg.hw.tdx.leaves import Seamcall
 from tdxdbg.hw.tdx.locks import LockMode, entry_lock_key, host_acquire_entry
 from tdxdbg.hw.tdx.pamt import PageType, Pamt, get_pamt, set_pamt
-from tdxdbg.hw.tdx.seamcall import Call, SeamcallResult, handler
+from tdxdbg.hw.tdx.seamcall import Call, SeamcallResult, handler, success
 from tdxdbg.hw.tdx.sept import ALLOWED_STATES, BLOCKED_FORM, FREE_ENTRY, UNBLOCKED_FORM, SeptEntry, SeptState
 from tdxdbg.hw.tdx.status import OperandId, TdxStatus
-from tdxdbg.hw.tdx.td import KEYID_MASK, OpState, add_chldcnt
+from tdxdbg.hw.tdx.td import KEYID_MASK, OpState, add_chldcnt, get_config
 
 if TYPE_CHECKING:
     from tdxdbg.hw.tdx.module import TdxModule
@@ -49,7 +51,7 @@ def _begin(m: TdxModule, c: Call, min_level: int, max_level: int | None, tree: L
            entry_lock: bool = True) -> SeamcallResult | None:
     """The common prefix of a GPA|level leaf: RCX checks, the TDR in RDX, tree lock, walk and entry lock."""
     tdr = c.rdx >> PAGE_SHIFT
-    cfg = m.world.get(("tdx.td", tdr))
+    cfg = get_config(m.world, tdr)
     if cfg is None:
         return m.fail(c, S.TDX_OPERAND_INVALID, OperandId.RDX)
     top = int(cfg.root_level) if max_level is None else max_level
@@ -85,10 +87,6 @@ def _block_and_track(m: TdxModule, c: Call, bepoch_pfn: int,
     return None
 
 
-def _ok(c: Call, rcx: int = 0, rdx: int = 0, r8: int = 0) -> SeamcallResult:
-    return SeamcallResult(c.leaf, S.TDX_SUCCESS, rcx, rdx, r8)
-
-
 @handler(Seamcall.TDH_MEM_SEPT_ADD)
 class SeptAdd:
     """Link a new S-EPT page under the entry at c.level (transition T1)."""
@@ -110,7 +108,7 @@ class SeptAdd:
         set_pamt(m.world, c.page, Pamt(PageType.PT_EPT, owner=c.cfg.tdr))
         m.write_entry(c, SeptEntry(SeptState.NL_MAPPED, c.page))
         add_chldcnt(m.world, c.cfg.tdr, 1)
-        return _ok(c)
+        return success(c)
 
 
 @handler(Seamcall.TDH_MEM_PAGE_AUG)
@@ -132,7 +130,7 @@ class PageAug:
             set_pamt(m.world, c.page + i, Pamt(PageType.PT_REG, owner=c.cfg.tdr, level=c.level if i == 0 else 0))
         m.write_entry(c, SeptEntry(SeptState.PENDING, c.page))
         add_chldcnt(m.world, c.cfg.tdr, n)
-        return _ok(c)
+        return success(c)
 
 
 @handler(Seamcall.TDH_MEM_PAGE_ADD)
@@ -160,7 +158,7 @@ class PageAdd:
         m.write_entry(c, SeptEntry(SeptState.MAPPED, c.page))
         add_chldcnt(m.world, c.cfg.tdr, 1)
         extend_mrtd(m, c.cfg.tdr, b"MEM.PAGE.ADD" + c.gpa.to_bytes(8, "little"))
-        return _ok(c)
+        return success(c)
 
 
 def extend_mrtd(m: TdxModule, tdr: int, data: bytes) -> None:
@@ -176,7 +174,7 @@ class MrExtend:
     @staticmethod
     def prepare(m: TdxModule, c: Call) -> SeamcallResult | None:
         tdr = c.rdx >> PAGE_SHIFT
-        cfg = m.world.get(("tdx.td", tdr))
+        cfg = get_config(m.world, tdr)
         if cfg is None or c.rcx % MR_EXTEND_CHUNK or c.rcx & cfg.shared_bit:
             return m.fail(c, S.TDX_OPERAND_INVALID, OperandId.RCX)
         c.gpa, c.level = c.rcx & ~0xFFF, Level.PT
@@ -194,7 +192,7 @@ class MrExtend:
         off = c.rcx & 0xFFF
         chunk = b"".join(page.get(o, 0).to_bytes(8, "little") for o in range(off, off + MR_EXTEND_CHUNK, 8))
         extend_mrtd(m, c.cfg.tdr, b"MR.EXTEND" + c.rcx.to_bytes(8, "little") + chunk)
-        return _ok(c)
+        return success(c)
 
 
 @handler(Seamcall.TDH_MEM_RANGE_BLOCK)
@@ -217,8 +215,8 @@ class RangeBlock:
         # BEPOCH is sampled after blocking, on the mapped page or the child S-EPT page.
         td_epoch = epoch.get_epoch(m.world, c.cfg.tdr).td_epoch
         old = get_pamt(m.world, e.pfn)
-        set_pamt(m.world, e.pfn, Pamt(old.page_type, old.owner, old.level, td_epoch))
-        return _ok(c)
+        set_pamt(m.world, e.pfn, attrs.evolve(old, bepoch=td_epoch))
+        return success(c)
 
 
 @handler(Seamcall.TDH_MEM_RANGE_UNBLOCK)
@@ -238,7 +236,7 @@ class RangeUnblock:
         if m.tracking_required(c) and not m.is_tracked(c.cfg.tdr, e.pfn):
             return m.fail(c, S.TDX_TLB_TRACKING_NOT_DONE, OperandId.SEPT_TREE)
         m.write_entry(c, SeptEntry(UNBLOCKED_FORM[e.state], e.pfn))
-        return _ok(c)
+        return success(c)
 
 
 @handler(Seamcall.TDH_MEM_PAGE_REMOVE)
@@ -265,7 +263,7 @@ class PageRemove:
             set_pamt(m.world, e.pfn + i, Pamt())
         m.write_entry(c, FREE_ENTRY)
         add_chldcnt(m.world, c.cfg.tdr, -n)
-        return _ok(c, rcx=e.pfn << PAGE_SHIFT)
+        return success(c, rcx=e.pfn << PAGE_SHIFT)
 
 
 def _children(m: TdxModule, table: int) -> list[SeptEntry]:
@@ -292,7 +290,7 @@ class SeptRemove:
         set_pamt(m.world, e.pfn, Pamt())
         m.write_entry(c, FREE_ENTRY)
         add_chldcnt(m.world, c.cfg.tdr, -1)
-        return _ok(c, rcx=e.pfn << PAGE_SHIFT)
+        return success(c, rcx=e.pfn << PAGE_SHIFT)
 
 
 @handler(Seamcall.TDH_MEM_PAGE_PROMOTE)
@@ -328,10 +326,10 @@ class PagePromote:
             m.world.delete(("sept", e.pfn, i))
         set_pamt(m.world, e.pfn, Pamt())
         head = get_pamt(m.world, first.pfn)
-        set_pamt(m.world, first.pfn, Pamt(head.page_type, head.owner, c.level, head.bepoch))
+        set_pamt(m.world, first.pfn, attrs.evolve(head, level=c.level))
         m.write_entry(c, SeptEntry(first.state, first.pfn))
         add_chldcnt(m.world, c.cfg.tdr, -1)
-        return _ok(c, rcx=e.pfn << PAGE_SHIFT)
+        return success(c, rcx=e.pfn << PAGE_SHIFT)
 
 
 @handler(Seamcall.TDH_MEM_PAGE_DEMOTE)
@@ -355,14 +353,14 @@ class PageDemote:
             m.world.set(("sept", c.page, i), SeptEntry(state, e.pfn + i * step))
             if c.level > 1:
                 old = get_pamt(m.world, e.pfn + i * step)
-                set_pamt(m.world, e.pfn + i * step, Pamt(old.page_type, old.owner, c.level - 1, old.bepoch))
+                set_pamt(m.world, e.pfn + i * step, attrs.evolve(old, level=c.level - 1))
         if c.level == 1:
             old = get_pamt(m.world, e.pfn)
-            set_pamt(m.world, e.pfn, Pamt(old.page_type, old.owner, 0, old.bepoch))
+            set_pamt(m.world, e.pfn, attrs.evolve(old, level=0))
         set_pamt(m.world, c.page, Pamt(PageType.PT_EPT, owner=c.cfg.tdr))
         m.write_entry(c, SeptEntry(SeptState.NL_MAPPED, c.page))
         add_chldcnt(m.world, c.cfg.tdr, 1)
-        return _ok(c)
+        return success(c)
 
 
 @handler(Seamcall.TDH_MEM_SEPT_RD)
@@ -376,4 +374,4 @@ class SeptRd:
     @staticmethod
     def execute(m: TdxModule, c: Call) -> SeamcallResult:
         e = m.reread(c)
-        return _ok(c, rcx=e.arch_value(), rdx=c.walk_level | (e.state.public << 8))
+        return success(c, rcx=e.arch_value(), rdx=c.walk_level | (e.state.public << 8))
