@@ -100,7 +100,7 @@ def _print_problems(e: object, err: IO[str]) -> None:
 def _run(ns: argparse.Namespace, out: IO[str], err: IO[str]) -> int:
     from tdxdbg.scenario.loader import load
     from tdxdbg.scenario.model import Problem, ScenarioError
-    from tdxdbg.scenario.run import run_scenario, schedule_of
+    from tdxdbg.scenario.run import ScheduleError, run_scenario, schedule_of
     from tdxdbg.scenario.summary import print_summary
     from tdxdbg.scenario.trace import dumps
 
@@ -109,22 +109,14 @@ def _run(ns: argparse.Namespace, out: IO[str], err: IO[str]) -> int:
     except ScenarioError as e:
         _print_problems(e, err)
         return 2
-    if ns.schedule is not None:
-        name, _, seed = ns.schedule.partition(":")
-        bad = name not in ("round_robin", "sequential", "random") or (seed and name != "random")
-        if not bad and seed:
-            try:
-                int(seed, 0)
-            except ValueError:
-                bad = True
-        if bad:
-            print(f"error: --schedule: expected round_robin, sequential, random or random:SEED, "
-                  f"found {ns.schedule!r}", file=err)
-            return 2
+    try:
+        schedule = schedule_of(scenario, ns.schedule)
+    except ScheduleError as e:
+        print(f"error: {e}", file=err)
+        return 2
     if ns.max_frames is not None and ns.max_frames < 1:
         print(f"error: --max-frames: expected a positive integer, found {ns.max_frames}", file=err)
         return 2
-    schedule = schedule_of(scenario, ns.schedule)
     kwargs = {} if ns.max_frames is None else {"max_frames": ns.max_frames}
     report = run_scenario(scenario, schedule, **kwargs)
     if ns.json == "-":

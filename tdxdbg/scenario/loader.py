@@ -12,6 +12,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
+from tdxdbg.engine.kvm import RetPf
 from tdxdbg.hw.tdx.leaves import Seamcall
 from tdxdbg.hw.tdx.sept import SeptState
 from tdxdbg.hw.tdx.status import parse_status
@@ -28,7 +29,6 @@ from tdxdbg.scenario.model import (
 )
 from tdxdbg.scenario.ops import LEVEL_NAMES, MAX_U64, OpError, parse_guest_op, parse_host_op, parse_int, parse_size
 
-MAX_PA = 52
 TOP_KEYS = ("title", "description", "td", "memslot", "attributes", "vcpu", "host", "schedule", "inject", "expect")
 TD_KEYS = ("gpaw", "variant", "sept_ve_disable", "state")
 MEMSLOT_KEYS = ("id", "gpa", "size", "guest_memfd", "readonly", "dirty_log")
@@ -43,8 +43,7 @@ EXPECT_FIELDS = {
     "seamcalls": (("leaves",), ("statuses", "match")),
     "fault": (("task", "gpa"), ("ret", "retries", "private")),
 }
-RET_NAMES = ("RET_PF_CONTINUE", "RET_PF_RETRY", "RET_PF_EMULATE", "RET_PF_WRITE_PROTECTED", "RET_PF_INVALID",
-             "RET_PF_FIXED", "RET_PF_SPURIOUS")
+RET_NAMES = tuple(RetPf.__members__)
 KVM_LEVELS = {"4K": 1, "2M": 2, "1G": 3}
 
 
@@ -443,10 +442,9 @@ def _programs(c: Checker, t: dict[str, Any], p: tuple[Any, ...], guest: bool, td
     shared_bit = td.shared_bit
     for j, text in enumerate(prog):
         q = (*p, "program", j)
-        earlier = sum(1 for x in prog[:j] if x == text)
 
-        def bad(msg: str, q: tuple[Any, ...] = q, text: Any = text, earlier: int = earlier) -> None:
-            c.problem(q, msg, text, earlier)
+        def bad(msg: str, q: tuple[Any, ...] = q, text: Any = text, j: int = j) -> None:
+            c.problem(q, msg, text, sum(1 for x in prog[:j] if x == text))
 
         if not isinstance(text, str):
             bad(f"expected a string holding an operation, found {describe(text)}")

@@ -50,9 +50,6 @@ class MemslotSpec:
     readonly: bool = False
     dirty_log: bool = False
 
-    def contains(self, gpa: int, size: int = 1) -> bool:
-        return self.gpa <= gpa and gpa + size <= self.gpa + self.size
-
 
 @attrs.frozen
 class Op:
@@ -68,8 +65,6 @@ class Op:
     slot: int = 0                 # delete_memslot, dirty_log
     on: bool = False              # dirty_log on|off
     leaf: str = ""                # seamcall: the leaf's enum name (TDH_MEM_SEPT_ADD)
-    has_gpa: bool = False         # seamcall: whether GPA / LEVEL were given
-    has_level: bool = False
 
 
 @attrs.frozen

@@ -167,5 +167,4 @@ def parse_host_op(text: str) -> Op:
                       "TDH.MEM.PAGE.AUG") from None
     gpa = parse_u64(args[1], "a GPA") if len(args) > 1 else 0
     level = parse_level(args[2]) if len(args) > 2 else 0
-    return Op("seamcall", t, gpa=gpa, level=level, leaf=leaf.name, has_gpa=len(args) > 1,
-              has_level=len(args) > 2)
+    return Op("seamcall", t, gpa=gpa, level=level, leaf=leaf.name)

@@ -29,15 +29,27 @@ class Report:
                            self.ok)
 
 
+class ScheduleError(ValueError):
+    """A schedule override that is not round_robin, sequential, random or random:SEED (the message says so)."""
+
+
 def schedule_of(scenario: Scenario, override: str | None = None) -> ScheduleSpec:
-    """The scenario's [schedule], or `override` ("round_robin", "sequential", "random", "random:SEED")."""
+    """The scenario's [schedule], or `override` ("round_robin", "sequential", "random", "random:SEED").
+    Raises ScheduleError for any other override."""
     s = scenario.schedule
     policy, seed = s.policy, s.seed
     if override is not None:
         name, _, seed_text = override.partition(":")
+        bad = name not in ("round_robin", "sequential", "random") or (seed_text and name != "random")
+        if not bad and seed_text:
+            try:
+                seed = int(seed_text, 0)
+            except ValueError:
+                bad = True
+        if bad:
+            raise ScheduleError(f"--schedule: expected round_robin, sequential, random or random:SEED, "
+                                f"found {override!r}")
         policy = name
-        if seed_text:
-            seed = int(seed_text, 0)
     return ScheduleSpec(Policy(policy), seed, s.order)
 
 

@@ -1,5 +1,5 @@
-"""Running a VmSetup headless to the end, through the Session API (tdxdbg.session) when it is present, else
-directly on the step Runtime. Either way: checks on, locals not recorded."""
+"""Running a VmSetup headless to the end through the Session API (tdxdbg.session): checks on, locals not
+recorded."""
 
 from __future__ import annotations
 
@@ -8,10 +8,10 @@ from typing import Any
 
 import attrs
 
-from tdxdbg.engine.vm import VmSetup, build_vm
-from tdxdbg.runtime import Runtime
+from tdxdbg.engine.vm import VmSetup
 from tdxdbg.runtime.frame import Frame
 from tdxdbg.runtime.scheduler import ScheduleSpec
+from tdxdbg.session.session import Session
 
 DEFAULT_MAX_FRAMES = 500_000
 
@@ -64,10 +64,6 @@ def run_setup(setup: VmSetup, schedule: ScheduleSpec,
               max_frames: int | None = DEFAULT_MAX_FRAMES) -> tuple[Sequence[Frame], FinalState, VmInfo, str]:
     """Build the VM and run every task to the end (or until stuck, or `max_frames`). Returns
     (frames, final state, VM info, stop reason: "done" | "stuck" | "max_frames")."""
-    try:
-        from tdxdbg.session.session import Session
-    except ImportError:
-        return _run_runtime(setup, schedule, max_frames)
     s = Session.open(setup, schedule, record_locals=False)
     ev = s.run_to_end(max_frames)
     stop = {"end": "done"}.get(ev.reason.value, ev.reason.value)
@@ -76,21 +72,3 @@ def run_setup(setup: VmSetup, schedule: ScheduleSpec,
     res = _results(frames)
     tasks = tuple(TaskEnd(t.name, t.state, *res.get(t.name, (None, None))) for t in s.task_views())
     return frames, FinalState(final, tasks), VmInfo(s.context.tdr, s.context.gfn_direct_bits), stop
-
-
-def _run_runtime(setup: VmSetup, schedule: ScheduleSpec,
-                 max_frames: int | None) -> tuple[Sequence[Frame], FinalState, VmInfo, str]:
-    built = build_vm(setup)
-    checks: list[Any] = []
-    try:
-        from tdxdbg.engine.checks import make_checks
-        checks = list(make_checks(built.kvm))
-    except ImportError:
-        pass
-    rt = Runtime(built.machine.world, built.tasks, schedule, checks=checks, record_locals=False)
-    stop = rt.run(max_frames=max_frames)
-    frames = rt.timeline.frames
-    res = _results(frames)
-    tasks = tuple(TaskEnd(t.name, t.state.value, *res.get(t.name, (None, None))) for t in rt.tasks)
-    return frames, FinalState(PeekState(rt.world.snapshot()), tasks), \
-        VmInfo(built.kvm.tdr, built.kvm.gfn_direct_bits), stop.value

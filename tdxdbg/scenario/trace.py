@@ -22,10 +22,9 @@ from tdxdbg.hw.tdx.sept import FREE_ENTRY, SeptState
 from tdxdbg.hw.tdx.status import status_name
 from tdxdbg.runtime.frame import Frame
 from tdxdbg.runtime.step import StepKind
+from tdxdbg.scenario.builder import PAGE_LEAVES
 
 FORMAT = "tdxdbg-trace/1"
-PAGE_LEAVES = {Seamcall.TDH_MEM_SEPT_ADD, Seamcall.TDH_MEM_PAGE_AUG, Seamcall.TDH_MEM_PAGE_ADD,
-               Seamcall.TDH_MEM_PAGE_DEMOTE}
 
 
 def hx(n: int) -> str:

@@ -8,7 +8,7 @@ the previous frame of the same task (for "entry"), and its step payload, effects
 from __future__ import annotations
 
 import enum
-from collections.abc import Callable, Hashable, Iterable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import attrs
@@ -377,7 +377,3 @@ class Breakpoints:
             return ()
         task = frame.task
         return tuple(i for i, only, m in self._active if (only is None or only == task) and m(frame, prev))
-
-
-def watch_key(table: int, index: int) -> Hashable:
-    return ("pte", table, index)

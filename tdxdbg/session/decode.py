@@ -18,12 +18,11 @@ from tdxdbg.engine.spte import (
     VMX_EPT_SUPPRESS_VE_BIT,
     VMX_EPT_WRITABLE_MASK,
     describe_spte,
-    is_last_spte,
     is_mmio_spte,
     is_shadow_present_pte,
     spte_to_pfn,
 )
-from tdxdbg.hw.ept import LEVEL_LABELS, MEMTYPE_MASK, MEMTYPE_SHIFT, Level
+from tdxdbg.hw.ept import MEMTYPE_MASK, MEMTYPE_SHIFT
 from tdxdbg.hw.tdx.sept import SeptEntry, SeptState
 
 
@@ -58,13 +57,6 @@ class SpteBits:
     frozen: bool
     mmio: bool
     summary: str
-
-    @property
-    def present(self) -> bool:
-        return self.mmu_present
-
-    def is_leaf(self, level: int) -> bool:
-        return self.mmu_present and is_last_spte(self.value, level)
 
     @property
     def fields(self) -> tuple[SpteBit, ...]:
@@ -112,7 +104,7 @@ def decode_spte(value: int) -> SpteBits:
 
 @attrs.frozen(slots=True)
 class SeptEntryView:
-    """An S-EPT entry as the TDX module holds it. `level` is the TDX level (0 = 4K); `kvm_level` KVM's."""
+    """An S-EPT entry as the TDX module holds it. `level` is the TDX level (0 = 4K)."""
 
     gpa: int
     level: int
@@ -127,23 +119,8 @@ class SeptEntryView:
         return SeptEntry(self.state, self.pfn).arch_value()
 
     @property
-    def kvm_level(self) -> int:
-        return self.level + 1
-
-    @property
-    def level_label(self) -> str:
-        return LEVEL_LABELS[Level(self.level)]
-
-    @property
     def is_leaf(self) -> bool:
         return self.state.is_leaf
-
-    @property
-    def summary(self) -> str:
-        text = f"{self.state.name} L{self.level} ({self.level_label})"
-        if self.state is not SeptState.FREE:
-            text += f" pfn={self.pfn:#x}"
-        return text
 
 
 def decode_sept(entry: SeptEntry, gpa: int, level: int, table: int = 0, index: int = 0) -> SeptEntryView:

@@ -17,15 +17,17 @@ from typing import Any
 
 import attrs
 
+from tdxdbg.engine.checks import make_checks
 from tdxdbg.engine.steps import EngineStep
 from tdxdbg.engine.vm import BuiltVm, VmSetup, build_vm
-from tdxdbg.runtime.frame import Frame, plain_locals
+from tdxdbg.runtime.frame import Frame, Violation, plain_locals
 from tdxdbg.runtime.runtime import Check, Runtime
 from tdxdbg.runtime.scheduler import ScheduleSpec
 from tdxdbg.runtime.step import StepKind
 from tdxdbg.runtime.task import TaskState
+from tdxdbg.runtime.timeline import FrameStore
 from tdxdbg.session import views
-from tdxdbg.session.breakpoints import Breakpoint, BreakpointError, Breakpoints
+from tdxdbg.session.breakpoints import Breakpoint, BreakpointError, Breakpoints, stack_names
 from tdxdbg.session.decode import SeptEntryView
 from tdxdbg.session.events import StopEvent, StopReason
 
@@ -34,15 +36,6 @@ ChecksFactory = Callable[[Any], Sequence[Check]]
 # How often (in frames) a running command looks at the interrupt flag.
 INTERRUPT_EVERY = 256
 _DONE_KINDS = (StepKind.TASK_DONE, StepKind.TASK_ERROR)
-
-
-def default_checks_factory() -> ChecksFactory | None:
-    """`tdxdbg.engine.checks.make_checks` when that module exists."""
-    try:
-        from tdxdbg.engine.checks import make_checks  # type: ignore[import-not-found]
-    except ImportError:
-        return None
-    return make_checks
 
 
 @attrs.frozen(slots=True)
@@ -64,11 +57,12 @@ class ForkRecord:
 
 
 class FramesView(Sequence[Frame]):
-    """The recorded frames, read-only, without copying the list."""
+    """The recorded frames, read-only, without copying them. Indexing builds a Frame; the `*_of` accessors read
+    one column of a frame without building it (for loops over many frames)."""
 
     __slots__ = ("_frames",)
 
-    def __init__(self, frames: list[Frame]) -> None:
+    def __init__(self, frames: FrameStore) -> None:
         self._frames = frames
 
     def __len__(self) -> int:
@@ -81,6 +75,20 @@ class FramesView(Sequence[Frame]):
 
     def __iter__(self) -> Iterator[Frame]:
         return iter(self._frames)
+
+    def task_of(self, i: int) -> str:
+        return self._frames.task_of(i)
+
+    def kind_of(self, i: int) -> Any:
+        """The kind of frame i's step."""
+        return self._frames.kind_of(i)
+
+    def payload_of(self, i: int) -> Any:
+        """The payload of frame i's step."""
+        return self._frames.payloads[i]
+
+    def violations_of(self, i: int) -> tuple[Violation, ...]:
+        return self._frames.violations.get(i, ())
 
 
 # Keys whose change invalidates the cached view of the table page named by their second element.
@@ -101,7 +109,6 @@ class Session:
         self._interrupt = threading.Event()
         self._pos = 0
         self._selected: str | None = None
-        self._tree_cache = views.TreeCache()
         self.forks: list[ForkRecord] = []
         self._use(self._build())
         kvm = self._vm.kvm
@@ -114,10 +121,8 @@ class Session:
     def open(cls, setup: VmSetup, schedule: ScheduleSpec | None = None,
              checks_factory: ChecksFactory | None = None, record_locals: bool = True) -> Session:
         """Build the VM (nothing runs yet: position 0). `checks_factory(kvm)` gives the runtime checks; by
-        default `tdxdbg.engine.checks.make_checks` when it exists."""
-        if checks_factory is None:
-            checks_factory = default_checks_factory()
-        return cls(setup, schedule, checks_factory, record_locals)
+        default `tdxdbg.engine.checks.make_checks`."""
+        return cls(setup, schedule, checks_factory if checks_factory is not None else make_checks, record_locals)
 
     # -- building and replaying ---------------------------------------------------------------------------------
     def _build(self, picks: Sequence[str] = ()) -> _Recording:
@@ -157,18 +162,9 @@ class Session:
         return self._rt.timeline.frames[self._pos - 1] if self._pos else None
 
     @property
-    def at_end(self) -> bool:
-        """The cursor is at the end of the recording (the next forward step runs the engine)."""
-        return self._pos == len(self._rt.timeline.frames)
-
-    @property
     def finished(self) -> bool:
         """Every task has finished (nothing more will ever be recorded)."""
         return self._rt.finished
-
-    @property
-    def selected_task(self) -> str | None:
-        return self._selected
 
     @property
     def current_task(self) -> str | None:
@@ -185,7 +181,7 @@ class Session:
     @property
     def picks(self) -> tuple[str, ...]:
         """The schedule recorded so far (task of each frame)."""
-        return tuple(f.task for f in self._rt.timeline.frames)
+        return tuple(self._rt.schedule)
 
     def state_at(self, position: int | None = None) -> MappingProxyType:
         """The raw world state at `position` (default: the cursor), read-only. Valid only until the next call
@@ -203,9 +199,6 @@ class Session:
         """Index of the last frame before position `before` (default: the cursor) that wrote `key`."""
         return self._rt.timeline.last_write(key, self._pos if before is None else before)
 
-    def task_frame_indices(self, name: str) -> tuple[int, ...]:
-        return tuple(self._task_frames.get(name, ()))
-
     def _latest_of(self, task: str, position: int) -> int | None:
         """Index of the latest frame of `task` at or before frame position - 1."""
         idx = self._task_frames.get(task)
@@ -213,13 +206,6 @@ class Session:
             return None
         k = bisect.bisect_left(idx, position) - 1
         return idx[k] if k >= 0 else None
-
-    def _next_of(self, task: str, position: int) -> int | None:
-        idx = self._task_frames.get(task)
-        if not idx:
-            return None
-        k = bisect.bisect_left(idx, position)
-        return idx[k] if k < len(idx) else None
 
     def walk_path(self, task: str, position: int | None = None, limit: int = 400) -> tuple[Any, ...]:
         """The task's tdp_iter path as of `position`: for each level from the root down to where the iterator
@@ -356,10 +342,10 @@ class Session:
             else:
                 state = "ready"
             stack = []
+            names = stack_names(f.stack)
             for k, entry in enumerate(f.stack):
                 scope = plain_locals(f.locals[k]) if k < len(f.locals) else ()
-                stack.append(views.ActivationView(entry.function.rpartition(".")[2], entry.function,
-                                                  entry.filename, entry.line, scope))
+                stack.append(views.ActivationView(names[k], entry.function, entry.filename, entry.line, scope))
             out.append(views.TaskView(info.name, info.kind, state, j, tuple(stack),
                                       getattr(kind, "value", str(kind))))
         return tuple(out)
@@ -662,14 +648,8 @@ class _Recording:
         return frame
 
     def advance(self) -> int | None:
-        """One step without building the Frame value (when the runtime offers that)."""
-        advance = getattr(self.rt, "_advance", None)
-        if advance is None:
-            f = self.step()
-            return None if f is None else f.index
-        index = advance()
+        """One step without building the Frame value."""
+        index = self.rt._advance()
         if index is not None:
-            frames = self.rt.timeline.frames
-            task_of = getattr(frames, "task_of", None)
-            self._note(index, task_of(index) if task_of is not None else frames[index].task)
+            self._note(index, self.rt.timeline.frames.task_of(index))
         return index

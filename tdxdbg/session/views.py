@@ -20,7 +20,7 @@ from tdxdbg.engine.spte import (
     spte_index,
     spte_to_pfn,
 )
-from tdxdbg.hw.ept import level_size, pt_index
+from tdxdbg.hw.ept import level_size
 from tdxdbg.hw.tdx.epoch import EpochState, epoch_key
 from tdxdbg.hw.tdx.module import walk_sept
 from tdxdbg.hw.tdx.sept import FREE_ENTRY, SeptEntry, SeptState
@@ -77,12 +77,6 @@ class TableView:
     gfn_end: int
     external_spt: int
     entries: tuple[SpteView, ...]
-
-    def entry(self, index: int) -> SpteView | None:
-        for e in self.entries:
-            if e.index == index:
-                return e
-        return None
 
     def walk(self):
         """Every table of the tree under (and including) this one, pre-order."""
@@ -382,10 +376,6 @@ def private_ranges(state: State) -> tuple[tuple[int, int], ...]:
     return tuple(state.get(K_ATTRS, ()))
 
 
-def is_private(state: State, gfn: int) -> bool:
-    return any(a <= gfn < b for a, b in state.get(K_ATTRS, ()))
-
-
 # -- tasks -------------------------------------------------------------------------------------------------------
 @attrs.frozen(slots=True)
 class ActivationView:
@@ -446,8 +436,3 @@ class PeekState:
 
     def __contains__(self, key: Any) -> bool:
         return key in self._state
-
-
-def pt_index_of(gpa: int, level: int) -> int:
-    """Index of `gpa` in an S-EPT table at TDX `level` (re-exported for the UI)."""
-    return pt_index(gpa, level)

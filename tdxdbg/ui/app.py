@@ -18,12 +18,12 @@ from textual.binding import Binding
 from textual.containers import Horizontal, Vertical
 from textual.widgets import Footer
 
-from tdxdbg.engine.spte import FROZEN_SPTE
+from tdxdbg.session import FROZEN_SPTE
 from tdxdbg.session.events import StopEvent, StopReason
+from tdxdbg.session.log import Category, EventIndex
 from tdxdbg.session.session import Session
 from tdxdbg.ui import panes
 from tdxdbg.ui.commands import DebuggerCommands
-from tdxdbg.ui.events import Category, EventIndex
 from tdxdbg.ui.lines import LineList, Pane
 from tdxdbg.ui.loading import DEMO, Opened, open_scenario
 from tdxdbg.ui.screens import ErrorScreen, HelpScreen, PromptScreen, TaskChoiceScreen
@@ -155,13 +155,14 @@ class TdxdbgApp(App[int]):
             self.event_index.update(s.frames)
             view = s.view()
             task = s.current_task
-            marks = self._marks(view, task)
+            path = s.walk_path(task) if task else ()
+            marks = self._marks(view, path)
             self.table_lines = all_lines(view)
             tables = self.query_one("#tables", LineList)
             lines = self.table_lines
             tables.set_lines(len(lines), lambda i: render(lines[i], marks), max_width(lines))
             self._auto_select(tables, marks)
-            self.query_one("#walk", Pane).update(panes.walk_text(s.walk_path(task) if task else (), task))
+            self.query_one("#walk", Pane).update(panes.walk_text(path, task))
             self._refresh_inspector()
             self._refresh_stack(view.tasks, task)
             self._refresh_log()
@@ -183,12 +184,12 @@ class TdxdbgApp(App[int]):
         header.update(panes.header_text(title, s.variant, s.position, len(s.frames), s.current_task, vm_state,
                                         self._run_label))
 
-    def _marks(self, view: Any, task: str | None) -> Marks:
+    def _marks(self, view: Any, path: tuple[Any, ...]) -> Marks:
+        """`path` is the followed task's walk (Session.walk_path)."""
         s = self.session
         assert s is not None
         frame = s.frame
         changed = frozenset(k for k, _o, _n in frame.effects) if frame is not None else frozenset()
-        path = s.walk_path(task) if task else ()
         iter_key = ("pte", path[-1].table, path[-1].index) if path else None
         frozen_by: dict = {}
         for root in (view.mirror, view.direct):
@@ -231,7 +232,7 @@ class TdxdbgApp(App[int]):
     def _refresh_stack(self, tasks: Any, task: str | None) -> None:
         tv = next((x for x in tasks if x.name == task), None)
         depth = len(tv.stack) if tv is not None else 0
-        act = self.activation if 0 <= self.activation < depth else depth - 1
+        act = panes.clamp_activation(self.activation, depth)
         self.query_one("#stack", Pane).update(panes.stack_text(tasks, task, act))
         if tv is not None and tv.stack:
             a = tv.stack[act]
@@ -437,12 +438,13 @@ class TdxdbgApp(App[int]):
         s = self.session
         if s is None or s.current_task is None:
             return
-        tv = s.task_view(s.current_task)
+        tasks = s.task_views()
+        tv = next((x for x in tasks if x.name == s.current_task), None)
         if tv is None or not tv.stack:
             return
-        cur = self.activation if 0 <= self.activation < len(tv.stack) else len(tv.stack) - 1
+        cur = panes.clamp_activation(self.activation, len(tv.stack))
         self.activation = max(0, min(len(tv.stack) - 1, cur + delta))
-        self._refresh_stack(s.task_views(), s.current_task)
+        self._refresh_stack(tasks, s.current_task)
 
     def action_break_function(self) -> None:
         s = self.session
@@ -452,7 +454,7 @@ class TdxdbgApp(App[int]):
         if tv is None or not tv.stack:
             self.notify("no function here to break on", severity="warning")
             return
-        act = tv.stack[self.activation if 0 <= self.activation < len(tv.stack) else -1]
+        act = tv.stack[panes.clamp_activation(self.activation, len(tv.stack))]
         bp = s.breakpoints.add_function(act.function)
         self.notify(f"breakpoint {bp.id}: {bp.description}")
 
@@ -463,17 +465,8 @@ class TdxdbgApp(App[int]):
             words = value.split()
             leaf = words[0] if words[0].lower() != "any" else None
             rest = " ".join(words[1:])
-            try:
-                if rest.lower() == "error":
-                    bp = self.session.breakpoints.add_seamcall(leaf, errors_only=True)
-                elif rest:
-                    bp = self.session.breakpoints.add_seamcall(leaf, status=rest)
-                else:
-                    bp = self.session.breakpoints.add_seamcall(leaf)
-            except Exception as exc:
-                self.notify(str(exc), severity="error")
-                return
-            self.notify(f"breakpoint {bp.id}: {bp.description}")
+            errors = rest.lower() == "error"
+            self.add_seamcall_breakpoint(leaf, errors, rest if rest and not errors else None)
 
         self.push_screen(PromptScreen("Break on SEAMCALL",
                                       "LEAF [error|STATUS]  e.g. TDH.MEM.PAGE.AUG error  /  any TDX_OPERAND_BUSY"),
@@ -481,15 +474,9 @@ class TdxdbgApp(App[int]):
 
     def action_watch_gfn(self) -> None:
         def done(value: str | None) -> None:
-            if not value or self.session is None:
-                return
-            try:
-                gfn = int(value.strip(), 0)
-                bp = self.session.breakpoints.add_gfn(gfn)
-            except Exception as exc:
-                self.notify(f"not a gfn: {value!r} ({exc})", severity="error")
-                return
-            self.notify(f"breakpoint {bp.id}: {bp.description}")
+            if value:
+                self._added(lambda: self.session.breakpoints.add_gfn(int(value.strip(), 0)),
+                            lambda exc: f"not a gfn: {value!r} ({exc})")
 
         self.push_screen(PromptScreen("Watch gfn", "gfn, e.g. 0x1 (the shared bit is ignored)"), done)
 
@@ -551,17 +538,18 @@ class TdxdbgApp(App[int]):
             self.notify(f"reloaded {spec}")
 
     # -- breakpoints from the palette ---------------------------------------------------------------------------
-    def _added(self, add: Callable[[], Any]) -> None:
+    def _added(self, add: Callable[[], Any], failed: Callable[[Exception], str] = str) -> None:
+        """Add a breakpoint with `add()` and say so; if it raises, show `failed(exception)`."""
         if self.session is None:
             return
         try:
             bp = add()
         except Exception as exc:
-            self.notify(str(exc), severity="error")
+            self.notify(failed(exc), severity="error")
             return
         self.notify(f"breakpoint {bp.id}: {bp.description}")
 
-    def add_seamcall_breakpoint(self, leaf: str, errors: bool, status: str | None) -> None:
+    def add_seamcall_breakpoint(self, leaf: str | None, errors: bool, status: str | None) -> None:
         self._added(lambda: self.session.breakpoints.add_seamcall(leaf, errors_only=errors, status=status))
 
     def add_function_breakpoint(self, name: str) -> None:
@@ -600,9 +588,3 @@ class TdxdbgApp(App[int]):
     @on(TimelineStrip.Seek)
     def _seek(self, message: TimelineStrip.Seek) -> None:
         self.goto_frame(message.frame)
-
-
-def run_tui(spec: str = DEMO, variant: str | None = None, schedule: str | None = None) -> int:
-    app = TdxdbgApp(spec, variant, schedule)
-    app.run()
-    return 0

@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Any
 
 from textual.command import DiscoveryHit, Hit, Hits, Provider
 
-from tdxdbg.hw.tdx.leaves import Seamcall
+from tdxdbg.session import Seamcall
 
 if TYPE_CHECKING:
     from tdxdbg.ui.app import TdxdbgApp

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from rich.segment import Segment
 from rich.style import Style
 from rich.text import Text
 from textual.binding import Binding
@@ -123,10 +122,6 @@ class LineList(ScrollView, can_focus=True):
 
     def on_blur(self) -> None:
         self.refresh()
-
-
-def blank_segments(width: int) -> list[Segment]:
-    return [Segment(" " * width)]
 
 
 class Pane(Widget):

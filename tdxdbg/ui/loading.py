@@ -9,7 +9,7 @@ import attrs
 from tdxdbg.scenario import loader
 from tdxdbg.scenario.builder import build_setup
 from tdxdbg.scenario.model import Problem, Scenario, ScenarioError
-from tdxdbg.scenario.run import schedule_of
+from tdxdbg.scenario.run import ScheduleError, schedule_of
 from tdxdbg.session.session import Session
 
 DEMO = "demo"
@@ -30,8 +30,6 @@ class Opened:
 def open_scenario(spec: str, variant: str | None = None, schedule: str | None = None) -> Opened:
     try:
         path = str(loader.resolve(spec))
-    except ScenarioError as exc:
-        return Opened(spec, spec, problems=tuple(exc.problems))
     except Exception as exc:  # anything the user can reach ends as a message, never a traceback
         return Opened(spec, spec, error=f"{type(exc).__name__}: {exc}")
     try:
@@ -40,6 +38,8 @@ def open_scenario(spec: str, variant: str | None = None, schedule: str | None = 
         session = Session.open(setup, schedule_of(scenario, schedule))
     except ScenarioError as exc:
         return Opened(spec, path, problems=tuple(exc.problems))
+    except ScheduleError as exc:
+        return Opened(spec, path, error=str(exc))
     except Exception as exc:
         return Opened(spec, path, error=f"{type(exc).__name__}: {exc}")
     return Opened(spec, path, session=session, scenario=scenario)

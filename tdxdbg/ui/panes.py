@@ -9,8 +9,7 @@ from typing import Any
 
 from rich.text import Text
 
-from tdxdbg.engine.spte import describe_spte
-from tdxdbg.session.decode import decode_spte
+from tdxdbg.session.decode import decode_spte, describe_spte
 from tdxdbg.session.views import TaskView
 
 ENGINE_ROOT = Path(__file__).resolve().parent.parent
@@ -86,6 +85,11 @@ def inspector_text(line: Any, sept: Any, last_write: int | None) -> Text:
     return t
 
 
+def clamp_activation(activation: int, depth: int) -> int:
+    """The selected activation of a stack `depth` deep: `activation` when valid, else the innermost one."""
+    return activation if 0 <= activation < depth else depth - 1
+
+
 def stack_text(tasks: tuple[TaskView, ...], selected: str | None, activation: int) -> Text:
     t = Text(no_wrap=True, overflow="ellipsis")
     for tv in tasks:
@@ -100,7 +104,7 @@ def stack_text(tasks: tuple[TaskView, ...], selected: str | None, activation: in
     if tv is None or not tv.stack:
         return t
     t.append("call stack (innermost last; u/d to move)\n", style="bold")
-    sel = activation if 0 <= activation < len(tv.stack) else len(tv.stack) - 1
+    sel = clamp_activation(activation, len(tv.stack))
     # Show the innermost activations (and the selected one): outer ones are the vCPU loop and rarely matter.
     first = max(0, min(sel, len(tv.stack) - STACK_SHOWN))
     if first:

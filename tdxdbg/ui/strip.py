@@ -11,7 +11,13 @@ from textual.message import Message
 from textual.strip import Strip
 from textual.widget import Widget
 
-from tdxdbg.ui.events import GLYPH, STYLE, Category, EventIndex
+from tdxdbg.session.log import Category, EventIndex
+
+# How each category is drawn in the strip.
+GLYPH = {Category.NONE: "·", Category.FAULT: "f", Category.SEAMCALL: "|", Category.FREEZE: "*",
+         Category.ERROR: "x", Category.VIOLATION: "!"}
+STYLE = {Category.NONE: "grey37", Category.FAULT: "green", Category.SEAMCALL: "yellow",
+         Category.FREEZE: "cyan", Category.ERROR: "bold red", Category.VIOLATION: "bold white on red"}
 
 
 class TimelineStrip(Widget):

@@ -12,8 +12,7 @@ from typing import Any, NamedTuple
 
 from rich.text import Text
 
-from tdxdbg.engine.spte import describe_spte
-from tdxdbg.hw.tdx.sept import SeptState
+from tdxdbg.session import SeptState, describe_spte
 from tdxdbg.session.views import RootView, SeptTableView, StateView, TableView
 
 

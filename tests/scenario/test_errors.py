@@ -269,3 +269,27 @@ def test_fuzz_structured_toml_never_crash(items: list[tuple[str, str, object]]) 
 def test_odd_inputs_are_problems(text: str) -> None:
     with pytest.raises(ScenarioError):
         loads(text, "odd.toml")
+
+
+@pytest.mark.parametrize("schedule", ["fifo", "round_robin:3", "random:x"])
+def test_bad_schedule_is_one_message_in_cli_and_tui(schedule: str) -> None:
+    """--schedule is checked once (scenario.run.schedule_of): the CLI prints it with exit 2, the TUI's opener
+    reports the same text instead of a session."""
+    from tdxdbg.ui.loading import open_scenario
+
+    expected = f"--schedule: expected round_robin, sequential, random or random:SEED, found {schedule!r}"
+    err = io.StringIO()
+    assert main(["run", "first_private_fault", "--schedule", schedule], io.StringIO(), err) == 2
+    assert err.getvalue() == f"error: {expected}\n"
+    opened = open_scenario("first_private_fault", schedule=schedule)
+    assert opened.session is None and opened.error == expected
+
+
+def test_good_schedule_override() -> None:
+    from tdxdbg.runtime.scheduler import Policy
+    from tdxdbg.scenario.loader import load, resolve
+    from tdxdbg.scenario.run import schedule_of
+
+    scenario = load(str(resolve("first_private_fault")))
+    spec = schedule_of(scenario, "random:0x10")
+    assert (spec.policy, spec.seed) == (Policy.RANDOM, 16)

@@ -1,4 +1,5 @@
-"""What the log and the timeline strip show, computed from the session's frames without Textual.
+"""What the debugger's log and timeline strip show, computed from the session's frames (no Textual here: the UI
+draws it).
 
 The index grows incrementally as the timeline grows (only new frames are looked at), and keeps one small
 category code per frame so the strip over a million frames is a few C-level max() calls per column.
@@ -15,7 +16,7 @@ from tdxdbg.engine.steps import EngineStep
 from tdxdbg.hw.tdx.leaves import Seamcall, Tdcall
 from tdxdbg.hw.tdx.seamcall import TdxStep
 from tdxdbg.hw.tdx.status import describe, is_error
-from tdxdbg.runtime.step import StepKind
+from tdxdbg.runtime.step import Step, StepKind
 
 
 class Category(enum.IntEnum):
@@ -27,12 +28,6 @@ class Category(enum.IntEnum):
     FREEZE = 3
     ERROR = 4
     VIOLATION = 5
-
-
-GLYPH = {Category.NONE: "·", Category.FAULT: "f", Category.SEAMCALL: "|", Category.FREEZE: "*",
-         Category.ERROR: "x", Category.VIOLATION: "!"}
-STYLE = {Category.NONE: "grey37", Category.FAULT: "green", Category.SEAMCALL: "yellow",
-         Category.FREEZE: "cyan", Category.ERROR: "bold red", Category.VIOLATION: "bold white on red"}
 
 
 class LogEntry(NamedTuple):
@@ -49,8 +44,9 @@ def _leaf_name(leaf: Any) -> str:
     return str(leaf)
 
 
-def describe_frame(kind: Any, payload: Any, get: Any) -> tuple[str, bool, Category] | None:
-    """(log text, is error, category) for a frame worth a log line, or None."""
+def describe_frame(kind: Any, get: Any) -> tuple[str, bool, Category] | None:
+    """(log text, is error, category) for a frame worth a log line, or None. `get(name, default=None)` reads a
+    field of the step's payload (Step.get)."""
     if kind is TdxStep.SEAMCALL_RETURN:
         leaf = get("leaf")
         if leaf is Seamcall.TDH_VP_ENTER:
@@ -118,25 +114,30 @@ class EventIndex:
         self.__init__()
 
     def update(self, frames: Any) -> None:
-        """Index frames not seen yet. `frames` is the session's frame sequence."""
+        """Index frames not seen yet. `frames` is the session's FramesView (read column by column: no Frame
+        is built)."""
         start = len(self.categories)
         n = len(frames)
         if n < start:        # the timeline was forked shorter: start over
             self.reset()
             start = 0
         for i in range(start, n):
-            frame = frames[i]
-            step = frame.step
-            found = describe_frame(step.kind, step.payload, step.get)
+            kind = frames.kind_of(i)
+            found = describe_frame(kind, Step(kind, frames.payload_of(i)).get)
+            violations = frames.violations_of(i)
+            if found is None and not violations:
+                self.categories.append(Category.NONE)
+                continue
+            task = frames.task_of(i)
             cat = Category.NONE
             if found is not None:
                 text, error, cat = found
-                self.entries.append(LogEntry(i, frame.task, text, error, cat))
+                self.entries.append(LogEntry(i, task, text, error, cat))
                 self.entry_frames.append(i)
-            if frame.violations:
+            if violations:
                 cat = Category.VIOLATION
-                for v in frame.violations:
-                    self.entries.append(LogEntry(i, frame.task, f"VIOLATION {v.invariant}: {v.message}", True,
+                for v in violations:
+                    self.entries.append(LogEntry(i, task, f"VIOLATION {v.invariant}: {v.message}", True,
                                                  Category.VIOLATION))
                     self.entry_frames.append(i)
             self.categories.append(cat)
