@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING
 from tdxdbg.hw.ept import PAGE_SHIFT, PAGE_SIZE
 from tdxdbg.hw.tdx import epoch
 from tdxdbg.hw.tdx.leaves import Seamcall
-from tdxdbg.hw.tdx.locks import LockMode
+from tdxdbg.hw.tdx.locks import LockMode, pamt_lock_key, tdr_lock_key
 from tdxdbg.hw.tdx.pamt import PageType, Pamt, get_pamt, set_pamt
 from tdxdbg.hw.tdx.seamcall import Call, SeamcallResult, handler, success
 from tdxdbg.hw.tdx.status import OperandId, TdxStatus
@@ -123,7 +123,7 @@ class VpFlushDone:
         tdr = _tdr_of(m, c, c.rcx)
         if tdr is None:
             return m.fail(c, S.TDX_OPERAND_INVALID, OperandId.RCX)
-        if not m.lock(c, "tdr", ("tdx.tdr_lock", tdr), LockMode.EXCLUSIVE):
+        if not m.lock(c, "tdr", tdr_lock_key(tdr), LockMode.EXCLUSIVE):
             return m.fail(c, S.TDX_OPERAND_BUSY, OperandId.RCX)
         if m.world.get(lifecycle_key(tdr)) not in (Lifecycle.TD_KEYS_CONFIGURED, Lifecycle.TD_HKID_ASSIGNED):
             return m.fail(c, S.TDX_LIFECYCLE_STATE_INCORRECT)
@@ -171,7 +171,7 @@ class KeyFreeId:
         tdr = _tdr_of(m, c, c.rcx)
         if tdr is None:
             return m.fail(c, S.TDX_OPERAND_INVALID, OperandId.RCX)
-        if not m.lock(c, "tdr", ("tdx.tdr_lock", tdr), LockMode.EXCLUSIVE):
+        if not m.lock(c, "tdr", tdr_lock_key(tdr), LockMode.EXCLUSIVE):
             return m.fail(c, S.TDX_OPERAND_BUSY, OperandId.RCX)
         if m.world.get(lifecycle_key(tdr)) is not Lifecycle.TD_BLOCKED:
             return m.fail(c, S.TDX_LIFECYCLE_STATE_INCORRECT)
@@ -198,7 +198,7 @@ class PageReclaim:
         if pfn >= m.memory.limit:
             return m.fail(c, S.TDX_OPERAND_ADDR_RANGE_ERROR, OperandId.RCX)
         c.page = pfn
-        if not m.lock(c, "pamt", ("tdx.pamt_lock", pfn), LockMode.EXCLUSIVE):
+        if not m.lock(c, "pamt", pamt_lock_key(pfn), LockMode.EXCLUSIVE):
             return m.fail(c, S.TDX_OPERAND_BUSY, OperandId.RCX)
         return None
 

@@ -40,6 +40,16 @@ def tree_lock_key(tdr: int) -> tuple[str, int]:
     return ("tdx.tree_lock", tdr)
 
 
+def tdr_lock_key(tdr: int) -> tuple[str, int]:
+    """The lock of the TD's TDR page (the explicit TDR operand)."""
+    return ("tdx.tdr_lock", tdr)
+
+
+def pamt_lock_key(pfn: int) -> tuple[str, int]:
+    """The lock of one page's PAMT entry."""
+    return ("tdx.pamt_lock", pfn)
+
+
 def try_acquire(world: World, key: Hashable, mode: LockMode, holder: str) -> bool:
     lock: Sharex = world.get(key, FREE_LOCK)
     if lock.exclusive is not None:

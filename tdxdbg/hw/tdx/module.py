@@ -20,8 +20,10 @@ from tdxdbg.hw.tdx.locks import (
     LockMode,
     entry_lock_key,
     host_acquire_entry,
+    pamt_lock_key,
     release,
     release_entry,
+    tdr_lock_key,
     tree_lock_key,
     try_acquire,
 )
@@ -202,7 +204,7 @@ class TdxModule:
         if tdr_pa & (PAGE_SIZE - 1) or tdr_pa & KEYID_MASK or get_pamt(w, tdr).page_type is not PageType.PT_TDR:
             return self.fail(c, TdxStatus.TDX_PAGE_METADATA_INCORRECT, operand)
         c.cfg = get_config(w, tdr)
-        if not self.lock(c, "tdr", ("tdx.tdr_lock", tdr), mode):
+        if not self.lock(c, "tdr", tdr_lock_key(tdr), mode):
             return self.fail(c, TdxStatus.TDX_OPERAND_BUSY, operand)
         # After VPFLUSHDONE or KEY.FREEID every TD-scoped leaf reports the keys as gone.
         if w.get(lifecycle_key(tdr)) is not Lifecycle.TD_KEYS_CONFIGURED:
@@ -248,7 +250,7 @@ class TdxModule:
             return self.fail(c, TdxStatus.TDX_OPERAND_INVALID, operand)
         if pfn + pages > self.memory.limit:
             return self.fail(c, TdxStatus.TDX_OPERAND_ADDR_RANGE_ERROR, operand)
-        if not self.lock(c, "pamt", ("tdx.pamt_lock", pfn), LockMode.EXCLUSIVE):
+        if not self.lock(c, "pamt", pamt_lock_key(pfn), LockMode.EXCLUSIVE):
             return self.fail(c, TdxStatus.TDX_OPERAND_BUSY, operand)
         for p in range(pfn, pfn + pages):
             if get_pamt(w, p).page_type is not PageType.PT_NDA:

@@ -16,7 +16,7 @@ import attrs
 from tdxdbg.hw.ept import PAGE_SHIFT, PAGE_SIZE, PT_ENTRIES, Level
 from tdxdbg.hw.tdx import epoch
 from tdxdbg.hw.tdx.leaves import Seamcall
-from tdxdbg.hw.tdx.locks import LockMode, entry_lock_key, host_acquire_entry
+from tdxdbg.hw.tdx.locks import LockMode, entry_lock_key, host_acquire_entry, pamt_lock_key
 from tdxdbg.hw.tdx.pamt import PageType, Pamt, get_pamt, set_pamt
 from tdxdbg.hw.tdx.seamcall import Call, SeamcallResult, handler, success
 from tdxdbg.hw.tdx.sept import ALLOWED_STATES, BLOCKED_FORM, FREE_ENTRY, UNBLOCKED_FORM, SeptEntry, SeptState
@@ -248,7 +248,7 @@ class PageRemove:
         err = _begin(m, c, Level.PT, Level.PDPT, LockMode.SHARED, REMOVE_OP_STATES)
         if err:
             return err
-        if c.entry.state.is_leaf and not m.lock(c, "pamt", ("tdx.pamt_lock", c.entry.pfn), LockMode.EXCLUSIVE):
+        if c.entry.state.is_leaf and not m.lock(c, "pamt", pamt_lock_key(c.entry.pfn), LockMode.EXCLUSIVE):
             return m.fail(c, S.TDX_OPERAND_BUSY, OperandId.RCX)
         return None
 
