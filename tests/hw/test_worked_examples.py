@@ -205,6 +205,16 @@ def test_ex06_remove_mapped_without_block_not_blocked(env: Env) -> None:
     assert env.chldcnt() == before
 
 
+def assert_page_removed(env: Env, hpa: int) -> None:
+    """TDH.MEM.PAGE.REMOVE of G1 at 4K succeeds: RCX = the page's HPA, entry FREE, PAMT PT_NDA, CHLDCNT - 1."""
+    before = env.chldcnt()
+    r = env.call(SC.TDH_MEM_PAGE_REMOVE, G1 | 0)
+    assert (r.rax, r.rcx, r.rdx) == (SUCCESS, hpa, 0)
+    assert env.entry(G1, 0)[:2] == (0, SeptState.FREE)
+    assert env.pamt(hpa).page_type is PageType.PT_NDA
+    assert env.chldcnt() == before - 1
+
+
 def test_ex06_remove_in_initialized_needs_no_block(env_init: Env) -> None:
     """Ex.6 tdh_mem_page_remove in OP_STATE INITIALIZED: SUCCESS without BLOCK/TRACK (tlb_tracking_required = 0);
     RCX = page HPA, entry FREE, PAMT PT_NDA, CHLDCNT-1. The MAPPED page is built with PAGE.ADD (build time)."""
@@ -215,12 +225,7 @@ def test_ex06_remove_in_initialized_needs_no_block(env_init: Env) -> None:
     hpa, src = env.page(), env.page()
     env.ok(SC.TDH_MEM_PAGE_ADD, G1, r8=hpa, r9=src)
     assert env.state(G1, 0) is SeptState.MAPPED
-    before = env.chldcnt()
-    r = env.call(SC.TDH_MEM_PAGE_REMOVE, G1 | 0)
-    assert (r.rax, r.rcx, r.rdx) == (SUCCESS, hpa, 0)
-    assert env.entry(G1, 0)[:2] == (0, SeptState.FREE)
-    assert env.pamt(hpa).page_type is PageType.PT_NDA
-    assert env.chldcnt() == before - 1
+    assert_page_removed(env, hpa)
 
 
 # -- 7 --------------------------------------------------------------------------------------------------------
@@ -243,12 +248,7 @@ def test_ex07_block_remove_unblock_track_remove(env: Env) -> None:
     r = env.call(SC.TDH_MEM_TRACK, env.tdr_pa)
     assert (r.rax, r.rcx, r.rdx) == (SUCCESS, 0, 0)
     assert env.epoch() == e + 1
-    before = env.chldcnt()
-    r = env.call(SC.TDH_MEM_PAGE_REMOVE, G1 | 0)
-    assert (r.rax, r.rcx, r.rdx) == (SUCCESS, hpa, 0)
-    assert env.entry(G1, 0)[:2] == (0, SeptState.FREE)
-    assert env.pamt(hpa).page_type is PageType.PT_NDA
-    assert env.chldcnt() == before - 1
+    assert_page_removed(env, hpa)
 
 
 def test_ex07_unblock_after_track_restores_mapped(env: Env) -> None:
