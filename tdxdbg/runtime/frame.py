@@ -4,8 +4,7 @@ from __future__ import annotations
 
 import enum
 from collections.abc import Generator, Hashable
-from itertools import compress, repeat
-from operator import is_not
+from operator import is_
 from types import CodeType, FrameType, GeneratorType
 from typing import Any, NamedTuple
 
@@ -32,49 +31,28 @@ class Violation:
     message: str
 
 
-class _Unbound:
-    """The value of a local not yet assigned at a frame."""
-
-    __slots__ = ()
-
-    def __repr__(self) -> str:
-        return "<unbound>"
-
-
-UNBOUND: Any = _Unbound()
-
-
 class Scope(NamedTuple):
-    """The local variables of one activation as they were at a frame: names (every local of the function,
-    one tuple per code object) and values (UNBOUND for a local not assigned yet). Behaves like a read-only
-    mapping of the bound locals, for display."""
+    """The local variables of one activation as they were at a frame: names (interned, shared by every
+    frame of the same shape) and values. Behaves like a read-only mapping for display."""
 
     names: tuple[str, ...]
     values: tuple[Any, ...]
 
     def items(self) -> Any:
-        return ((n, v) for n, v in zip(self.names, self.values, strict=True) if v is not UNBOUND)
+        return zip(self.names, self.values, strict=True)
 
     def get(self, name: str, default: Any = None) -> Any:
         try:
-            value = self.values[self.names.index(name)]
+            return self.values[self.names.index(name)]
         except ValueError:
             return default
-        return default if value is UNBOUND else value
 
     def __contains__(self, name: object) -> bool:
-        return name in self.names and self.get(name, UNBOUND) is not UNBOUND  # type: ignore[arg-type]
+        return name in self.names
 
 
-# The local names of each code object (arguments, locals, cells, free variables), by id(code) like _ENTRIES:
-# a constant per function, so two captures of one activation always have the same names and a later one can
-# be stored as a patch of the earlier.
-_NAMES: dict[int, tuple[str, ...]] = {}
-
-
-def _names(code: CodeType) -> tuple[str, ...]:
-    names = _NAMES[id(code)] = tuple(dict.fromkeys(code.co_varnames + code.co_cellvars + code.co_freevars))
-    return names
+# Names of locals, interned: every frame of the same shape shares one tuple.
+_NAMES: dict[tuple[str, ...], tuple[str, ...]] = {}
 
 
 class Frame(NamedTuple):
@@ -188,77 +166,56 @@ def plain_locals(values: Scope | dict[str, Any]) -> tuple[tuple[str, Any], ...]:
 
 
 # A locals entry is delta-encoded against the same task's previous frame, whose activations mostly did not run:
-#     (previous entry, keep, part, part, ...)
-# means "the first `keep` scopes of the previous entry, then one scope per part". A part is either full,
-#     names, *values
-# or, for an activation that was there at the previous frame too (same frame object, same local names), a patch
-# of the previous entry's scope at the same depth:
-#     m, i_1 .. i_m, v_1 .. v_m        (m changed values: value i_k is now v_k)
-# A part starting with an int is a patch (names are a tuple). A Scope tuple per activation per frame cost ~60% of
-# a frame's memory; an entry costs only the locals that changed, with no tuple per scope. Every
-# LOCALS_FULL_EVERY captures of a task an entry is full (keep = 0, previous None, no patches), so decoding walks
-# back at most that many entries. An entry holds its predecessor by reference, so dropping old frames' entries
-# (the locals window) never breaks a newer one.
+#     (previous entry, keep, names_a, *values_a, names_b, *values_b, ...)
+# means "the first `keep` scopes of the previous entry, then Scope(names_a, values_a), Scope(names_b, ...)".
+# A Scope tuple per activation per frame cost ~60% of a frame's memory; an entry costs only the activations
+# whose locals changed, with no tuple per scope. Every LOCALS_FULL_EVERY captures of a task an entry is full
+# (keep = 0, previous None), so decoding walks back at most that many entries. An entry holds its predecessor
+# by reference, so dropping old frames' entries (the locals window) never breaks a newer one.
 LOCALS_FULL_EVERY = 64
-# Indexes of a scope's values, for listing the changed ones.
-_INDEXES = range(1 << 16)
 
 
 def decode_locals(entry: tuple[Any, ...]) -> tuple[Scope, ...]:
     """The Scopes (outermost first) of a locals entry made by `capture`.
 
-    Walks back newest first, decoding only the depths still unknown (those below an entry's `keep`, and those
-    an entry patched), so the cost follows the stack depth, not the length of the delta chain."""
+    Walks back newest first and decodes only the scopes still missing (depths below the previous entry's
+    `keep`), so the cost follows the stack depth, not the length of the delta chain."""
     if not entry:
         return ()
-    known: dict[int, Scope] = {}
-    patches: dict[int, list[tuple[Any, ...]]] = {}  # depth -> patches, newest first
-    limit = -1  # depths >= limit are known or patched already (-1: none yet)
-    total = -1
+    parts: list[list[Scope]] = []
+    limit = -1  # depths >= limit are known already (-1: none yet)
     e = entry
     while True:
         keep = e[1]
-        i, n, depth = 2, len(e), keep
-        while i < n:
-            part = e[i]
-            if part.__class__ is int:
-                j = i + 1 + 2 * part
-                if limit < 0 or depth < limit or depth in patches:
-                    patches.setdefault(depth, []).append(e[i + 1:j])
-            else:
-                j = i + 1 + len(part)
-                if limit < 0 or depth < limit or depth in patches:
-                    values = e[i + 1:j]
-                    pending = patches.pop(depth, None)
-                    if pending:
-                        values = list(values)
-                        for patch in reversed(pending):
-                            m = len(patch) // 2
-                            for k in range(m):
-                                values[patch[k]] = patch[m + k]
-                        values = tuple(values)
-                    known[depth] = Scope(part, values)
-            i = j
-            depth += 1
-        if total < 0:
-            total = depth
         if limit < 0 or keep < limit:
+            scopes = []
+            i, n, depth = 2, len(e), keep
+            while i < n and (limit < 0 or depth < limit):
+                names = e[i]
+                j = i + 1 + len(names)
+                scopes.append(Scope(names, e[i + 1:j]))
+                i = j
+                depth += 1
+            parts.append(scopes)
             limit = keep
-        if not limit and not patches:
+        if not keep:
             break
         e = e[0]
-    return tuple(known[d] for d in range(total))
+    out: list[Scope] = []
+    for scopes in reversed(parts):
+        out.extend(scopes)
+    return tuple(out)
 
 
 class StackCache:
     """Per task: the activations seen at the previous capture, outermost first, as
-    (frame, instruction offset, sub-generator, entry, local names, local values, stack down to it), and the
-    locals entry recorded then (with how many captures since the last full one)."""
+    (frame, instruction offset, sub-generator, entry, local names, local values, stack down to it, generator),
+    and the locals entry recorded then (with how many captures since the last full one)."""
 
     __slots__ = ("chain", "entry", "since_full")
 
     def __init__(self) -> None:
-        self.chain: list[tuple[FrameType, int, Any, StackEntry, Any, Any, tuple[StackEntry, ...]]] = []
+        self.chain: list[tuple[FrameType, int, Any, StackEntry, Any, Any, tuple[StackEntry, ...], Any]] = []
         self.entry: tuple[Any, ...] = ()
         self.since_full = 0
 
@@ -275,22 +232,22 @@ def capture(gen: Generator[Any, Any, Any], cache: StackCache, want_locals: bool 
     depth = 0
     n_prev = len(chain)
     g: Any = gen
-    # Reuse the unchanged outer part of the chain: an activation still suspended in `yield from` on the same
-    # generator object has not run since (a generator is exhausted when a `yield from` over it ends), so the
-    # next one down is the same generator too. Only the task's own generator needs its frame checked.
+    # Reuse the unchanged outer part of the chain. A generator still suspended in `yield from` on the same
+    # sub-iterator as at the previous capture has not run since, and neither has any activation above it: each
+    # of them is still inside its `yield from` (one ends only when the sub-generator is exhausted, and an
+    # exhausted generator is suspended in nothing). So the deepest such activation bounds the part that ran,
+    # found bottom up in a step or two instead of walking the whole stack. Only the task's own generator needs
+    # its frame checked.
     if n_prev and chain[0][0] is gen.gi_frame:
-        while depth < n_prev:
-            sub = g.gi_yieldfrom
-            prev = chain[depth]
-            if sub is None or prev[2] is not sub:
+        k = n_prev - 1
+        while k >= 0:
+            prev = chain[k]
+            sub = prev[2]
+            if sub is not None and prev[7].gi_yieldfrom is sub:
+                depth = k + 1
+                g = sub if type(sub) is GeneratorType else None
                 break
-            if type(sub) is not GeneratorType:
-                if prev[1] == g.gi_frame.f_lasti:
-                    depth += 1
-                g = None
-                break
-            depth += 1
-            g = sub
+            k -= 1
     same_prefix = depth
     old_tail = chain[depth:]
     del chain[depth:]
@@ -298,7 +255,6 @@ def capture(gen: Generator[Any, Any, Any], cache: StackCache, want_locals: bool 
     entries = _ENTRIES
     stacks = _STACKS
     names_of = _NAMES
-    unbound = repeat(UNBOUND)
     append = chain.append
     while g is not None:
         f = g.gi_frame
@@ -313,43 +269,34 @@ def capture(gen: Generator[Any, Any, Any], cache: StackCache, want_locals: bool 
         stack = stacks.get((id(stack), id(entry))) or _push(stack, entry)
         sub = g.gi_yieldfrom
         if want_locals:
-            names = names_of.get(id(code)) or _names(code)
-            append((f, lasti, sub, entry, names, tuple(map(f.f_locals.get, names, unbound)), stack))
+            loc = f.f_locals
+            names = tuple(loc)
+            append((f, lasti, sub, entry, names_of.setdefault(names, names), tuple(loc.values()), stack, g))
         else:
-            append((f, lasti, sub, entry, None, None, stack))
+            append((f, lasti, sub, entry, None, None, stack, g))
         g = sub if type(sub) is GeneratorType else None
     n = len(chain)
     if not want_locals:
         return stack, ()
     prev_entry = cache.entry
     if prev_entry and cache.since_full < LOCALS_FULL_EVERY:
+        keep = same_prefix
+        # Activations that ran but whose locals are the very same objects as before are shared too.
+        for old in old_tail:
+            if keep == n:
+                break
+            new = chain[keep]
+            if old[4] is not new[4] or not all(map(is_, old[5], new[5])):
+                break
+            keep += 1
         cache.since_full += 1
-        # The previous entry is referenced even when no scope is kept: a patch below may need it.
-        out: list[Any] = [prev_entry, same_prefix]
-        keeping = True  # activations that ran but whose locals are the very same objects are kept too
-        n_old = len(old_tail)
-        d = 0  # old_tail[d] was at the same depth as the activation c
-        for c in chain[same_prefix:]:
-            old = old_tail[d] if d < n_old else None
-            d += 1
-            if old is not None and old[4] is c[4]:  # same function: a patch of the scope at this depth
-                values = c[5]
-                changed = list(compress(_INDEXES, map(is_not, old[5], values)))
-                if keeping and not changed:
-                    out[1] += 1
-                    continue
-                out.append(len(changed))
-                out.extend(changed)
-                out.extend(map(values.__getitem__, changed))
-            else:
-                out.append(c[4])
-                out.extend(c[5])
-            keeping = False
     else:
+        prev_entry = None
+        keep = 0
         cache.since_full = 0
-        out = [None, 0]
-        for c in chain:
-            out.append(c[4])
-            out.extend(c[5])
+    out: list[Any] = [prev_entry if keep else None, keep]
+    for c in chain[keep:] if keep else chain:
+        out.append(c[4])
+        out.extend(c[5])
     cache.entry = entry_out = tuple(out) if n else ()
     return stack, entry_out
