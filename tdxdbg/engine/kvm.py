@@ -59,6 +59,15 @@ class MmuLock(NamedTuple):
 
 FREE_MMU_LOCK = MmuLock()
 
+# The six mmu_lock events, made once: every fault acquires and releases the lock, and the timeline keeps each
+# frame's payload (one shared object instead of one per frame).
+_READ_ACQUIRE = LockEvent("mmu_lock", "read", "acquire")
+_READ_WAIT = LockEvent("mmu_lock", "read", "wait")
+_READ_RELEASE = LockEvent("mmu_lock", "read", "release")
+_WRITE_ACQUIRE = LockEvent("mmu_lock", "write", "acquire")
+_WRITE_WAIT = LockEvent("mmu_lock", "write", "wait")
+_WRITE_RELEASE = LockEvent("mmu_lock", "write", "release")
+
 K_MMU_LOCK = ("kvm.mmu_lock",)
 K_VM_DEAD = ("kvm.vm_dead",)
 K_VM_BUGGED = ("kvm.vm_bugged",)
@@ -146,9 +155,9 @@ class KvmBase:
             lk: MmuLock = w.get(K_MMU_LOCK, FREE_MMU_LOCK)
             if lk.writer is None:
                 w.set(K_MMU_LOCK, MmuLock(None, (*lk.readers, w.task)))
-                yield Step(EngineStep.LOCK, LockEvent("mmu_lock", "read", "acquire"))
+                yield Step(EngineStep.LOCK, _READ_ACQUIRE)
                 return
-            yield Step(EngineStep.LOCK_WAIT, LockEvent("mmu_lock", "read", "wait"), _no_writer)
+            yield Step(EngineStep.LOCK_WAIT, _READ_WAIT, _no_writer)
 
     def read_unlock(self) -> Gen:
         w = self.world
@@ -156,7 +165,7 @@ class KvmBase:
         readers = list(lk.readers)
         readers.remove(w.task)
         w.set(K_MMU_LOCK, MmuLock(None, tuple(readers)) if readers else FREE_MMU_LOCK)
-        yield Step(EngineStep.LOCK, LockEvent("mmu_lock", "read", "release"))
+        yield Step(EngineStep.LOCK, _READ_RELEASE)
 
     def write_lock(self) -> Gen:
         """write_lock(&kvm->mmu_lock): waits until no reader and no writer hold it."""
@@ -165,13 +174,13 @@ class KvmBase:
             lk: MmuLock = w.get(K_MMU_LOCK, FREE_MMU_LOCK)
             if lk.writer is None and not lk.readers:
                 w.set(K_MMU_LOCK, MmuLock(w.task, ()))
-                yield Step(EngineStep.LOCK, LockEvent("mmu_lock", "write", "acquire"))
+                yield Step(EngineStep.LOCK, _WRITE_ACQUIRE)
                 return
-            yield Step(EngineStep.LOCK_WAIT, LockEvent("mmu_lock", "write", "wait"), _unlocked)
+            yield Step(EngineStep.LOCK_WAIT, _WRITE_WAIT, _unlocked)
 
     def write_unlock(self) -> Gen:
         self.world.set(K_MMU_LOCK, FREE_MMU_LOCK)
-        yield Step(EngineStep.LOCK, LockEvent("mmu_lock", "write", "release"))
+        yield Step(EngineStep.LOCK, _WRITE_RELEASE)
 
 
 def _no_writer(world: World) -> bool:

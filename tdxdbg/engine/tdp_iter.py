@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING
 
 from tdxdbg.engine.spte import (
     PAGE_SHIFT,
+    PG_LEVEL_4K,
     PT64_ROOT_MAX_LEVEL,
     SPTE_ENT_PER_PAGE,
     gfn_round_for_level,
@@ -25,6 +26,10 @@ from tdxdbg.runtime.step import Step
 if TYPE_CHECKING:
     from tdxdbg.engine.kvm import Gen
     from tdxdbg.hw.memory import HostMemory
+
+
+# Iterator positions above 4K seen so far (see TdpIter._step); bounded by the upper-level entries and their values.
+_UPPER_POSITIONS: dict[IterPos, IterPos] = {}
 
 
 class TdpIter:
@@ -68,7 +73,12 @@ class TdpIter:
         return IterPos(self.root_kind, self.level, self.gfn, self.index, self.table, self.old_spte)
 
     def _step(self) -> Step:
-        return Step(EngineStep.ITER, self.pos())
+        pos = self.pos()
+        if self.level > PG_LEVEL_4K:
+            # Walks from the root pass the same few upper-level entries again and again: share one payload
+            # per distinct position (4K positions are nearly all distinct, so they are not worth the look-up).
+            pos = _UPPER_POSITIONS.setdefault(pos, pos)
+        return Step(EngineStep.ITER, pos)
 
     def read(self) -> int:
         """READ_ONCE(*iter->sptep)."""

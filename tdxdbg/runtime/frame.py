@@ -51,8 +51,15 @@ class Scope(NamedTuple):
         return name in self.names
 
 
-# Names of locals, interned: every frame of the same shape shares one tuple.
+# Names of locals as recorded, interned: every frame of the same shape shares one tuple. A method's `self` is
+# left out (never shown, and a slot per scope per frame): the key is the names as the frame has them, the value
+# the names recorded.
 _NAMES: dict[tuple[str, ...], tuple[str, ...]] = {}
+
+
+def _recorded_names(names: tuple[str, ...]) -> tuple[str, ...]:
+    shown = _NAMES[names] = names[1:] if names and names[0] == "self" else names
+    return shown
 
 
 class Frame(NamedTuple):
@@ -271,7 +278,9 @@ def capture(gen: Generator[Any, Any, Any], cache: StackCache, want_locals: bool 
         if want_locals:
             loc = f.f_locals
             names = tuple(loc)
-            append((f, lasti, sub, entry, names_of.setdefault(names, names), tuple(loc.values()), stack, g))
+            shown = names_of.get(names) or _recorded_names(names)
+            values = tuple(loc.values())
+            append((f, lasti, sub, entry, shown, values if len(values) == len(shown) else values[1:], stack, g))
         else:
             append((f, lasti, sub, entry, None, None, stack, g))
         g = sub if type(sub) is GeneratorType else None

@@ -27,12 +27,16 @@ class K(enum.Enum):
 
 
 def _plain_copy(gen: Any) -> list[tuple[str, int, dict[str, Any]]]:
-    """Every activation's function, line and bound locals, outermost first, read straight from the frames."""
+    """Every activation's function, line and bound locals but a method's self, outermost first, read straight
+    from the frames."""
     out = []
     g = gen
     while g is not None and g.gi_frame is not None:
         f = g.gi_frame
-        out.append((f.f_code.co_qualname, f.f_lineno, dict(f.f_locals)))
+        loc = dict(f.f_locals)
+        if next(iter(loc), None) == "self":
+            del loc["self"]  # a method's self is not recorded (never shown)
+        out.append((f.f_code.co_qualname, f.f_lineno, loc))
         sub = g.gi_yieldfrom
         g = sub if hasattr(sub, "gi_frame") else None
     return out

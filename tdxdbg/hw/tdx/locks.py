@@ -34,6 +34,18 @@ class Sharex:
 
 FREE_LOCK = Sharex()
 
+# Lock values are immutable and few (a holder, or a tuple of holders), but every SEAMCALL writes several: made
+# once each and shared, so the World and the timeline's effects hold one object per distinct value.
+_SHAREX: dict[tuple[str | None, tuple[str, ...]], Sharex] = {}
+
+
+def _sharex(exclusive: str | None, shared: tuple[str, ...]) -> Sharex:
+    key = (exclusive, shared)
+    lock = _SHAREX.get(key)
+    if lock is None:
+        lock = _SHAREX[key] = Sharex(exclusive, shared)
+    return lock
+
 
 def tree_lock_key(tdr: int) -> tuple[str, int]:
     """The TD's S-EPT tree lock."""
@@ -57,9 +69,9 @@ def try_acquire(world: World, key: Hashable, mode: LockMode, holder: str) -> boo
     if mode is LockMode.EXCLUSIVE:
         if lock.shared:
             return False
-        world.set(key, Sharex(exclusive=holder))
+        world.set(key, _sharex(holder, ()))
     else:
-        world.set(key, Sharex(shared=(*lock.shared, holder)))
+        world.set(key, _sharex(None, (*lock.shared, holder)))
     return True
 
 
@@ -73,7 +85,7 @@ def release(world: World, key: Hashable, mode: LockMode, holder: str) -> None:
     shared = list(lock.shared)
     shared.remove(holder)
     if shared:
-        world.set(key, Sharex(shared=tuple(shared)))
+        world.set(key, _sharex(None, tuple(shared)))
     else:
         world.delete(key)
 
@@ -87,6 +99,16 @@ class EntryLock:
 
 
 FREE_ENTRY_LOCK = EntryLock()
+# Made once each and shared, as _SHAREX.
+_ENTRY_LOCKS: dict[tuple[str | None, bool], EntryLock] = {}
+
+
+def _entry_lock(holder: str | None, host_priority: bool) -> EntryLock:
+    key = (holder, host_priority)
+    lock = _ENTRY_LOCKS.get(key)
+    if lock is None:
+        lock = _ENTRY_LOCKS[key] = EntryLock(holder, host_priority)
+    return lock
 
 
 def entry_lock_key(table_pfn: int, index: int) -> tuple[str, int, int]:
@@ -98,9 +120,9 @@ def host_acquire_entry(world: World, key: Hashable, holder: str) -> bool:
     lock: EntryLock = world.get(key, FREE_ENTRY_LOCK)
     if lock.holder is not None:
         if not lock.host_priority:
-            world.set(key, EntryLock(lock.holder, True))
+            world.set(key, _entry_lock(lock.holder, True))
         return False
-    world.set(key, EntryLock(holder, False))
+    world.set(key, _entry_lock(holder, False))
     return True
 
 
@@ -117,7 +139,7 @@ def guest_acquire_entry(world: World, key: Hashable, holder: str) -> GuestLockRe
         return GuestLockResult.BUSY
     if lock.host_priority:
         return GuestLockResult.HOST_PRIORITY
-    world.set(key, EntryLock(holder, False))
+    world.set(key, _entry_lock(holder, False))
     return GuestLockResult.ACQUIRED
 
 
@@ -126,6 +148,6 @@ def release_entry(world: World, key: Hashable, holder: str) -> None:
     if lock.holder != holder:
         raise RuntimeError(f"{holder} releases entry lock {key} held by {lock.holder}")
     if lock.host_priority:
-        world.set(key, EntryLock(None, True))
+        world.set(key, _entry_lock(None, True))
     else:
         world.delete(key)

@@ -85,6 +85,15 @@ def walk_sept(get: Callable[..., Any], cfg: TdConfig, gpa: int, target: int) -> 
         table, level = e.pfn, level - 1
 
 
+# What a SEAMCALL's checks took, as shown in its step: a handful of distinct tuples, made once each and shared.
+_LOCKS_TAKEN: dict[tuple[tuple[str, bool], ...], tuple[tuple[str, bool], ...]] = {}
+
+
+def _locks_taken(c: Call) -> tuple[tuple[str, bool], ...]:
+    taken = tuple([(kind, mode is LockMode.EXCLUSIVE) for kind, _key, mode in c.locks])
+    return _LOCKS_TAKEN.setdefault(taken, taken)
+
+
 class TdxModule:
     """The emulated TDX module of one platform. Its state lives in the World; this object holds no state
     beyond configuration (fault injection)."""
@@ -160,7 +169,7 @@ class TdxModule:
                 self.release_all(c)
         yield Step(TdxStep.SEAMCALL, SeamcallEntry(
             leaf, rcx, rdx, r8, r9, c.gpa, c.level,
-            tuple([(kind, mode is LockMode.EXCLUSIVE) for kind, _key, mode in c.locks]), injected is not None))
+            _locks_taken(c), injected is not None))
         if result is None:
             assert h is not None
             result = h.execute(self, c)
