@@ -4,7 +4,13 @@ Figures:
   private-faults-per-second        one vCPU accepting 20,000 fresh private 4K pages (each ACCEPT exits, KVM
                                    faults the page in: SEPT.ADD where needed, PAGE.AUG), recording and checks on
   private-faults-per-second-4vcpu  four vCPUs, 5,000 pages each, round-robin interleaving
-  timeline-bytes-per-frame         memory the recorded timeline holds per frame (tracemalloc)
+  timeline-bytes-per-frame         memory per frame of the 1,000,000-frame timeline below: growth of the resident
+                                   set of a fresh process while it builds the VM and records the timeline
+                                   (checks off), so allocator overhead counts too
+  timeline-bytes-per-frame-46k     the same for a 46,000-frame timeline (2,000 pages), measured with
+                                   tracemalloc. Locals are kept for the newest 100,000 frames only
+                                   (runtime/timeline.py LOCALS_WINDOW), so a timeline shorter than that
+                                   costs more per frame than a long one
   goto-median-ms                   median time to rebuild the state of a random frame of a 1,000,000-frame
                                    timeline (the cursor is elsewhere each time)
 """
@@ -12,8 +18,10 @@ Figures:
 from __future__ import annotations
 
 import gc
+import os
 import random
 import statistics
+import subprocess
 import sys
 import time
 import tracemalloc
@@ -75,13 +83,16 @@ def main() -> None:
     _rt4 = None
     gc.collect()
 
-    # Timeline memory: frames of a 2,000-page run, measured with tracemalloc.
+    # Timeline memory: the 1,000,000-frame timeline in a fresh process (nothing freed by the runs above can
+    # be reused and hide growth), then a short one here with tracemalloc.
+    child = subprocess.run([sys.executable, __file__, RSS_CHILD], capture_output=True, text=True, check=True)
+    print(f"timeline-bytes-per-frame: {float(child.stdout):.0f} bytes")
     tracemalloc.start()
     before = tracemalloc.get_traced_memory()[0]
     rt, _e, _f = run(1, 2000, Policy.SEQUENTIAL, checks=False)
     after = tracemalloc.get_traced_memory()[0]
     tracemalloc.stop()
-    print(f"timeline-bytes-per-frame: {(after - before) / len(rt.timeline):.0f} bytes")
+    print(f"timeline-bytes-per-frame-46k: {(after - before) / len(rt.timeline):.0f} bytes")
     rt = None
     gc.collect()
 
@@ -101,5 +112,29 @@ def main() -> None:
     print(f"goto-timeline-frames: {n} frames")
 
 
+RSS_CHILD = "--timeline-rss"
+
+
+def resident_bytes() -> int:
+    with open("/proc/self/statm") as statm:
+        return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def timeline_rss() -> None:
+    """(Child process.) Resident-set growth per frame while building the VM and recording GOTO_PAGES pages."""
+    gc.collect()
+    before = resident_bytes()
+    setup = VmSetup(memslots=(Memslot(0, 0, SLOT_PAGES, guest_memfd=True),), private_ranges=((0, SLOT_PAGES),),
+                    vcpu_programs=(accept_pages(16, GOTO_PAGES),))
+    built = build_vm(setup)
+    rt = Runtime(built.machine.world, built.tasks, ScheduleSpec(Policy.SEQUENTIAL))
+    rt.run()
+    assert all(t.error is None for t in built.tasks), [t.error for t in built.tasks]
+    print((resident_bytes() - before) / len(rt.timeline))
+
+
 if __name__ == "__main__":
-    main()
+    if RSS_CHILD in sys.argv:
+        timeline_rss()
+    else:
+        main()

@@ -1,0 +1,112 @@
+"""Where the time of the two throughput benchmarks goes: the same work with parts of the recording turned off.
+
+For bench/engine.py's private faults (one vCPU, 5,000 pages here) and bench/seamcalls.py's SEAMCALL cycles:
+  *-unrecorded      the tasks driven straight through, with no Runtime: no frames, stacks, locals, effects or
+                    checks kept (the World's per-step read and write lists are just emptied). The ceiling that
+                    any recording can only lower.
+  *-no-locals       the Runtime recording frames, stacks, effects and footprints, but not locals.
+  *-no-checks       everything recorded, no invariant checks (faults only; the SEAMCALL bench runs none).
+  *                 everything on, as the headline benchmarks run.
+Each figure is the best of three runs.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import seamcalls  # bench/seamcalls.py: the SEAMCALL cycle it times
+
+from tdxdbg.engine.checks import make_checks
+from tdxdbg.engine.gmem import Memslot
+from tdxdbg.engine.vm import VmSetup, build_vm
+from tdxdbg.hw import guest
+from tdxdbg.runtime import Runtime, Task, TaskState, World
+from tdxdbg.runtime.scheduler import Policy, ScheduleSpec
+
+FAULT_PAGES = 5_000
+SLOT_PAGES = 1 << 15
+RUNS = 3
+
+
+def drive_unrecorded(world: World, tasks: list[Task]) -> None:
+    """Run each task to its end, in order (the benchmarks' sequential schedule), keeping nothing."""
+    reads, writes = world._reads, world._writes
+    for task in tasks:
+        world.task = task.name
+        send = task.gen.send
+        try:
+            while True:
+                step = send(None)
+                if step.wait is not None and not step.wait(world):
+                    raise RuntimeError(f"{task.name} waits; an unrecorded run cannot schedule around that")
+                reads.clear()
+                writes.clear()
+        except StopIteration:
+            task.state = TaskState.DONE
+
+
+def fault_tasks() -> tuple[Any, list[Task]]:
+    def program():
+        for i in range(FAULT_PAGES):
+            yield from guest.accept_memory((16 + i) << 12, 0x1000)
+
+    built = build_vm(VmSetup(memslots=(Memslot(0, 0, SLOT_PAGES, guest_memfd=True),),
+                             private_ranges=((0, SLOT_PAGES),), vcpu_programs=(program,)))
+    return built, built.tasks
+
+
+def time_faults(mode: str) -> float:
+    built, tasks = fault_tasks()
+    world = built.machine.world
+    if mode == "unrecorded":
+        start = time.perf_counter()
+        drive_unrecorded(world, tasks)
+        return time.perf_counter() - start
+    rt = Runtime(world, tasks, ScheduleSpec(Policy.SEQUENTIAL),
+                 checks=make_checks(built.kvm) if mode != "no-checks" else (),
+                 record_locals=mode != "no-locals")
+    start = time.perf_counter()
+    rt.run()
+    elapsed = time.perf_counter() - start
+    assert all(t.error is None for t in tasks), [t.error for t in tasks]
+    return elapsed
+
+
+def time_seamcalls(mode: str) -> float:
+    world, tasks, verify = seamcalls.build()
+    if mode == "unrecorded":
+        start = time.perf_counter()
+        drive_unrecorded(world, tasks)
+        elapsed = time.perf_counter() - start
+    else:
+        rt = Runtime(world, tasks, ScheduleSpec(Policy.SEQUENTIAL), record_locals=mode != "no-locals")
+        start = time.perf_counter()
+        rt.run()
+        elapsed = time.perf_counter() - start
+    verify()
+    return elapsed
+
+
+def best(timer: Callable[[str], float], mode: str) -> float:
+    return min(timer(mode) for _ in range(RUNS))
+
+
+def main() -> None:
+    for mode in ("unrecorded", "no-locals", "no-checks", ""):
+        name = "private-faults-per-second" + (f"-{mode}" if mode else "")
+        print(f"{name}: {FAULT_PAGES / best(time_faults, mode):.0f} faults/s")
+    calls = seamcalls.PAGES * seamcalls.CALLS_PER_PAGE
+    for mode in ("unrecorded", "no-locals", ""):
+        name = "seamcalls-per-second" + (f"-{mode}" if mode else "")
+        print(f"{name}: {calls / best(time_seamcalls, mode):.0f} calls/s")
+
+
+if __name__ == "__main__":
+    main()
