@@ -119,7 +119,6 @@ class FrameStore(Sequence[Frame]):
         self.effects: Sequence[tuple[Any, ...]] = _Column(self.flat_effects_of, self.__len__)
         self.reads: Sequence[tuple[Hashable, ...]] = _Column(self.reads_of, self.__len__)
         self.locals: Sequence[tuple[Any, ...]] = _Column(self.locals_of, self.__len__)
-        self._add = self._adder()
 
     def _intern_stack(self, stack: tuple[StackEntry, ...]) -> int:
         i = self._stack_eq.get(stack)
@@ -139,57 +138,6 @@ class FrameStore(Sequence[Frame]):
         i = self._task_ids[task] = len(self._task_names)
         self._task_names.append(task)
         return i
-
-    def _adder(self) -> Any:
-        """The function that appends one frame, as a closure over the columns' bound methods: it runs once per
-        frame, and closure variables are much cheaper than attribute look-ups on self. Its `flat_effects` is
-        (key, old, new, key, old, new, ...), `reads` the distinct keys read and `local_values` an entry made by
-        frame.capture."""
-        task_ids, kind_ids, stack_ids = self._task_ids, self._kind_ids, self._stack_ids
-        intern_task, intern_kind, intern_stack = self._intern_task, self._intern_kind, self._intern_stack
-        task_col, kind_col, stack_col = self.task_col.append, self.kind_col.append, self.stack_col.append
-        payloads = self.payloads
-        add_payload = payloads.append
-        kid = self._kid
-        eff_off = self.eff_off
-        add_off = eff_off.append
-        add_keys, add_old, add_new = self.eff_keys.extend, self.eff_old.extend, self.eff_new.extend
-        read_ids = self.read_ids
-        add_reads = read_ids.extend
-        add_read_off = self.read_off.append
-        loc = self._locals
-        add_loc = loc.append
-        all_violations = self.violations
-
-        def add(task: str, step: Step, stack: tuple[StackEntry, ...], flat_effects: Sequence[Any],
-                reads: Sequence[Hashable], local_values: tuple[Any, ...],
-                violations: tuple[Violation, ...]) -> None:
-            i = task_ids.get(task)
-            task_col(intern_task(task) if i is None else i)
-            kind = step.kind
-            i = kind_ids.get(id(kind))
-            kind_col(intern_kind(kind) if i is None else i)
-            i = stack_ids.get(id(stack))
-            stack_col(intern_stack(stack) if i is None else i)
-            add_payload(step.payload)
-            if flat_effects:
-                add_keys(map(kid, flat_effects[0::3]))
-                add_old(flat_effects[1::3])
-                add_new(flat_effects[2::3])
-                add_off(eff_off[-1] + len(flat_effects) // 3)
-            else:
-                add_off(eff_off[-1])
-            if reads:
-                add_reads(map(kid, reads))
-            add_read_off(len(read_ids))
-            add_loc(local_values)
-            n = len(loc)
-            if n > LOCALS_WINDOW:
-                loc[n - LOCALS_WINDOW - 1] = ()
-            if violations:
-                all_violations[n - 1] = violations
-
-        return add
 
     def __len__(self) -> int:
         return len(self.payloads)
@@ -277,7 +225,6 @@ class Timeline:
         self.frames = FrameStore()
         self._key_positions: list[int] = [0]
         self._key_states: list[dict[Hashable, Any]] = [dict(initial)]
-        self._writes_since_key = 0
         # Cumulative write counts: _cum[p] = number of writes in frames[0:p] (the frame store's effect offsets).
         self._cum = self.frames.eff_off
         self._cursor_pos = 0
@@ -297,28 +244,66 @@ class Timeline:
 
     def recorder(self) -> Any:
         """The function that records one frame: flat effects (key, old, new, ...), the distinct keys read, and a
-        locals entry made by frame.capture. A closure, as the runtime calls it once per frame (see
-        FrameStore._adder)."""
-        add = self.frames._add
-        payloads = self.frames.payloads
+        locals entry made by frame.capture. It appends to every FrameStore column and takes a keyframe when one
+        is due. A closure over the columns' bound methods: it runs once per frame, and closure variables are much
+        cheaper than attribute look-ups on self."""
+        fs = self.frames
+        task_ids, kind_ids, stack_ids = fs._task_ids, fs._kind_ids, fs._stack_ids
+        intern_task, intern_kind, intern_stack = fs._intern_task, fs._intern_kind, fs._intern_stack
+        task_col, kind_col, stack_col = fs.task_col.append, fs.kind_col.append, fs.stack_col.append
+        payloads = fs.payloads
+        add_payload = payloads.append
+        kid = fs._kid
+        eff_off = fs.eff_off
+        add_off = eff_off.append
+        add_keys, add_old, add_new = fs.eff_keys.extend, fs.eff_old.extend, fs.eff_new.extend
+        read_ids = fs.read_ids
+        add_reads = read_ids.extend
+        add_read_off = fs.read_off.append
+        loc = fs._locals
+        add_loc = loc.append
+        all_violations = fs.violations
         key_positions = self._key_positions
         key_states = self._key_states
         freeze = gc.freeze
+        since_key = [0]  # writes since the last keyframe
 
         def record(task: str, step: Step, stack: tuple[StackEntry, ...], flat_effects: Sequence[Any],
                    reads: Sequence[Hashable], local_values: tuple[Any, ...], violations: tuple[Violation, ...],
                    world: World) -> None:
-            add(task, step, stack, flat_effects, reads, local_values, violations)
-            n_frames = len(payloads)
-            if not n_frames % GC_FREEZE_EVERY:
+            i = task_ids.get(task)
+            task_col(intern_task(task) if i is None else i)
+            kind = step.kind
+            i = kind_ids.get(id(kind))
+            kind_col(intern_kind(kind) if i is None else i)
+            i = stack_ids.get(id(stack))
+            stack_col(intern_stack(stack) if i is None else i)
+            add_payload(step.payload)
+            if reads:
+                add_reads(map(kid, reads))
+            add_read_off(len(read_ids))
+            add_loc(local_values)
+            n = len(loc)
+            if n > LOCALS_WINDOW:
+                loc[n - LOCALS_WINDOW - 1] = ()
+            if violations:
+                all_violations[n - 1] = violations
+            if not n % GC_FREEZE_EVERY:
                 freeze()
-            if flat_effects:
-                self._writes_since_key += len(flat_effects) // 3
-                if (self._writes_since_key >= KEYFRAME_MIN_WRITES
-                        and self._writes_since_key >= KEYFRAME_STATE_FACTOR * len(world)):
-                    key_positions.append(n_frames)
-                    key_states.append(world.snapshot())
-                    self._writes_since_key = 0
+            if not flat_effects:
+                add_off(eff_off[-1])
+                return
+            written = len(flat_effects) // 3
+            add_keys(map(kid, flat_effects[0::3]))
+            add_old(flat_effects[1::3])
+            add_new(flat_effects[2::3])
+            add_off(eff_off[-1] + written)
+            since = since_key[0] + written
+            if since >= KEYFRAME_MIN_WRITES and since >= KEYFRAME_STATE_FACTOR * len(world):
+                key_positions.append(n)
+                key_states.append(world.snapshot())
+                since = 0
+            since_key[0] = since
 
         return record
 
