@@ -3,6 +3,7 @@ so they are tested without a terminal."""
 
 from __future__ import annotations
 
+import enum
 import linecache
 from pathlib import Path
 from typing import Any
@@ -121,10 +122,19 @@ def stack_text(tasks: tuple[TaskView, ...], selected: str | None, activation: in
     if not a.locals:
         t.append("  (none recorded)\n", style="grey50")
     for name, value in a.locals[:14]:
-        text = f"{value:#x}" if isinstance(value, int) and not isinstance(value, bool) else repr(value)
         t.append(f"  {name} = ", style="cyan")
-        t.append(text[:70] + "\n")
+        t.append(local_value_text(value)[:70] + "\n")
     return t
+
+
+def local_value_text(value: Any) -> str:
+    """A local's value as the locals pane shows it: enum members by name (a leaf, a level, a state), other
+    ints in hex (addresses, gfns, SPTEs), anything else by its repr."""
+    if isinstance(value, enum.Enum):
+        return f"{type(value).__name__}.{value.name}"
+    if isinstance(value, int) and not isinstance(value, bool):
+        return f"{value:#x}"
+    return repr(value)
 
 
 def source_text(filename: str | None, line: int | None, context: int = 6) -> Text:

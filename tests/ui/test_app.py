@@ -189,3 +189,20 @@ def test_next_seamcall_and_log_enter_go_to_frames() -> None:
             await settle(pilot, app)
             assert app.session.frame.index == entry.frame
     run(go())
+
+
+def test_locals_pane_names_enum_values_and_shows_ints_in_hex() -> None:
+    """e goes to the demo's first SEAMCALL (its return): the locals of the TDX module's seamcall show the leaf by name
+    (an IntEnum, not 0x3) and the registers in hex."""
+    async def go() -> None:
+        app = TdxdbgApp("demo")
+        async with app.run_test(size=SIZE) as pilot:
+            await settle(pilot, app)
+            await pilot.press("e")
+            await settle(pilot, app)
+            assert app.session.frame.step.kind is TdxStep.SEAMCALL_RETURN
+            text = pane(app, "#stack")
+            assert "seamcall module.py:" in text and "locals of seamcall" in text
+            assert f"leaf = Seamcall.{Seamcall.TDH_MEM_SEPT_ADD.name}" in text
+            assert "rcx = 0x3" in text
+    run(go())
