@@ -172,7 +172,8 @@ def test_missing_file_shows_an_error_screen() -> None:
 
 
 def test_next_seamcall_and_log_enter_go_to_frames() -> None:
-    """e jumps to the next SEAMCALL; Enter on a log line goes to that line's frame."""
+    """e jumps to the next SEAMCALL (its return), whose locals show the leaf by name (an IntEnum, not 0x3) and
+    the registers in hex; Enter on a log line goes to that line's frame."""
     async def go() -> None:
         app = TdxdbgApp("first_private_fault")
         async with app.run_test(size=SIZE) as pilot:
@@ -181,6 +182,10 @@ def test_next_seamcall_and_log_enter_go_to_frames() -> None:
             await settle(pilot, app)
             f = app.session.frame
             assert f.step.kind is TdxStep.SEAMCALL_RETURN and f.step.get("leaf") is Seamcall.TDH_MEM_SEPT_ADD
+            stack = pane(app, "#stack")
+            assert "seamcall module.py:" in stack and "locals of seamcall" in stack
+            assert "leaf = Seamcall.TDH_MEM_SEPT_ADD" in stack
+            assert f"rcx = {f.step.get('gpa') | f.step.get('level'):#x}" in stack
             log = app.query_one("#log")
             log.focus()
             entry = app.event_index.entries[0]
@@ -190,19 +195,3 @@ def test_next_seamcall_and_log_enter_go_to_frames() -> None:
             assert app.session.frame.index == entry.frame
     run(go())
 
-
-def test_locals_pane_names_enum_values_and_shows_ints_in_hex() -> None:
-    """e goes to the demo's first SEAMCALL (its return): the locals of the TDX module's seamcall show the leaf by name
-    (an IntEnum, not 0x3) and the registers in hex."""
-    async def go() -> None:
-        app = TdxdbgApp("demo")
-        async with app.run_test(size=SIZE) as pilot:
-            await settle(pilot, app)
-            await pilot.press("e")
-            await settle(pilot, app)
-            assert app.session.frame.step.kind is TdxStep.SEAMCALL_RETURN
-            text = pane(app, "#stack")
-            assert "seamcall module.py:" in text and "locals of seamcall" in text
-            assert f"leaf = Seamcall.{Seamcall.TDH_MEM_SEPT_ADD.name}" in text
-            assert "rcx = 0x3" in text
-    run(go())
