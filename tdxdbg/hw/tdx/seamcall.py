@@ -170,10 +170,14 @@ Prepare = Callable[["TdxModule", Call], "SeamcallResult | None"]
 Execute = Callable[["TdxModule", Call], "SeamcallResult"]
 
 
-@attrs.frozen(slots=True)
+@attrs.frozen(slots=True, repr=False)
 class Handler:
     prepare: Prepare
     execute: Execute
+
+    def __repr__(self) -> str:
+        # By the handler class's name: the default repr would show function addresses, which differ per run.
+        return f"Handler({self.prepare.__qualname__.rsplit('.', 1)[0]})"
 
 
 HANDLERS: dict[Seamcall, Handler] = {}
