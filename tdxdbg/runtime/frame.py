@@ -216,13 +216,13 @@ def decode_locals(entry: tuple[Any, ...]) -> tuple[Scope, ...]:
 
 class StackCache:
     """Per task: the activations seen at the previous capture, outermost first, as
-    (frame, instruction offset, sub-generator, entry, local names, local values, stack down to it, generator),
-    and the locals entry recorded then (with how many captures since the last full one)."""
+    (generator, sub-iterator it is suspended in, entry, local names, local values, stack down to it), and the
+    locals entry recorded then (with how many captures since the last full one)."""
 
     __slots__ = ("chain", "entry", "since_full")
 
     def __init__(self) -> None:
-        self.chain: list[tuple[FrameType, int, Any, StackEntry, Any, Any, tuple[StackEntry, ...], Any]] = []
+        self.chain: list[tuple[Any, Any, StackEntry, Any, Any, tuple[StackEntry, ...]]] = []
         self.entry: tuple[Any, ...] = ()
         self.since_full = 0
 
@@ -244,13 +244,13 @@ def capture(gen: Generator[Any, Any, Any], cache: StackCache, want_locals: bool 
     # of them is still inside its `yield from` (one ends only when the sub-generator is exhausted, and an
     # exhausted generator is suspended in nothing). So the deepest such activation bounds the part that ran,
     # found bottom up in a step or two instead of walking the whole stack. Only the task's own generator needs
-    # its frame checked.
-    if n_prev and chain[0][0] is gen.gi_frame:
+    # its identity checked.
+    if n_prev and chain[0][0] is gen:
         k = n_prev - 1
         while k >= 0:
             prev = chain[k]
-            sub = prev[2]
-            if sub is not None and prev[7].gi_yieldfrom is sub:
+            sub = prev[1]
+            if sub is not None and prev[0].gi_yieldfrom is sub:
                 depth = k + 1
                 g = sub if type(sub) is GeneratorType else None
                 break
@@ -258,7 +258,7 @@ def capture(gen: Generator[Any, Any, Any], cache: StackCache, want_locals: bool 
     same_prefix = depth
     old_tail = chain[depth:]
     del chain[depth:]
-    stack = chain[-1][6] if chain else ()
+    stack = chain[-1][5] if chain else ()
     entries = _ENTRIES
     stacks = _STACKS
     names_of = _NAMES
@@ -280,9 +280,9 @@ def capture(gen: Generator[Any, Any, Any], cache: StackCache, want_locals: bool 
             names = tuple(loc)
             shown = names_of.get(names) or _recorded_names(names)
             values = tuple(loc.values())
-            append((f, lasti, sub, entry, shown, values if len(values) == len(shown) else values[1:], stack, g))
+            append((g, sub, entry, shown, values if len(values) == len(shown) else values[1:], stack))
         else:
-            append((f, lasti, sub, entry, None, None, stack, g))
+            append((g, sub, entry, None, None, stack))
         g = sub if type(sub) is GeneratorType else None
     n = len(chain)
     if not want_locals:
@@ -295,7 +295,7 @@ def capture(gen: Generator[Any, Any, Any], cache: StackCache, want_locals: bool 
             if keep == n:
                 break
             new = chain[keep]
-            if old[4] is not new[4] or not all(map(is_, old[5], new[5])):
+            if old[3] is not new[3] or not all(map(is_, old[4], new[4])):
                 break
             keep += 1
         cache.since_full += 1
@@ -305,7 +305,7 @@ def capture(gen: Generator[Any, Any, Any], cache: StackCache, want_locals: bool 
         cache.since_full = 0
     out: list[Any] = [prev_entry if keep else None, keep]
     for c in chain[keep:] if keep else chain:
-        out.append(c[4])
-        out.extend(c[5])
+        out.append(c[3])
+        out.extend(c[4])
     cache.entry = entry_out = tuple(out) if n else ()
     return stack, entry_out

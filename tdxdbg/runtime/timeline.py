@@ -266,11 +266,12 @@ class Timeline:
         key_positions = self._key_positions
         key_states = self._key_states
         freeze = gc.freeze
-        since_key = [0]  # writes since the last keyframe
+        since_key = 0  # writes since the last keyframe
 
         def record(task: str, step: Step, stack: tuple[StackEntry, ...], flat_effects: Sequence[Any],
                    reads: Sequence[Hashable], local_values: tuple[Any, ...], violations: tuple[Violation, ...],
                    world: World) -> None:
+            nonlocal since_key
             i = task_ids.get(task)
             task_col(intern_task(task) if i is None else i)
             kind = step.kind
@@ -298,12 +299,11 @@ class Timeline:
             add_old(flat_effects[1::3])
             add_new(flat_effects[2::3])
             add_off(eff_off[-1] + written)
-            since = since_key[0] + written
-            if since >= KEYFRAME_MIN_WRITES and since >= KEYFRAME_STATE_FACTOR * len(world):
+            since_key += written
+            if since_key >= KEYFRAME_MIN_WRITES and since_key >= KEYFRAME_STATE_FACTOR * len(world):
                 key_positions.append(n)
                 key_states.append(world.snapshot())
-                since = 0
-            since_key[0] = since
+                since_key = 0
 
         return record
 

@@ -8,6 +8,7 @@ a try-lock: the TDX module never spins, it returns TDX_OPERAND_BUSY with the ope
 from __future__ import annotations
 
 import enum
+import functools
 from collections.abc import Hashable
 
 import attrs
@@ -35,16 +36,9 @@ class Sharex:
 FREE_LOCK = Sharex()
 
 # Lock values are immutable and few (a holder, or a tuple of holders), but every SEAMCALL writes several: made
-# once each and shared, so the World and the timeline's effects hold one object per distinct value.
-_SHAREX: dict[tuple[str | None, tuple[str, ...]], Sharex] = {}
-
-
-def _sharex(exclusive: str | None, shared: tuple[str, ...]) -> Sharex:
-    key = (exclusive, shared)
-    lock = _SHAREX.get(key)
-    if lock is None:
-        lock = _SHAREX[key] = Sharex(exclusive, shared)
-    return lock
+# once each and shared (the constructors, cached), so the World and the timeline's effects hold one object per
+# distinct value. Called with positional arguments only, so equal values share one cache entry.
+_sharex = functools.cache(Sharex)
 
 
 def tree_lock_key(tdr: int) -> tuple[str, int]:
@@ -99,16 +93,8 @@ class EntryLock:
 
 
 FREE_ENTRY_LOCK = EntryLock()
-# Made once each and shared, as _SHAREX.
-_ENTRY_LOCKS: dict[tuple[str | None, bool], EntryLock] = {}
-
-
-def _entry_lock(holder: str | None, host_priority: bool) -> EntryLock:
-    key = (holder, host_priority)
-    lock = _ENTRY_LOCKS.get(key)
-    if lock is None:
-        lock = _ENTRY_LOCKS[key] = EntryLock(holder, host_priority)
-    return lock
+# Made once each and shared, as _sharex.
+_entry_lock = functools.cache(EntryLock)
 
 
 def entry_lock_key(table_pfn: int, index: int) -> tuple[str, int, int]:
