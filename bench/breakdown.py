@@ -1,6 +1,6 @@
 """Where the time of the two throughput benchmarks goes: the same work with parts of the recording turned off.
 
-For bench/engine.py's private faults (one vCPU, 5,000 pages here) and bench/seamcalls.py's SEAMCALL cycles:
+For bench/engine.py's private faults (its TD, one vCPU, 5,000 pages here) and bench/seamcalls.py's SEAMCALL cycles:
   *-unrecorded      the tasks driven straight through, with no Runtime: no frames, stacks, locals, effects or
                     checks kept (the World's per-step read and write lists are just emptied). The ceiling that
                     any recording can only lower.
@@ -16,22 +16,18 @@ import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+import engine  # bench/engine.py: the fault workload it times
 import seamcalls  # bench/seamcalls.py: the SEAMCALL cycle it times
 
 from tdxdbg.engine.checks import make_checks
-from tdxdbg.engine.gmem import Memslot
-from tdxdbg.engine.vm import VmSetup, build_vm
-from tdxdbg.hw import guest
 from tdxdbg.runtime import Runtime, Task, TaskState, World
 from tdxdbg.runtime.scheduler import Policy, ScheduleSpec
 
 FAULT_PAGES = 5_000
-SLOT_PAGES = 1 << 15
 RUNS = 3
 
 
@@ -52,18 +48,9 @@ def drive_unrecorded(world: World, tasks: list[Task]) -> None:
             task.state = TaskState.DONE
 
 
-def fault_tasks() -> tuple[Any, list[Task]]:
-    def program():
-        for i in range(FAULT_PAGES):
-            yield from guest.accept_memory((16 + i) << 12, 0x1000)
-
-    built = build_vm(VmSetup(memslots=(Memslot(0, 0, SLOT_PAGES, guest_memfd=True),),
-                             private_ranges=((0, SLOT_PAGES),), vcpu_programs=(program,)))
-    return built, built.tasks
-
-
 def time_faults(mode: str) -> float:
-    built, tasks = fault_tasks()
+    built = engine.build(1, FAULT_PAGES)
+    tasks = built.tasks
     world = built.machine.world
     if mode == "unrecorded":
         start = time.perf_counter()

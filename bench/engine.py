@@ -31,7 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from tdxdbg.engine.gmem import Memslot
 from tdxdbg.engine.steps import EngineStep
-from tdxdbg.engine.vm import VmSetup, build_vm
+from tdxdbg.engine.vm import BuiltVm, VmSetup, build_vm
 from tdxdbg.hw import guest
 from tdxdbg.runtime import Runtime
 from tdxdbg.runtime.scheduler import Policy, ScheduleSpec
@@ -57,12 +57,16 @@ def accept_pages(first: int, count: int):
     return program
 
 
-def run(vcpus: int, pages: int, policy: Policy, checks: bool = True) -> tuple[Runtime, float, int]:
+def build(vcpus: int, pages: int) -> BuiltVm:
+    """The benchmark's TD: one all-private guest_memfd slot, `vcpus` vCPUs accepting `pages` pages between them."""
     per = pages // vcpus
-    setup = VmSetup(memslots=(Memslot(0, 0, SLOT_PAGES, guest_memfd=True),),
-                    private_ranges=((0, SLOT_PAGES),),
-                    vcpu_programs=tuple(accept_pages(16 + i * per, per) for i in range(vcpus)))
-    built = build_vm(setup)
+    return build_vm(VmSetup(memslots=(Memslot(0, 0, SLOT_PAGES, guest_memfd=True),),
+                            private_ranges=((0, SLOT_PAGES),),
+                            vcpu_programs=tuple(accept_pages(16 + i * per, per) for i in range(vcpus))))
+
+
+def run(vcpus: int, pages: int, policy: Policy, checks: bool = True) -> tuple[Runtime, float, int]:
+    built = build(vcpus, pages)
     rt = Runtime(built.machine.world, built.tasks, ScheduleSpec(policy),
                  checks=_checks(built.kvm) if checks else ())
     start = time.perf_counter()
@@ -124,9 +128,7 @@ def timeline_rss() -> None:
     """(Child process.) Resident-set growth per frame while building the VM and recording GOTO_PAGES pages."""
     gc.collect()
     before = resident_bytes()
-    setup = VmSetup(memslots=(Memslot(0, 0, SLOT_PAGES, guest_memfd=True),), private_ranges=((0, SLOT_PAGES),),
-                    vcpu_programs=(accept_pages(16, GOTO_PAGES),))
-    built = build_vm(setup)
+    built = build(1, GOTO_PAGES)
     rt = Runtime(built.machine.world, built.tasks, ScheduleSpec(Policy.SEQUENTIAL))
     rt.run()
     assert all(t.error is None for t in built.tasks), [t.error for t in built.tasks]
