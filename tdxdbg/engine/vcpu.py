@@ -156,10 +156,15 @@ class VcpuOps:
             yield Step(EngineStep.EXIT, ExitInfo(vcpu=vcpu.index, what="MapGPA: misaligned", gpa=gpa))
             return 1
         vcpu.map_gpa = (gpa, gpa + size)
-        yield from self.__tdx_map_gpa(vcpu)
+        yield from self._tdx_map_gpa(vcpu)
         return 0
 
-    def __tdx_map_gpa(self, vcpu: KvmVcpu) -> Gen:
+    def _tdx_map_gpa(self, vcpu: KvmVcpu) -> Gen:
+        """__tdx_map_gpa: exit to userspace (KVM_EXIT_HYPERCALL) for the next chunk of the MapGPA in progress.
+
+        One leading underscore, not the kernel's two: Python mangles `__name` inside a class body to
+        `_VcpuOps__name`, so a variant defining `__tdx_map_gpa` would never be called. Engine methods a variant
+        may override are never name-mangled (as `_tdp_mmu_set_spte_atomic` for `__tdp_mmu_set_spte_atomic`)."""
         nxt, end = vcpu.map_gpa
         size = min(end - nxt, TDX_MAP_GPA_MAX_LEN)
         private = not nxt & self.spec.gpaw.shared_bit
@@ -186,7 +191,7 @@ class VcpuOps:
         if self.kvm_vcpu_has_events(vcpu):
             vcpu.hw.complete_tdvmcall(TdvmcallStatus.RETRY, nxt)
             return 1
-        yield from self.__tdx_map_gpa(vcpu)
+        yield from self._tdx_map_gpa(vcpu)
         return 0
 
     # -- the VMM (userspace) half of the vCPU thread ---------------------------------------------------------

@@ -91,3 +91,25 @@ def test_shared_alias_zapped_when_going_private(conversion):
     pfn = kvm.world.peek(("gmem.pfn", 0, GFN))
     assert leaf_value(kvm, vcpu.mirror_root, GFN) == (1, 0x8600_0000_0000_0B37 | pfn << 12)
     assert [f.step.get("gpa") for f in seamcalls(rt, leaves=[Seamcall.TDH_MEM_PAGE_AUG])] == [P, P]
+
+
+def test_variant_overriding_inner_map_gpa_is_called():
+    """__tdx_map_gpa (engine: _tdx_map_gpa, not name-mangled) is an override point: a variant that halves each
+    chunk sees its override called for every KVM_EXIT_HYPERCALL of the MapGPA."""
+    from tdxdbg.engine.variants.upstream import Upstream
+
+    calls: list[tuple[int, int]] = []
+
+    class Recording(Upstream):
+        def _tdx_map_gpa(self, vcpu):
+            calls.append(vcpu.map_gpa)
+            yield from super()._tdx_map_gpa(vcpu)
+
+    def prog():
+        yield from guest.map_gpa(P | SHARED, 3 << 20)           # 3 MiB: two chunks of at most 2 MiB
+
+    _built, rt = run(setup(prog, variant=Recording))
+    no_kvm_bug(rt)
+    assert calls == [(P | SHARED, (P | SHARED) + (3 << 20)), ((P | SHARED) + (2 << 20), (P | SHARED) + (3 << 20))]
+    exits = frames(rt, EngineStep.USER_EXIT, reason="KVM_EXIT_HYPERCALL")
+    assert [(f.step.get("gpa"), f.step.get("npages")) for f in exits] == [(P, 512), (P + (2 << 20), 256)]
