@@ -12,7 +12,10 @@ NEEDS_TERMINAL = ("tdxdbg: the debugger needs a terminal (standard input and out
 
 
 def _run_tui(scenario: str | None, variant: str | None, schedule: str | None, err: IO[str]) -> int:
-    """The Textual debugger on `scenario` (the built-in demo when None). Scenario errors show in the app."""
+    """The Textual debugger on `scenario` (the built-in demo when None). Scenario errors show in the app.
+
+    The exit status is the app's return code: 1 when the app crashed (Textual sets it on an unhandled
+    exception), 2 when the scenario could not be opened, 0 when the user quit."""
     from tdxdbg.ui.loading import DEMO
 
     spec = scenario or DEMO
@@ -21,8 +24,14 @@ def _run_tui(scenario: str | None, variant: str | None, schedule: str | None, er
         return 2
     from tdxdbg.ui.app import TdxdbgApp
 
-    result = TdxdbgApp(spec, variant, schedule).run()
-    return int(result or 0)
+    app = TdxdbgApp(spec, variant, schedule)
+    try:
+        app.run()
+    except Exception as e:  # a failure outside Textual's own handler (driver start-up, shutdown)
+        print(f"tdxdbg: the debugger failed: {type(e).__name__}: {e}", file=err)
+        return 1
+    # None: the app ended without App.exit and without an exception (e.g. the terminal went away).
+    return int(app.return_code or 0)
 
 
 class _Parser(argparse.ArgumentParser):
@@ -36,46 +45,63 @@ class _UsageError(Exception):
     pass
 
 
+SUBCOMMANDS = ("run", "validate", "scenarios", "tui")
+USAGE = ("tdxdbg [SCENARIO] [--variant V] [--schedule S]   (the debugger; the built-in demo without SCENARIO)\n"
+         "       tdxdbg {run,validate,scenarios,tui} ...\n"
+         "       tdxdbg --version")
+
+
+def _add_tui_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("scenario", nargs="?", help="a scenario file, or the name of a shipped scenario")
+    p.add_argument("--variant", help="override [td].variant (a name or path/to/file.py:ClassName, a path "
+                                     "relative to the current directory)")
+    p.add_argument("--schedule", help="round_robin | sequential | random | random:SEED")
+
+
 def _parser() -> _Parser:
-    p = _Parser(prog="tdxdbg", description="Step-through debugger for KVM's handling of TDX guest page faults.")
+    from tdxdbg import __version__
+
+    p = _Parser(prog="tdxdbg", usage=USAGE,
+                description="Step-through debugger for KVM's handling of TDX guest page faults. Without a "
+                            "command, `tdxdbg [SCENARIO] [--variant V] [--schedule S]` opens the debugger "
+                            "(the same as `tdxdbg tui ...`).")
+    p.add_argument("-V", "--version", action="version", version=f"tdxdbg {__version__}")
     sub = p.add_subparsers(dest="command", parser_class=_Parser)
-    r = sub.add_parser("run", help="run a scenario to the end and report")
+    r = sub.add_parser("run", prog="tdxdbg run", help="run a scenario to the end and report")
     r.add_argument("scenario", help="a scenario file, or the name of a shipped scenario")
-    r.add_argument("--variant", help="override [td].variant (a name or path/to/file.py:ClassName)")
+    r.add_argument("--variant", help="override [td].variant (a name or path/to/file.py:ClassName, a path "
+                                     "relative to the current directory)")
     r.add_argument("--schedule", help="round_robin | sequential | random | random:SEED")
     r.add_argument("--json", metavar="PATH", help="write the JSON trace to PATH ('-' for standard output)")
     r.add_argument("--max-frames", type=int, default=None, metavar="N", help="stop after N frames (exit 1)")
-    v = sub.add_parser("validate", help="check scenario files without running them")
+    v = sub.add_parser("validate", prog="tdxdbg validate", help="check scenario files without running them")
     v.add_argument("scenario", nargs="+")
-    sub.add_parser("scenarios", help="list the shipped scenarios")
-    t = sub.add_parser("tui", help="open a scenario in the debugger (the built-in demo when none is given)")
-    t.add_argument("scenario", nargs="?")
-    t.add_argument("--variant", help="override [td].variant")
-    t.add_argument("--schedule", help="round_robin | sequential | random | random:SEED")
+    sub.add_parser("scenarios", prog="tdxdbg scenarios", help="list the shipped scenarios")
+    t = sub.add_parser("tui", prog="tdxdbg tui",
+                       help="open a scenario in the debugger (the built-in demo when none is given); "
+                            "`tdxdbg tui` may be left out")
+    _add_tui_options(t)
     return p
 
 
-def main(argv: list[str] | None = None, stdout: IO[str] | None = None, stderr: IO[str] | None = None) -> int:
-    from tdxdbg import __version__
+def _argv(args: list[str]) -> list[str]:
+    """The bare form `tdxdbg [SCENARIO] [--variant V] [--schedule S]` is `tdxdbg tui ...`."""
+    if args and (args[0] in SUBCOMMANDS or args[0] in ("-h", "--help", "-V", "--version")):
+        return args
+    return ["tui", *args]
 
+
+def main(argv: list[str] | None = None, stdout: IO[str] | None = None, stderr: IO[str] | None = None) -> int:
     out = stdout or sys.stdout
     err = stderr or sys.stderr
-    args = sys.argv[1:] if argv is None else list(argv)
-    if not args:
-        return _run_tui(None, None, None, err)
-    if args[0] in ("-V", "--version"):
-        print(f"tdxdbg {__version__}", file=out)
-        return 0
-    if args[0] not in ("run", "validate", "scenarios", "tui", "-h", "--help") and len(args) == 1 \
-            and not args[0].startswith("-"):
-        return _run_tui(args[0], None, None, err)
+    args = _argv(sys.argv[1:] if argv is None else list(argv))
     try:
         with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
             ns = _parser().parse_args(args)
     except _UsageError as e:
         print(str(e), file=err)
         return 2
-    except SystemExit as e:  # --help
+    except SystemExit as e:  # --help, --version
         return int(e.code or 0)
     try:
         if ns.command == "run":
@@ -87,6 +113,7 @@ def main(argv: list[str] | None = None, stdout: IO[str] | None = None, stderr: I
         if ns.command == "tui":
             return _run_tui(ns.scenario, ns.variant, ns.schedule, err)
     except KeyboardInterrupt:
+        print("tdxdbg: interrupted", file=err)
         return 130
     _parser().print_help(out)
     return 2

@@ -314,7 +314,7 @@ def _check(c: Checker, data: dict[str, Any], file: str, variant_override: str | 
             state = "runnable"
         td = TdSpec(gpaw, variant, ve, state)
     if variant_override is not None:
-        td = TdSpec(td.gpaw, variant_override, td.sept_ve_disable, td.state)
+        td = TdSpec(td.gpaw, cli_variant(variant_override), td.sept_ve_disable, td.state)
     _check_variant(c, td.variant, base_dir, from_cli=variant_override is not None)
     shared_bit = td.shared_bit
 
@@ -416,6 +416,15 @@ def _check(c: Checker, data: dict[str, Any], file: str, variant_override: str | 
         return None
     return Scenario(file, Path(file).stem, title, description, td, tuple(slots),
                     tuple(sorted(private)), tuple(vcpus), tuple(hosts), schedule, tuple(inject), tuple(expect))
+
+
+def cli_variant(spec: str) -> str:
+    """A `--variant path/to/file.py:Class` typed on the command line names a file relative to the current
+    directory (one written in the scenario file is relative to the scenario file): made absolute here."""
+    path_text, sep, cls_name = spec.rpartition(":")
+    if not sep or not path_text.endswith(".py") or Path(path_text).is_absolute():
+        return spec
+    return f"{Path.cwd() / path_text}:{cls_name}"
 
 
 def _check_variant(c: Checker, variant: str, base_dir: Path | None, from_cli: bool) -> None:

@@ -27,16 +27,23 @@ def compress(order: tuple[str, ...]) -> str:
     return " ".join(out)
 
 
+def _cells(*values: str) -> list[Text]:
+    """Table cells as plain Text: user text (task names, leaves, messages) is never read as rich markup."""
+    return [Text(v) for v in values]
+
+
 def print_summary(report: Report, file: IO[str], color: bool | None = None) -> None:
+    """Every line goes out as a rich Text, never a markup string: a title or a variant path holding `[` or
+    `[/]` prints as written."""
     console = Console(file=file, width=110, no_color=color is False, force_terminal=color or None,
                       highlight=False, soft_wrap=False)
     sc, f = report.scenario, report.facts
     console.print(Text(f"{sc.name}: {sc.title}", style="bold"))
     sched = report.schedule
-    console.print(f"variant {sc.td.variant} · schedule {sched.policy.value}"
-                  + (f" seed {sched.seed}" if sched.policy.value == "random" else "")
-                  + (f" order {compress(sched.order)}" if sched.order else "")
-                  + f" · {f.frames} frames · ended {f.stop}")
+    console.print(Text(f"variant {sc.td.variant} · schedule {sched.policy.value}"
+                       + (f" seed {sched.seed}" if sched.policy.value == "random" else "")
+                       + (f" order {compress(sched.order)}" if sched.order else "")
+                       + f" · {f.frames} frames · ended {f.stop}"))
     for t in f.tasks:
         if t.state not in ("done",):
             console.print(Text(f"  task {t.name}: {t.state}" + (f" ({t.error})" if t.error else ""), style="yellow"))
@@ -46,22 +53,22 @@ def print_summary(report: Report, file: IO[str], color: bool | None = None) -> N
         for col in ("frame", "task", "gpa", "kind", "ret", "retries"):
             table.add_column(col)
         for x in f.faults[:MAX_ROWS]:
-            table.add_row(str(x.frame), x.task, f"{x.gpa:#x}", "private" if x.private else "shared", x.ret,
-                          str(x.retries))
+            table.add_row(*_cells(str(x.frame), x.task, f"{x.gpa:#x}", "private" if x.private else "shared",
+                                  str(x.ret), str(x.retries)))
         console.print(table)
         if len(f.faults) > MAX_ROWS:
-            console.print(f"  ... {len(f.faults) - MAX_ROWS} more")
+            console.print(Text(f"  ... {len(f.faults) - MAX_ROWS} more"))
     if f.seamcalls:
         table = Table(title="SEAMCALLs (TDH.VP.ENTER left out)", title_justify="left", show_edge=False)
         for col in ("frame", "task", "leaf", "gpa", "level", "status"):
             table.add_column(col)
         for s in f.seamcalls[:MAX_ROWS]:
             status = describe(s.status) + (" (injected)" if s.injected else "")
-            table.add_row(str(s.frame), s.task, s.leaf, f"{s.gpa:#x}", str(s.level),
+            table.add_row(*_cells(str(s.frame), s.task, s.leaf, f"{s.gpa:#x}", str(s.level)),
                           Text(status, style="red" if is_error(s.status) else "green"))
         console.print(table)
         if len(f.seamcalls) > MAX_ROWS:
-            console.print(f"  ... {len(f.seamcalls) - MAX_ROWS} more")
+            console.print(Text(f"  ... {len(f.seamcalls) - MAX_ROWS} more"))
     for msg in f.kvm_bugs:
         console.print(Text(f"KVM_BUG_ON / VM dead: {msg}", style="red"))
     for p in f.panics:
@@ -74,16 +81,18 @@ def print_summary(report: Report, file: IO[str], color: bool | None = None) -> N
             expected = "" if v in report.unexpected else " (expected)"
             console.print(Text(f"  frame {v.frame}: {v.invariant}: {v.message}{expected}", style="red"))
     else:
-        console.print("violations: none")
+        console.print(Text("violations: none"))
     console.print(Text("expectations:", style="bold"))
     if not report.results:
-        console.print("  (none)")
+        console.print(Text("  (none)"))
     for r in report.results:
         mark = Text("  PASS " if r.ok else "  FAIL ", style="green" if r.ok else "bold red")
         mark.append(r.text)
         if r.detail:
             mark.append(f"  ({r.detail})", style="dim")
         console.print(mark)
+    if f.vm_dead and not any(e.kind == "vm_dead" and e.get("value") for e in sc.expect):
+        console.print(Text("the VM died and the scenario does not expect it (`vm_dead = true`)", style="red"))
     if f.stop == "max_frames":
         console.print(Text("the run was cut short by --max-frames", style="red"))
     console.print(Text("OK" if report.ok else "FAILED", style="bold green" if report.ok else "bold red"))
