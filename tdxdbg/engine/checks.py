@@ -15,8 +15,9 @@ Invariant names (stable: scenario files use them as `violation = "name"`):
                                 same pfn; a non-leaf needs an NL_MAPPED entry whose page is the child SP's
                                 external_spt. Kernel: set_external_spte_present (freeze, hook, then publish);
                                 reference kernel-tdp-mmu.md I8, I9; DESIGN "Checks".
-  frozen-spte-leaked            A task that froze an SPTE (SpteChange what="freeze") reached its next RET_PF,
-                                mmu_lock release or end without writing it back ("unfreeze"/"restore" or any
+  frozen-spte-leaked            A task that froze an SPTE (SpteChange.freezes: FROZEN_SPTE written over another
+                                value, whatever the write's SpteWrite label) reached its next RET_PF,
+                                mmu_lock release or end without writing it back (UNFREEZE/RESTORE or any
                                 non-FROZEN value). Children of a table handed to handle_removed_pt stay FROZEN
                                 until RCU frees the table, by design, and are excluded. Kernel: tdp_mmu.c freeze
                                 protocol (§4.1, §4.4); DESIGN "no frozen SPTE outlives its critical section".
@@ -471,7 +472,7 @@ class Checker:
         self.last_change[task] = c
         if not c.ok:
             return
-        if c.new == FROZEN_SPTE and c.what.startswith("freeze") and c.old != FROZEN_SPTE:
+        if c.freezes:   # by value, not by label: a variant's freeze labelled otherwise is still one
             self.frozen.setdefault(task, set()).add((c.table, c.index))
         if c.root == "mirror" and is_shadow_present_pte(c.old) and not is_shadow_present_pte(c.new):
             if kind is EngineStep.SPTE_CMPXCHG:

@@ -22,7 +22,7 @@ from tdxdbg.engine.spte import (
     kvm_pages_per_hpage,
     shadow_dirty_mask,
 )
-from tdxdbg.engine.steps import EngineStep, FaultInfo, FaultinInfo, RetPfInfo
+from tdxdbg.engine.steps import EngineStep, FaultInfo, FaultinInfo, RetPfInfo, SpteWrite
 from tdxdbg.engine.tdp_mmu import TdpMmuOps
 from tdxdbg.runtime.step import Step
 
@@ -178,7 +178,8 @@ class MmuOps(TdpMmuOps):
                     ret = RetPf.RET_PF_SPURIOUS
                 elif is_mmu_writable_spte(spte):
                     new = spte | PT_WRITABLE_MASK | shadow_dirty_mask
-                    ok, _cur = yield from self.try_cmpxchg64(table, index, spte, new, level, gfn, "fast pf")
+                    ok, _cur = yield from self.try_cmpxchg64(table, index, spte, new, level, gfn,
+                                                             SpteWrite.FAST_PF)
                     if ok:
                         self.mark_page_dirty_in_slot(fault.slot, fault.gfn)
                         ret = RetPf.RET_PF_FIXED

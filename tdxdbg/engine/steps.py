@@ -5,6 +5,8 @@ from __future__ import annotations
 import enum
 from typing import NamedTuple
 
+from tdxdbg.engine.spte import FROZEN_SPTE
+
 
 class EngineStep(enum.Enum):
     FAULT = "fault"                    # kvm_mmu_page_fault entered for an EPT violation
@@ -45,6 +47,28 @@ class IterPos(NamedTuple):
         return (self.table << 12) | (self.index << 3)
 
 
+class SpteWrite(enum.Enum):
+    """What an SPTE write is for: the engine says it, the log shows it, the checks read it.
+
+    The freeze protocol (tdp_mmu.c: set_external_spte_present, handle_removed_pt) is FREEZE, then UNFREEZE
+    (publish the new value) or RESTORE (put the old one back). The checks do not trust the label for that
+    protocol: a write of FROZEN_SPTE over another value is a freeze whatever it is labelled
+    (`SpteChange.freezes`), so a variant that labels its freeze otherwise is still watched."""
+
+    SET = ""                              # install, link or split: the change itself says what it does
+    FREEZE = "freeze"                     # FROZEN_SPTE written to own the SPTE across a hook or a removal
+    FREEZE_SPIN = "freeze (spin)"         # handle_removed_pt(shared) found FROZEN_SPTE: spins, writes nothing
+    UNFREEZE = "unfreeze"                 # the new value published over FROZEN_SPTE
+    RESTORE = "restore"                   # the old value put back after the hook failed
+    ZAP = "zap"                           # a present SPTE made non-present under the write lock
+    ATOMIC_ZAP = "atomic zap"             # ... by a cmpxchg (mirror roots never do this: atomic-mirror-zap)
+    PUBLISH_UNFROZEN = "publish (no freeze)"  # a mirror SPTE made present before its hook ran (no-freeze)
+    FAST_PF = "fast pf"                   # fast_pf_fix_direct_spte: W and D set in place
+    WRITE_PROTECT = "write-protect"       # dirty logging clears W
+    CLEAR_DIRTY = "clear dirty"           # dirty logging clears D
+    AGE = "age"                           # kvm_tdp_mmu_age_gfn_range clears A
+
+
 class SpteChange(NamedTuple):
     """An SPTE write: where, what it held, what was written, and (for cmpxchg) whether it took."""
 
@@ -56,11 +80,16 @@ class SpteChange(NamedTuple):
     old: int
     new: int
     ok: bool = True
-    what: str = ""     # "freeze", "unfreeze", "restore", "zap", ...
+    what: SpteWrite = SpteWrite.SET
 
     @property
     def sptep(self) -> int:
         return (self.table << 12) | (self.index << 3)
+
+    @property
+    def freezes(self) -> bool:
+        """This write took an SPTE that was not FROZEN_SPTE to FROZEN_SPTE, whatever it is labelled."""
+        return self.ok and self.new == FROZEN_SPTE and self.old != FROZEN_SPTE
 
 
 class HookCall(NamedTuple):

@@ -47,7 +47,7 @@ from tdxdbg.engine.spte import (
     shadow_x_mask,
     spte_to_pfn,
 )
-from tdxdbg.engine.steps import EngineStep, HandleChangedInfo, SpteChange
+from tdxdbg.engine.steps import EngineStep, HandleChangedInfo, SpteChange, SpteWrite
 from tdxdbg.engine.tdp_iter import TdpIter
 from tdxdbg.runtime.step import Step
 
@@ -146,11 +146,11 @@ class TdpMmuOps(GmemOps):
 
     # -- SPTE writes --------------------------------------------------------------------------------------------
     def _change(self, table: int, index: int, level: int, gfn: int, old: int, new: int, ok: bool,
-                what: str) -> SpteChange:
+                what: SpteWrite) -> SpteChange:
         return SpteChange(root_kind(self.is_mirror_sptep(table)), level, gfn, table, index, old, new, ok, what)
 
     def try_cmpxchg64(self, table: int, index: int, old: int, new: int, level: int, gfn: int,
-                      what: str = "") -> Gen:
+                      what: SpteWrite = SpteWrite.SET) -> Gen:
         """try_cmpxchg64 on an SPTE: one atomic step. Returns (ok, value found)."""
         cur = self.memory.read_entry(table, index)
         ok = cur == old
@@ -160,7 +160,7 @@ class TdpMmuOps(GmemOps):
         return ok, cur
 
     def kvm_tdp_mmu_write_spte(self, table: int, index: int, old: int, new: int, level: int, gfn: int,
-                               what: str = "") -> Gen:
+                               what: SpteWrite = SpteWrite.SET) -> Gen:
         """__kvm_tdp_mmu_write_spte / kvm_tdp_mmu_write_spte: WRITE_ONCE, or xchg when hardware may set A/D."""
         cur = self.memory.read_entry(table, index)
         self.memory.write_entry(table, index, new)
@@ -411,27 +411,45 @@ class TdpMmuOps(GmemOps):
 
     def set_external_spte_present(self, table: int, index: int, gfn: int, old: int, new: int,
                                   level: int) -> Gen:
-        """Freeze the mirror SPTE, make the TDX module agree (SEAMCALL), then publish `new` (or restore `old`)."""
-        was_present = is_shadow_present_pte(old)
-        is_leaf = is_shadow_present_pte(new) and is_last_spte(new, level)
-        if (yield from self.kvm_bug_on(was_present, "set_external_spte_present over a present SPTE")):
+        """Freeze the mirror SPTE, make the TDX module agree (SEAMCALL), then publish `new` (or restore `old`).
+
+        The kernel does the three steps inline; the model splits them (set_external_spte_present_freeze,
+        _hook, _publish) so a variant changes one step without copying the others."""
+        if (yield from self.kvm_bug_on(is_shadow_present_pte(old), "set_external_spte_present over a present SPTE")):
             return EIO
-        ok, _cur = yield from self.try_cmpxchg64(table, index, old, FROZEN_SPTE, level, gfn, "freeze")
-        if not ok:
+        held = yield from self.set_external_spte_present_freeze(table, index, gfn, old, new, level)
+        if held is None:
             return EBUSY
-        if is_leaf:
-            ret = yield from self.set_external_spte(gfn, level, spte_to_pfn(new))
-        else:
-            external_spt = self.get_external_spt(gfn, new, level)
-            if (yield from self.kvm_bug_on(not external_spt, "no external_spt for a mirror child")):
-                ret = EIO
-            else:
-                ret = yield from self.link_external_spt(gfn, level, external_spt)
-        if ret:
-            yield from self.kvm_tdp_mmu_write_spte(table, index, FROZEN_SPTE, old, level, gfn, "restore")
-        else:
-            yield from self.kvm_tdp_mmu_write_spte(table, index, FROZEN_SPTE, new, level, gfn, "unfreeze")
+        ret = yield from self.set_external_spte_present_hook(gfn, new, level)
+        yield from self.set_external_spte_present_publish(table, index, gfn, held, old if ret else new, level, ret)
         return ret
+
+    def set_external_spte_present_freeze(self, table: int, index: int, gfn: int, old: int, new: int,
+                                         level: int) -> Gen:
+        """try_cmpxchg64(sptep, &old_spte, FROZEN_SPTE): lock out other updates of the SPTE until the external
+        page table has been changed. Returns the value now held in the SPTE, or None if the cmpxchg failed."""
+        ok, _cur = yield from self.try_cmpxchg64(table, index, old, FROZEN_SPTE, level, gfn, SpteWrite.FREEZE)
+        return FROZEN_SPTE if ok else None
+
+    def set_external_spte_present_hook(self, gfn: int, new: int, level: int) -> Gen:
+        """kvm_x86_ops.set_external_spte for a leaf, link_external_spt for a table. 0 or an error."""
+        if is_shadow_present_pte(new) and is_last_spte(new, level):
+            ret = yield from self.set_external_spte(gfn, level, spte_to_pfn(new))
+            return ret
+        external_spt = self.get_external_spt(gfn, new, level)
+        if (yield from self.kvm_bug_on(not external_spt, "no external_spt for a mirror child")):
+            return EIO
+        ret = yield from self.link_external_spt(gfn, level, external_spt)
+        return ret
+
+    def set_external_spte_present_publish(self, table: int, index: int, gfn: int, held: int, value: int,
+                                          level: int, ret: int) -> Gen:
+        """__kvm_tdp_mmu_write_spte(sptep, ret ? old_spte : new_spte): replace what the freeze step left in the
+        SPTE (`held`) with `value`, the new SPTE if the hook succeeded, else the old one."""
+        if held == value:
+            return
+        yield from self.kvm_tdp_mmu_write_spte(table, index, held, value, level, gfn,
+                                               SpteWrite.RESTORE if ret else SpteWrite.UNFREEZE)
 
     def get_external_spt(self, gfn: int, new: int, level: int) -> int:
         child = self.world.get(sp_key(spte_to_pfn(new)))
@@ -445,7 +463,8 @@ class TdpMmuOps(GmemOps):
         """Set an SPTE under the write lock, handle the change, and for a mirror leaf remove it from the S-EPT."""
         yield from self.warn_on_once(is_frozen_spte(old) or is_frozen_spte(new), "non-atomic write of FROZEN_SPTE")
         old = yield from self.kvm_tdp_mmu_write_spte(table, index, old, new, level, gfn,
-                                                     "zap" if not is_shadow_present_pte(new) else "")
+                                                     SpteWrite.ZAP if not is_shadow_present_pte(new)
+                                                     else SpteWrite.SET)
         yield from self.handle_changed_spte(as_id, gfn, old, new, level, shared=False)
         if self.is_mirror_sptep(table):
             if (yield from self.kvm_bug_on(is_shadow_present_pte(new),
@@ -507,15 +526,16 @@ class TdpMmuOps(GmemOps):
                         break
                     if is_frozen_spte(cur):
                         yield Step(EngineStep.SPTE_CMPXCHG, self._change(pt, i, level, gfn, cur, FROZEN_SPTE, False,
-                                                                         "freeze (spin)"))
+                                                                         SpteWrite.FREEZE_SPIN))
                         continue
-                    old = yield from self.kvm_tdp_mmu_write_spte(pt, i, cur, FROZEN_SPTE, level, gfn, "freeze")
+                    old = yield from self.kvm_tdp_mmu_write_spte(pt, i, cur, FROZEN_SPTE, level, gfn,
+                                                                 SpteWrite.FREEZE)
                     break
             else:
                 old = mem.read_entry(pt, i)
                 if not is_shadow_present_pte(old):
                     continue
-                yield from self.kvm_tdp_mmu_write_spte(pt, i, old, FROZEN_SPTE, level, gfn, "freeze")
+                yield from self.kvm_tdp_mmu_write_spte(pt, i, old, FROZEN_SPTE, level, gfn, SpteWrite.FREEZE)
             if not is_shadow_present_pte(old):
                 continue
             yield from self.handle_changed_spte(0, gfn, old, FROZEN_SPTE, level, shared)
@@ -617,7 +637,7 @@ class TdpMmuOps(GmemOps):
             if level < min_level or not old & PT_WRITABLE_MASK:
                 continue
             ok, _cur = yield from self.try_cmpxchg64(table, index, old, old & ~PT_WRITABLE_MASK, level, gfn,
-                                                     "write-protect")
+                                                     SpteWrite.WRITE_PROTECT)
             changed |= ok
         return changed
 
@@ -627,7 +647,7 @@ class TdpMmuOps(GmemOps):
             if not old & shadow_dirty_mask:
                 continue
             ok, _cur = yield from self.try_cmpxchg64(table, index, old, old & ~shadow_dirty_mask, level, gfn,
-                                                     "clear dirty")
+                                                     SpteWrite.CLEAR_DIRTY)
             changed |= ok
         return changed
 
@@ -643,7 +663,7 @@ class TdpMmuOps(GmemOps):
                 young = True
                 if not test_only:
                     yield from self.try_cmpxchg64(table, index, old, old & ~shadow_accessed_mask, level, gfn,
-                                                  "age")
+                                                  SpteWrite.AGE)
         return young
 
     def tdp_mmu_split_huge_pages_root(self, root: int, start: int, end: int, target_level: int) -> Gen:

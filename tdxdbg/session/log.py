@@ -12,7 +12,7 @@ from array import array
 from typing import Any, NamedTuple
 
 from tdxdbg.engine.spte import FROZEN_SPTE
-from tdxdbg.engine.steps import EngineStep
+from tdxdbg.engine.steps import EngineStep, SpteWrite
 from tdxdbg.hw.tdx.leaves import Seamcall, Tdcall
 from tdxdbg.hw.tdx.seamcall import TdxStep
 from tdxdbg.hw.tdx.status import describe, is_error
@@ -83,10 +83,10 @@ def describe_frame(kind: Any, get: Any) -> tuple[str, bool, Category] | None:
         return None
     if kind is EngineStep.SPTE_WRITE:
         what = get("what")
-        if what in ("unfreeze", "restore"):
-            return (f"{what} {get('root')} SPTE gfn {get('gfn', 0):#x} L{get('level')} = {get('new', 0):#x}",
-                    False, Category.FREEZE if what == "unfreeze" else Category.NONE)
-        if what == "zap":
+        if what is SpteWrite.UNFREEZE or what is SpteWrite.RESTORE:
+            return (f"{what.value} {get('root')} SPTE gfn {get('gfn', 0):#x} L{get('level')} = {get('new', 0):#x}",
+                    False, Category.FREEZE if what is SpteWrite.UNFREEZE else Category.NONE)
+        if what is SpteWrite.ZAP:
             return f"zap {get('root')} SPTE gfn {get('gfn', 0):#x} L{get('level')}", False, Category.NONE
         return None
     if kind is EngineStep.KVM_BUG:

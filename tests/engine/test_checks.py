@@ -18,7 +18,7 @@ from tdxdbg.engine.spte import (
     make_spte,
     spte_to_pfn,
 )
-from tdxdbg.engine.steps import EngineStep, HookCall, LockEvent, SpteChange
+from tdxdbg.engine.steps import EngineStep, HookCall, LockEvent, SpteChange, SpteWrite
 from tdxdbg.engine.vm import VariantError, VmSetup, build_vm, load_variant
 from tdxdbg.hw import guest
 from tdxdbg.hw.tdx.leaves import Seamcall
@@ -98,7 +98,8 @@ class Poke:
         self.world.set(K_MMU_LOCK, MmuLock("vcpu0", ()))
 
 
-def change(table: int, index: int, old: int, new: int, what: str = "", root: str = "mirror") -> SpteChange:
+def change(table: int, index: int, old: int, new: int, what: SpteWrite = SpteWrite.SET,
+           root: str = "mirror") -> SpteChange:
     return SpteChange(root, 1, index, table, index, old, new, True, what)
 
 
@@ -158,7 +159,7 @@ def test_mirror_present_without_sept() -> None:
     table = p.table(mirror=True)
     new = make_spte(1, 0x12345)
     p.world.set(("pte", table, 7), new)   # gfn 7: no S-EPT entry
-    assert p.frame(EngineStep.SPTE_WRITE, change(table, 7, SHADOW_NONPRESENT_VALUE, new, "unfreeze")) \
+    assert p.frame(EngineStep.SPTE_WRITE, change(table, 7, SHADOW_NONPRESENT_VALUE, new, SpteWrite.UNFREEZE)) \
         == ["mirror-present-without-sept"]
 
 
@@ -179,21 +180,34 @@ def test_frozen_spte_leaked_and_not_when_unfrozen() -> None:
     p = Poke()
     table = p.table(mirror=True)
     p.world.set(("pte", table, 9), FROZEN_SPTE)
-    assert p.frame(EngineStep.SPTE_CMPXCHG, change(table, 9, SHADOW_NONPRESENT_VALUE, FROZEN_SPTE, "freeze")) == []
+    assert p.frame(EngineStep.SPTE_CMPXCHG,
+                   change(table, 9, SHADOW_NONPRESENT_VALUE, FROZEN_SPTE, SpteWrite.FREEZE)) == []
     assert p.frame(EngineStep.RET_PF, {"ret": "RET_PF_RETRY"}) == ["frozen-spte-leaked"]
     # Frozen, then restored: fine.
     p.world.set(("pte", table, 10), FROZEN_SPTE)
-    p.frame(EngineStep.SPTE_CMPXCHG, change(table, 10, SHADOW_NONPRESENT_VALUE, FROZEN_SPTE, "freeze"))
+    p.frame(EngineStep.SPTE_CMPXCHG, change(table, 10, SHADOW_NONPRESENT_VALUE, FROZEN_SPTE, SpteWrite.FREEZE))
     p.world.set(("pte", table, 10), SHADOW_NONPRESENT_VALUE)
-    p.frame(EngineStep.SPTE_WRITE, change(table, 10, FROZEN_SPTE, SHADOW_NONPRESENT_VALUE, "restore"))
+    p.frame(EngineStep.SPTE_WRITE, change(table, 10, FROZEN_SPTE, SHADOW_NONPRESENT_VALUE, SpteWrite.RESTORE))
     assert p.frame(EngineStep.LOCK, LockEvent("mmu_lock", "read", "release")) == []
+
+
+@pytest.mark.parametrize("label", [SpteWrite.SET, SpteWrite.ZAP, SpteWrite.PUBLISH_UNFROZEN])
+def test_a_freeze_labelled_otherwise_still_leaks(label: SpteWrite) -> None:
+    """The freeze protocol is judged by value: FROZEN_SPTE written over another value is a freeze, whatever
+    SpteWrite label a variant gave the write."""
+    p = Poke()
+    table = p.table(mirror=True)
+    p.world.set(("pte", table, 12), FROZEN_SPTE)
+    assert p.frame(EngineStep.SPTE_CMPXCHG, change(table, 12, SHADOW_NONPRESENT_VALUE, FROZEN_SPTE, label)) == []
+    assert p.frame(EngineStep.LOCK, LockEvent("mmu_lock", "read", "release")) == ["frozen-spte-leaked"]
 
 
 def test_frozen_children_of_a_removed_table_are_not_leaks() -> None:
     p = Poke()
     table = p.table(mirror=False)
     p.world.set(("pte", table, 11), FROZEN_SPTE)
-    p.frame(EngineStep.SPTE_WRITE, change(table, 11, SHADOW_NONPRESENT_VALUE, FROZEN_SPTE, "freeze", "direct"))
+    p.frame(EngineStep.SPTE_WRITE,
+            change(table, 11, SHADOW_NONPRESENT_VALUE, FROZEN_SPTE, SpteWrite.FREEZE, "direct"))
     p.frame(EngineStep.SP_FREE, {"table": table, "level": 1, "gfn": 0, "kind": "direct"})
     assert p.frame(EngineStep.RET_PF, {"ret": "RET_PF_FIXED"}) == []
 
@@ -311,3 +325,32 @@ def test_a_bug_in_a_check_is_a_checker_error() -> None:
 
     p.check._step = boom  # type: ignore[method-assign]
     assert p.frame(EngineStep.RET_PF, {}) == ["checker-error"]
+
+
+def test_a_variant_freezing_under_another_label_is_caught() -> None:
+    """set_external_spte_present: a patch whose freeze step labels its FROZEN_SPTE write SpteWrite.SET and whose
+    publish step forgets 4K leaves leaves the SPTE FROZEN past the mmu_lock release: frozen-spte-leaked, label or
+    not."""
+    from tdxdbg.engine.spte import PG_LEVEL_4K
+    from tdxdbg.engine.variants.upstream import Upstream
+
+    class MislabelledLeak(Upstream):
+        def set_external_spte_present_freeze(self, table, index, gfn, old, new, level):
+            ok, _cur = yield from self.try_cmpxchg64(table, index, old, FROZEN_SPTE, level, gfn, SpteWrite.SET)
+            return FROZEN_SPTE if ok else None
+
+        def set_external_spte_present_publish(self, table, index, gfn, held, value, level, ret):
+            if level != PG_LEVEL_4K:
+                yield from super().set_external_spte_present_publish(table, index, gfn, held, value, level, ret)
+
+    built = build_vm(VmSetup(variant=MislabelledLeak, memslots=(Memslot(0, 0, NPAGES, guest_memfd=True),),
+                             private_ranges=((0, NPAGES),), vcpu_programs=(lambda: private_prog(),)))
+    rt = Runtime(built.machine.world, built.tasks, ScheduleSpec(), checks=make_checks(built.kvm))
+    rt.run(max_frames=400)          # the guest refaults on the FROZEN leaf for ever: look at the first leak
+    leaks = [(f.step.kind, v.message) for f in rt.timeline.frames for v in f.violations
+             if v.invariant == "frozen-spte-leaked"]
+    freeze = next(f.step.payload for f in rt.timeline.frames if f.step.kind is EngineStep.SPTE_CMPXCHG
+                  and f.step.payload.level == PG_LEVEL_4K and f.step.payload.new == FROZEN_SPTE)
+    assert (freeze.what, freeze.gfn, freeze.index) == (SpteWrite.SET, 1, 1)
+    assert leaks[0] == (EngineStep.LOCK,
+                        f"SPTE {freeze.table:#x}[1] frozen by vcpu0 still FROZEN at its mmu_lock release")

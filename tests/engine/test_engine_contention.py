@@ -17,7 +17,7 @@ from engine_helpers import (
     step_until,
 )
 
-from tdxdbg.engine.steps import EngineStep
+from tdxdbg.engine.steps import EngineStep, SpteWrite
 from tdxdbg.engine.vm import build_vm
 from tdxdbg.hw import guest
 from tdxdbg.hw.tdx.leaves import Seamcall
@@ -111,10 +111,10 @@ def test_busy_on_page_aug_restores_and_retries_locally():
     gmem_pfn = built.kvm.world.peek(("gmem.pfn", 0, GFN))
     final = 0x8600_0000_0000_0B37 | gmem_pfn << 12
     assert leaf_writes == [
-        (EngineStep.SPTE_CMPXCHG, NONPRESENT, FROZEN, "freeze"),
-        (EngineStep.SPTE_WRITE, FROZEN, NONPRESENT, "restore"),
-        (EngineStep.SPTE_CMPXCHG, NONPRESENT, FROZEN, "freeze"),
-        (EngineStep.SPTE_WRITE, FROZEN, final, "unfreeze"),
+        (EngineStep.SPTE_CMPXCHG, NONPRESENT, FROZEN, SpteWrite.FREEZE),
+        (EngineStep.SPTE_WRITE, FROZEN, NONPRESENT, SpteWrite.RESTORE),
+        (EngineStep.SPTE_CMPXCHG, NONPRESENT, FROZEN, SpteWrite.FREEZE),
+        (EngineStep.SPTE_WRITE, FROZEN, final, SpteWrite.UNFREEZE),
     ]
     assert ret_pfs(rt) == [("RET_PF_RETRY", RET_PF_RETRY), ("RET_PF_FIXED", RET_PF_FIXED)]
     r = frames(rt, EngineStep.RET_PF)
@@ -132,7 +132,7 @@ def test_busy_on_sept_add_restores_and_retries_locally():
     assert rt.run() is StopReason.DONE
     no_kvm_bug(rt)
     assert [f.step.get("rcx") & 7 for f in seamcalls(rt, leaves=[Seamcall.TDH_MEM_SEPT_ADD])] == [3, 2, 2, 1]
-    restores = frames(rt, EngineStep.SPTE_WRITE, what="restore")
+    restores = frames(rt, EngineStep.SPTE_WRITE, what=SpteWrite.RESTORE)
     assert [(f.step.get("level"), f.step.get("old"), f.step.get("new")) for f in restores] == [(3, FROZEN, NONPRESENT)]
     assert frames(rt, EngineStep.SP_FREE, why="link failed")
     assert ret_pfs(rt) == [("RET_PF_RETRY", RET_PF_RETRY), ("RET_PF_FIXED", RET_PF_FIXED)]

@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 from engine_helpers import NONPRESENT, SHARED, SHARED_GFN, frames, leaf_value, no_kvm_bug, run, seamcalls, setup
 
-from tdxdbg.engine.steps import EngineStep
+from tdxdbg.engine.steps import EngineStep, SpteWrite
 from tdxdbg.hw import guest
 from tdxdbg.hw.tdx.leaves import Seamcall
 
@@ -60,7 +60,7 @@ def test_mirror_leaf_zapped_block_track_remove_under_write_lock(conversion):
     remove_external_spte: RANGE.BLOCK, TRACK, PAGE.REMOVE, PHYMEM.PAGE.WBINVD, all under mmu_lock for write (I28)."""
     _built, rt, _seen = conversion
     to_shared = frames(rt, EngineStep.HOST_OP, op="KVM_SET_MEMORY_ATTRIBUTES")[0]
-    zap = next(f for f in frames(rt, EngineStep.SPTE_WRITE, what="zap") if f.step.get("root") == "mirror")
+    zap = next(f for f in frames(rt, EngineStep.SPTE_WRITE, what=SpteWrite.ZAP) if f.step.get("root") == "mirror")
     assert (zap.step.get("level"), zap.step.get("gfn"), zap.step.get("new")) == (1, GFN, NONPRESENT)
     assert zap.index > to_shared.index
     acquire = max(f.index for f in frames(rt, EngineStep.LOCK) if f.index < zap.index
@@ -84,7 +84,7 @@ def test_shared_alias_zapped_when_going_private(conversion):
     kvm = built.kvm
     vcpu = kvm.vcpus[0]
     to_private = frames(rt, EngineStep.HOST_OP, op="KVM_SET_MEMORY_ATTRIBUTES")[1]
-    direct_zaps = [f for f in frames(rt, EngineStep.SPTE_WRITE, what="zap") if f.step.get("root") == "direct"]
+    direct_zaps = [f for f in frames(rt, EngineStep.SPTE_WRITE, what=SpteWrite.ZAP) if f.step.get("root") == "direct"]
     assert [(f.step.get("gfn"), f.step.get("level")) for f in direct_zaps] == [(GFN, 1)]
     assert direct_zaps[0].index > to_private.index
     assert leaf_value(kvm, vcpu.direct_root, GFN, SHARED_GFN) == (1, NONPRESENT)

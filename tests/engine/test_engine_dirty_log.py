@@ -19,7 +19,7 @@ from tdxdbg.engine.spte import (
     is_shadow_present_pte,
     spte_to_pfn,
 )
-from tdxdbg.engine.steps import EngineStep
+from tdxdbg.engine.steps import EngineStep, SpteWrite
 from tdxdbg.engine.vm import VariantError, VmSetup, build_vm, load_variant
 from tdxdbg.hw import guest
 from tdxdbg.runtime import Runtime, StopReason
@@ -82,7 +82,7 @@ def test_dirty_logging_splits_write_protects_and_fast_pf_marks_dirty() -> None:
     assert written & PT_WRITABLE_MASK and written & VMX_EPT_DIRTY_BIT and written & EPT_SPTE_MMU_WRITABLE
     untouched = leaves[first + 7][1]
     assert not untouched & PT_WRITABLE_MASK and untouched & EPT_SPTE_MMU_WRITABLE
-    fast = frames(rt, EngineStep.SPTE_CMPXCHG, what="fast pf")
+    fast = frames(rt, EngineStep.SPTE_CMPXCHG, what=SpteWrite.FAST_PF)
     assert len(fast) == 1 and fast[0].step.get("ok") and fast[0].step.get("gfn") == first + 3
     assert world.peek(("kvm.dirty_bitmap", 0)) == frozenset({first + 3})
     assert frames(rt, EngineStep.RET_PF, task="vcpu1", gpa=SHARED | (GPA + 0x3000))[0].step.get("ret") \

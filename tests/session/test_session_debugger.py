@@ -7,7 +7,7 @@ import pytest
 
 from tdxdbg.engine.gmem import Memslot
 from tdxdbg.engine.spte import make_spte
-from tdxdbg.engine.steps import EngineStep
+from tdxdbg.engine.steps import EngineStep, SpteWrite
 from tdxdbg.engine.vm import VmSetup
 from tdxdbg.hw import guest
 from tdxdbg.hw.tdx.leaves import Seamcall
@@ -70,7 +70,7 @@ def test_step_into_over_out_follow_the_kernel_functions():
     assert s.frame.kind is EngineStep.SP_ALLOC and inner(s) == "kvm_tdp_mmu_map"
     s.step_into()
     assert s.frame.kind is EngineStep.SPTE_CMPXCHG and inner(s) == "try_cmpxchg64"
-    assert s.frame.step.payload.what == "freeze"
+    assert s.frame.step.payload.what is SpteWrite.FREEZE
     s.step_into()
     assert s.frame.kind is EngineStep.HOOK and inner(s) == "link_external_spt"
     # Over the SEAMCALL (two deeper frames in the TDX module) to the hook's return.
@@ -80,7 +80,7 @@ def test_step_into_over_out_follow_the_kernel_functions():
     assert s.frame.kind is EngineStep.HOOK_RETURN and inner(s) == "link_external_spt"
     assert len(s.frame.stack) == depth
     s.step_into()
-    assert s.frame.kind is EngineStep.SPTE_WRITE and s.frame.step.payload.what == "unfreeze"
+    assert s.frame.kind is EngineStep.SPTE_WRITE and s.frame.step.payload.what is SpteWrite.UNFREEZE
     assert inner(s) == "kvm_tdp_mmu_write_spte"
     # Out of set_external_spte_present and __tdp_mmu_set_spte_atomic: handle_changed_spte is the next step
     # shallower than kvm_tdp_mmu_write_spte.
@@ -130,7 +130,7 @@ def test_breakpoint_on_set_external_spte_present_stops_at_each_entry():
     assert ev.reason is StopReason.END
     # SEPT.ADD at three levels then PAGE.AUG: four activations, each entered with the freeze.
     assert len(stops) == 4
-    assert all(f.step.payload.what == "freeze" for f in stops)
+    assert all(f.step.payload.what is SpteWrite.FREEZE for f in stops)
     assert [f.step.payload.level for f in stops] == [4, 3, 2, 1]
     assert s.breakpoints.get(bp.id).hits == 4
     # reverse_continue visits them backwards, then reaches the start.
@@ -182,20 +182,20 @@ def test_gfn_ret_pf_watch_and_line_breakpoints():
     w = s.watch_spte("mirror", 1, 1)
     assert w.key is None
     s.continue_()
-    assert s.frame.step.payload.what == "freeze" and s.frame.step.payload.gfn == 1
+    assert s.frame.step.payload.what is SpteWrite.FREEZE and s.frame.step.payload.gfn == 1
     s.continue_()
-    assert s.frame.step.payload.what == "unfreeze"
+    assert s.frame.step.payload.what is SpteWrite.UNFREEZE
     # A watch by key, resolved now that the table exists.
     leaf_key = s.spte_at("mirror", 1, 1).key
     s.breakpoints.clear()
     s.goto(0)
     s.breakpoints.add_spte_watch(leaf_key[1], leaf_key[2])
     s.continue_()
-    assert s.frame.step.payload.what == "freeze"
+    assert s.frame.step.payload.what is SpteWrite.FREEZE
     s.breakpoints.clear()
 
     # function:line on the line of set_external_spte_present that writes the unfrozen value.
-    unfreeze = first(s, lambda f: f.kind is EngineStep.SPTE_WRITE and f.step.payload.what == "unfreeze")
+    unfreeze = first(s, lambda f: f.kind is EngineStep.SPTE_WRITE and f.step.payload.what is SpteWrite.UNFREEZE)
     entry = next(e for e in s.frames[unfreeze].stack if e.function.endswith("set_external_spte_present"))
     s.goto(0)
     s.breakpoints.add_function_line("set_external_spte_present", entry.line)
@@ -313,7 +313,7 @@ def test_views_after_the_first_fault_and_the_accept():
     assert entry.state is SeptState.MAPPED and entry.pfn == pfn and entry.level == 0
     # last_write of the leaf SPTE: the unfreeze.
     lw = s.last_write(leaf.key)
-    assert s.frames[lw].kind is EngineStep.SPTE_WRITE and s.frames[lw].step.payload.what == "unfreeze"
+    assert s.frames[lw].kind is EngineStep.SPTE_WRITE and s.frames[lw].step.payload.what is SpteWrite.UNFREEZE
     # VM-wide views.
     v = s.view()
     assert v.private_ranges == ((0, PAGES_64M),) and len(v.memslots) == 1
@@ -330,7 +330,7 @@ def test_task_views_give_stacks_with_locals():
     top = tv.stack[-1]
     assert top.function == "try_cmpxchg64" and top.qualname.endswith(".try_cmpxchg64")
     names = dict(top.locals)
-    assert names["what"] == "freeze" and "self" not in names
+    assert names["what"] is SpteWrite.FREEZE and "self" not in names
     sesp = next(a for a in tv.stack if a.function == "set_external_spte_present")
     assert dict(sesp.locals)["level"] == 4
     other = next(t for t in s.task_views() if t.name != s.frame.task)
@@ -344,7 +344,7 @@ def flag_freeze_of_gfn_1(kvm):
 
     def check(world, step, effects, footprint):
         p = step.payload
-        if step.kind is EngineStep.SPTE_CMPXCHG and p.what == "freeze" and p.gfn == 1 and p.level == 1:
+        if step.kind is EngineStep.SPTE_CMPXCHG and p.what is SpteWrite.FREEZE and p.gfn == 1 and p.level == 1:
             return [Violation("test-freeze", f"froze gfn {p.gfn}")]
         return []
 

@@ -14,10 +14,8 @@ from tdxdbg.engine.spte import (
     SHADOW_NONPRESENT_VALUE,
     is_last_spte,
     is_shadow_present_pte,
-    spte_to_pfn,
 )
-from tdxdbg.engine.steps import EngineStep
-from tdxdbg.engine.tdx import EBUSY
+from tdxdbg.engine.steps import EngineStep, SpteWrite
 from tdxdbg.engine.variants.upstream import Upstream
 from tdxdbg.runtime.step import Step
 
@@ -29,19 +27,12 @@ class NoFreeze(Upstream):
     name = "no-freeze"
     description = "Mirror SPTE published before the SEAMCALL (no FROZEN_SPTE window)."
 
-    def set_external_spte_present(self, table: int, index: int, gfn: int, old: int, new: int,
-                                  level: int) -> Gen:
-        is_leaf = is_shadow_present_pte(new) and is_last_spte(new, level)
-        ok, _cur = yield from self.try_cmpxchg64(table, index, old, new, level, gfn, "publish (no freeze)")
-        if not ok:
-            return EBUSY
-        if is_leaf:
-            ret = yield from self.set_external_spte(gfn, level, spte_to_pfn(new))
-        else:
-            ret = yield from self.link_external_spt(gfn, level, self.get_external_spt(gfn, new, level))
-        if ret:
-            yield from self.kvm_tdp_mmu_write_spte(table, index, new, old, level, gfn, "restore")
-        return ret
+    def set_external_spte_present_freeze(self, table: int, index: int, gfn: int, old: int, new: int,
+                                         level: int) -> Gen:
+        """The freeze step publishes `new` at once; the hook then runs with the SPTE already present (and a
+        failed hook's publish step writes `old` back over `new`)."""
+        ok, _cur = yield from self.try_cmpxchg64(table, index, old, new, level, gfn, SpteWrite.PUBLISH_UNFROZEN)
+        return new if ok else None
 
 
 class ZapWithoutTrack(Upstream):
@@ -92,7 +83,7 @@ class AtomicMirrorZap(Upstream):
             old = it.old_spte
             if is_shadow_present_pte(old) and is_last_spte(old, it.level):
                 ok, cur = yield from self.try_cmpxchg64(it.table, it.index, old, SHADOW_NONPRESENT_VALUE,
-                                                        it.level, it.gfn, "atomic zap")
+                                                        it.level, it.gfn, SpteWrite.ATOMIC_ZAP)
                 if not ok:
                     it.old_spte = cur
                     continue

@@ -25,7 +25,7 @@ from tdxdbg.engine.spte import (
     is_shadow_present_pte,
     spte_to_pfn,
 )
-from tdxdbg.engine.steps import EngineStep
+from tdxdbg.engine.steps import EngineStep, SpteWrite
 from tdxdbg.engine.tdp_iter import TdpIter
 from tdxdbg.engine.tdp_mmu import EBUSY
 from tdxdbg.engine.variants.upstream import Upstream
@@ -93,18 +93,18 @@ class V7(Upstream):
             return ret
         # Freeze, handle the change (the private hook runs inside) while frozen, then publish.
         ok, cur = yield from self.try_cmpxchg64(it.table, it.index, it.old_spte, SHADOW_REMOVED_SPTE, it.level,
-                                                it.gfn, "freeze")
+                                                it.gfn, SpteWrite.FREEZE)
         if not ok:
             it.old_spte = cur
             return EBUSY
         ret = yield from self.handle_changed_private_spte(it.gfn, it.old_spte, new, it.level)
         if ret:
             yield from self.kvm_tdp_mmu_write_spte(it.table, it.index, SHADOW_REMOVED_SPTE, it.old_spte, it.level,
-                                                   it.gfn, "restore")
+                                                   it.gfn, SpteWrite.RESTORE)
             return ret
         yield from self.handle_changed_spte(it.as_id, it.gfn, it.old_spte, new, it.level, shared=True)
         yield from self.kvm_tdp_mmu_write_spte(it.table, it.index, SHADOW_REMOVED_SPTE, new, it.level, it.gfn,
-                                               "unfreeze")
+                                               SpteWrite.UNFREEZE)
         return 0
 
     def handle_changed_private_spte(self, gfn: int, old: int, new: int, level: int) -> Gen:
