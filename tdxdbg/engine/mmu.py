@@ -113,7 +113,6 @@ class MmuOps(TdpMmuOps):
         )
         fault.gfn = (gpa >> 12) & ~self.gfn_direct_bits
         fault.slot = self.kvm_vcpu_gfn_to_memslot(fault.gfn)
-        vcpu.fault = fault
         r = yield from self.kvm_tdp_page_fault(vcpu, fault)
         ret = yield from self.record_ret_pf(vcpu, fault, r)
         return ret

@@ -3,6 +3,7 @@ with the userspace (VMM) half that answers exits to userspace, as QEMU's vCPU th
 
 from __future__ import annotations
 
+import copy
 from typing import Any
 
 from tdxdbg.engine.kvm import K_DESTROYING, K_TD_STATE, K_VM_DEAD, K_WAIT_FOR_SEPT_ZAP, Gen, RetPf, TdState
@@ -10,7 +11,7 @@ from tdxdbg.engine.mmu import EFAULT
 from tdxdbg.engine.steps import EngineStep, ExitInfo
 from tdxdbg.hw.cpu import TdExit, TdVcpu
 from tdxdbg.hw.ept import ExitReason
-from tdxdbg.hw.insn import GuestProgram
+from tdxdbg.hw.insn import GuestProgramFactory
 from tdxdbg.hw.tdx.leaves import Tdvmcall, TdvmcallStatus
 from tdxdbg.runtime.step import Step
 
@@ -21,36 +22,74 @@ KVM_MAP_GPA_RANGE_ENCRYPTED = 1 << 4
 KVM_MAP_GPA_RANGE_DECRYPTED = 0
 
 
-class KvmVcpu:
-    """One vCPU: the emulated TD vCPU plus what KVM keeps for it (its roots, the fault in progress)."""
+class _VcpuField:
+    """A field of struct kvm_vcpu that crosses KVM_RUN calls, kept in the World under ("kvm.vcpu.NAME", index):
+    a vCPU task recreated at the head of its run loop finds it there. Absent means the default."""
 
-    def __init__(self, kvm: Any, index: int, program: GuestProgram) -> None:
+    __slots__ = ("default", "prefix")
+
+    def __init__(self, default: Any = None) -> None:
+        self.default = default
+        self.prefix = ""
+
+    def __set_name__(self, owner: type, name: str) -> None:
+        self.prefix = f"kvm.vcpu.{name}"
+
+    def __get__(self, vcpu: Any, owner: type | None = None) -> Any:
+        return vcpu.world.get((self.prefix, vcpu.index), self.default)
+
+    def __set__(self, vcpu: Any, value: Any) -> None:
+        if value == self.default:
+            vcpu.world.delete((self.prefix, vcpu.index))
+        else:
+            vcpu.world.set((self.prefix, vcpu.index), value)
+
+
+class KvmVcpu:
+    """One vCPU: the emulated TD vCPU plus what KVM keeps for it (its roots, exits userspace must answer). The
+    object holds configuration only; every field is in the World."""
+
+    # Local-retry count of the last EPT violation (tdx_handle_ept_violation's loop).
+    fault_retries = _VcpuField(0)
+    # KVM_EXIT_MEMORY_FAULT for userspace: (gpa, size, private).
+    memory_fault = _VcpuField(None)
+    # A MapGPA in progress (vcpu->arch.map_gpa_next, map_gpa_end) and the KVM_EXIT_HYPERCALL userspace is
+    # answering (nr, gpa, npages, attributes).
+    map_gpa = _VcpuField((0, 0))
+    hypercall = _VcpuField(None)
+
+    def __init__(self, kvm: Any, index: int, program: GuestProgramFactory) -> None:
         self.kvm = kvm
+        self.world = kvm.world
         self.index = index
         self.name = f"vcpu{index}"
         self.hw = TdVcpu(kvm.tdx_module, kvm.memory, kvm.tdr, index, program)
-        self.fault: Any = None
-        self.fault_retries = 0
-        self.memory_fault: tuple[int, int, bool] | None = None
-        # A MapGPA in progress: (next gpa, end) and the KVM_EXIT_HYPERCALL userspace is answering.
-        self.map_gpa: tuple[int, int] = (0, 0)
-        self.hypercall: tuple[int, int, int, int] | None = None
         self.stopped_key = ("kvm.vcpu_stopped", index)
+        # The VMM issued its first KVM_RUN: the thread's set-up is behind it.
+        self.running_key = ("kvm.vcpu_running", index)
         kvm.world.set(self.stopped_key, False)
+
+    def rebind(self, kvm: Any) -> KvmVcpu:
+        """This vCPU in `kvm`, a copy of the VM over another World (see vm.clone_vm)."""
+        other = copy.copy(self)
+        other.kvm = kvm
+        other.world = kvm.world
+        other.hw = self.hw.rebind(kvm.tdx_module, kvm.memory)
+        return other
 
     def root_key(self, kind: str) -> tuple[str, int, str]:
         return ("kvm.vcpu_root", self.index, kind)
 
     @property
     def mirror_root(self) -> int:
-        return self.kvm.world.get(self.root_key("mirror"), 0)
+        return self.world.get(self.root_key("mirror"), 0)
 
     @property
     def direct_root(self) -> int:
-        return self.kvm.world.get(self.root_key("direct"), 0)
+        return self.world.get(self.root_key("direct"), 0)
 
     def set_root(self, kind: str, root: int) -> None:
-        self.kvm.world.set(self.root_key(kind), root)
+        self.world.set(self.root_key(kind), root)
 
 
 class VcpuOps:
@@ -59,56 +98,77 @@ class VcpuOps:
     world: Any
     vcpus: list[KvmVcpu]
 
-    def create_vcpu(self, program: GuestProgram) -> KvmVcpu:
+    def create_vcpu(self, program: GuestProgramFactory) -> KvmVcpu:
         vcpu = KvmVcpu(self, len(self.vcpus), program)
         self.vcpus.append(vcpu)
         return vcpu
 
     def vcpu_thread(self, vcpu: KvmVcpu) -> Gen:
-        """Userspace's vCPU thread: KVM_RUN until the guest program ends, the VM dies or is destroyed."""
+        """Userspace's vCPU thread: KVM_RUN until the guest program ends, the VM dies or is destroyed.
+
+        Also the task's entry when it is recreated from the World (to rebuild locals by replay): at the loop
+        head nothing is carried but `stop`, which is None there, and the set-up is skipped once done."""
+        w = self.world
         try:
-            if self.world.get(K_TD_STATE) is not TdState.TD_STATE_RUNNABLE:
-                # The VMM starts vCPU threads only once the TD is finalized (tdx_vcpu_pre_run refuses KVM_RUN
-                # before that): a build-time scenario's vCPUs wait for KVM_TDX_FINALIZE_VM (or teardown).
-                yield Step(EngineStep.EXIT, ExitInfo(vcpu=vcpu.index, what="VMM: waiting for KVM_TDX_FINALIZE_VM"),
-                           _td_runnable_or_destroying)
-            yield from self.kvm_mmu_load(vcpu)
-            while True:
-                r = yield from self.kvm_arch_vcpu_ioctl_run(vcpu)
-                if r == 0 and vcpu.hw.halted:
-                    return "halted"
-                if r == EFAULT and vcpu.memory_fault is not None:
-                    r = 0  # KVM_EXIT_MEMORY_FAULT: -EFAULT with an exit reason userspace acts on
-                if r < 0:
-                    return f"KVM_RUN: {r}"
-                if r == 0:
-                    done = yield from self.vmm_handle_exit(vcpu)
-                    if done:
-                        return done
-        finally:
-            self.world.set(vcpu.stopped_key, True)
+            if not w.get(vcpu.running_key):
+                if w.get(K_TD_STATE) is not TdState.TD_STATE_RUNNABLE:
+                    # The VMM starts vCPU threads only once the TD is finalized (tdx_vcpu_pre_run refuses KVM_RUN
+                    # before that): a build-time scenario's vCPUs wait for KVM_TDX_FINALIZE_VM (or teardown).
+                    yield Step(EngineStep.EXIT,
+                               ExitInfo(vcpu=vcpu.index, what="VMM: waiting for KVM_TDX_FINALIZE_VM"),
+                               _td_runnable_or_destroying)
+                yield from self.kvm_mmu_load(vcpu)
+                w.set(vcpu.running_key, True)
+            stop = None
+            while stop is None:
+                w.quiescent()
+                stop = yield from self.vmm_vcpu_run(vcpu)
+            w.set(vcpu.stopped_key, True)
+            return stop
+        except Exception:
+            # Not `finally`: a generator dropped unfinished (a replay, a fork) must not write the World.
+            w.set(vcpu.stopped_key, True)
+            raise
+
+    def vmm_vcpu_run(self, vcpu: KvmVcpu) -> Gen:
+        """One KVM_RUN and what the VMM does with its result: None to call KVM_RUN again, else why it stops."""
+        r = yield from self.kvm_arch_vcpu_ioctl_run(vcpu)
+        if r == 0 and vcpu.hw.halted:
+            return "halted"
+        if r == EFAULT and vcpu.memory_fault is not None:
+            r = 0  # KVM_EXIT_MEMORY_FAULT: -EFAULT with an exit reason userspace acts on
+        if r < 0:
+            return f"KVM_RUN: {r}"
+        return (yield from self.vmm_handle_exit(vcpu)) or None
 
     def kvm_arch_vcpu_ioctl_run(self, vcpu: KvmVcpu) -> Gen:
-        """KVM_RUN: enter and handle exits in the kernel until one needs userspace (0) or fails (< 0)."""
+        """KVM_RUN (vcpu_run's loop): enter and handle exits in the kernel until one needs userspace (0) or
+        fails (< 0). `r` is 1 at every loop head, so a vCPU recreated there carries nothing else."""
+        r = 1
+        while r > 0:
+            self.world.quiescent()
+            r = yield from self.vcpu_enter_guest(vcpu)
+        return r
+
+    def vcpu_enter_guest(self, vcpu: KvmVcpu) -> Gen:
+        """One entry into the TD and the handling of its exit: 1 to re-enter, 0 for userspace, < 0 on error."""
         w = self.world
-        while True:
-            if w.get(K_VM_DEAD):
-                yield Step(EngineStep.EXIT, ExitInfo(vcpu=vcpu.index, what="VM is dead: KVM_RUN returns -EIO"))
-                return -5
-            if w.get(K_DESTROYING):
-                return -4
-            if vcpu.hw.halted:
-                return 0
-            yield from self.kvm_mmu_load(vcpu)
-            if w.get(K_WAIT_FOR_SEPT_ZAP):
-                # tdx_vcpu_run: stay out of the TD while a zap retries with vCPUs kept out.
-                yield Step(EngineStep.EXIT, ExitInfo(vcpu=vcpu.index, what="wait_for_sept_zap: not entering"),
-                           lambda world: not world.peek(K_WAIT_FOR_SEPT_ZAP))
-                continue
-            exit = yield from vcpu.hw.enter()
-            r = yield from self.tdx_handle_exit(vcpu, exit)
-            if r <= 0:
-                return r
+        if w.get(K_VM_DEAD):
+            yield Step(EngineStep.EXIT, ExitInfo(vcpu=vcpu.index, what="VM is dead: KVM_RUN returns -EIO"))
+            return -5
+        if w.get(K_DESTROYING):
+            return -4
+        if vcpu.hw.halted:
+            return 0
+        yield from self.kvm_mmu_load(vcpu)
+        if w.get(K_WAIT_FOR_SEPT_ZAP):
+            # tdx_vcpu_run: stay out of the TD while a zap retries with vCPUs kept out.
+            yield Step(EngineStep.EXIT, ExitInfo(vcpu=vcpu.index, what="wait_for_sept_zap: not entering"),
+                       lambda world: not world.peek(K_WAIT_FOR_SEPT_ZAP))
+            return 1
+        exit = yield from vcpu.hw.enter()
+        r = yield from self.tdx_handle_exit(vcpu, exit)
+        return r
 
     def tdx_handle_exit(self, vcpu: KvmVcpu, exit: TdExit) -> Gen:
         """Dispatch a TD exit. Returns 1 to re-enter, 0 to go to userspace, < 0 on error."""

@@ -3,6 +3,7 @@ and the tasks the runtime schedules. A Session rebuilds from the same setup to r
 
 from __future__ import annotations
 
+import copy
 import importlib
 import importlib.util
 import sys
@@ -16,13 +17,13 @@ from tdxdbg.engine.gmem import Memslot
 from tdxdbg.engine.kvm import TdConfigSpec
 from tdxdbg.engine.variants.upstream import Upstream
 from tdxdbg.hw.ept import Gpaw
-from tdxdbg.hw.insn import GuestProgram
+from tdxdbg.hw.insn import GuestProgramFactory
 from tdxdbg.hw.machine import Machine
 from tdxdbg.hw.tdx.leaves import Seamcall
 from tdxdbg.runtime.step import Step
 from tdxdbg.runtime.task import Task
+from tdxdbg.runtime.world import World
 
-GuestProgramFactory = Callable[[], GuestProgram]
 # A host program gets the VM and returns the generator its task runs.
 HostProgramFactory = Callable[[Any], Generator[Step, None, Any]]
 
@@ -42,11 +43,40 @@ class VmSetup:
     inject: tuple[tuple[Seamcall, int, int], ...] = ()   # (leaf, occurrence, status)
 
 
+# A task's entry: given the VM (or a copy of it over another World, see clone_vm), the generator the task
+# runs from its start, or from any of its quiescent points when the World is as it was there.
+TaskEntry = Callable[[Any], Generator[Step, None, Any]]
+
+
 @attrs.define
 class BuiltVm:
     machine: Machine
     kvm: Any
     tasks: list[Task]
+    entries: dict[str, TaskEntry] = attrs.Factory(dict)
+
+
+def clone_vm(kvm: Any, world: World) -> Any:
+    """A copy of the VM's object graph over `world` (the objects hold configuration only; the state is in the
+    World): tasks made from it by their entries read and write `world`, never the original's."""
+    machine = copy.copy(kvm.machine)
+    machine.world = world
+    memory = machine.memory = copy.copy(kvm.memory)
+    memory.world = world
+    module = machine.tdx = copy.copy(kvm.tdx_module)
+    module.world = world
+    module.memory = memory
+    other = copy.copy(kvm)
+    other.machine = machine
+    other.world = world
+    other.memory = memory
+    other.tdx_module = module
+    other.vcpus = [v.rebind(other) for v in kvm.vcpus]
+    return other
+
+
+def _vcpu_entry(index: int) -> TaskEntry:
+    return lambda kvm: kvm.vcpu_thread(kvm.vcpus[index])
 
 
 def build_vm(setup: VmSetup) -> BuiltVm:
@@ -61,13 +91,16 @@ def build_vm(setup: VmSetup) -> BuiltVm:
     for leaf, occurrence, status in setup.inject:
         machine.tdx.inject[(leaf, occurrence)] = status
     tasks: list[Task] = []
+    entries: dict[str, TaskEntry] = {}
     for factory in setup.vcpu_programs:
-        vcpu = kvm.create_vcpu(factory())
+        vcpu = kvm.create_vcpu(factory)
+        entries[vcpu.name] = _vcpu_entry(vcpu.index)
         tasks.append(Task(vcpu.name, kvm.vcpu_thread(vcpu), kind="vcpu"))
     for i, factory in enumerate(setup.host_programs):
+        entries[f"host{i}"] = factory
         tasks.append(Task(f"host{i}", factory(kvm), kind="host"))
     machine.world.take_effects()
-    return BuiltVm(machine, kvm, tasks)
+    return BuiltVm(machine, kvm, tasks, entries)
 
 
 VARIANT_MODULES = {

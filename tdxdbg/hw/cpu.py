@@ -7,6 +7,7 @@ References: tdx-module.md §4 (epochs at entry and exit), §5.3 (what an access 
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Generator
 from typing import Any
 
@@ -92,12 +93,35 @@ class TdExit:
         return f"TD exit {self.reason.name} gpa={self.gpa:#x}"
 
 
+# What the guest program received, newest first: (result, the results before it). A persistent list, so
+# recording one more result costs one tuple whatever the program's length.
+Retired = tuple[Any, "Retired"] | None
+
+
+@attrs.frozen(slots=True)
+class GuestCpu:
+    """The guest side of a TD vCPU, in the World: whether the program started or ended, the instruction it is
+    at (re-executed after a TD exit until it retires), the results of every instruction it retired (its
+    position: the program replayed with them is where it was), and the host's answer to a pending
+    TDG.VP.VMCALL, which the guest sees at the next TD entry."""
+
+    started: bool = False
+    halted: bool = False
+    pending: Any = None
+    retired: Retired = None
+    vmcall: TdcallResult | None = None
+
+
+IDLE_GUEST = GuestCpu()
+
+
 class TdVcpu:
-    """One vCPU of a TD running a guest program. Architectural state (epoch, association, RIP) is in the World;
-    the guest program's own Python state is not, since stepping backwards never re-executes it."""
+    """One vCPU of a TD running a guest program. Its state (epoch, association, RIP, the guest program's
+    position) is in the World; the program's generator is only a cache of that position, rebuilt when the
+    World says the program is elsewhere (another timeline position, a replay)."""
 
     def __init__(self, module: TdxModule, memory: HostMemory, tdr: int, index: int,
-                 program: guest.GuestProgram) -> None:
+                 program: guest.GuestProgramFactory) -> None:
         self.module = module
         self.memory = memory
         self.world = module.world
@@ -105,16 +129,30 @@ class TdVcpu:
         self.index = index
         self.tdvpr = module.create_vcpu(tdr, index)
         self._program = program
-        self._pending: guest.Insn | None = None
-        self._started = False
-        self._halted = False
-        self._vmcall_result: TdcallResult | None = None
+        # The live guest program and the GuestCpu.retired it has been sent (compared by identity).
+        self._gen: guest.GuestProgram | None = None
+        self._gen_at: Retired = None
         self.world.set(self.rip_key, 0)
+        self.world.set(self.guest_key, IDLE_GUEST)
+
+    def rebind(self, module: TdxModule, memory: HostMemory) -> TdVcpu:
+        """This vCPU over `module`'s World (a copy of the machine); the copy builds its own guest program."""
+        other = copy.copy(self)
+        other.module = module
+        other.memory = memory
+        other.world = module.world
+        other._gen = None
+        other._gen_at = None
+        return other
 
     # -- keys ------------------------------------------------------------------------------------------------
     @property
     def rip_key(self) -> tuple[str, int]:
         return ("vcpu.rip", self.tdvpr)
+
+    @property
+    def guest_key(self) -> tuple[str, int]:
+        return ("vcpu.guest", self.tdvpr)
 
     @property
     def kick_key(self) -> tuple[str, int]:
@@ -128,7 +166,7 @@ class TdVcpu:
     @property
     def halted(self) -> bool:
         """The guest program has finished."""
-        return self._halted
+        return self.world.get(self.guest_key).halted
 
     @property
     def in_guest(self) -> bool:
@@ -145,7 +183,8 @@ class TdVcpu:
 
     def complete_tdvmcall(self, r10: int, r11: int = 0) -> None:
         """The host's answer to the pending TDG.VP.VMCALL; the guest sees it at the next TD entry."""
-        self._vmcall_result = TdcallResult(0, r10=r10, r11=r11)
+        g = self.world.get(self.guest_key)
+        self.world.set(self.guest_key, attrs.evolve(g, vmcall=TdcallResult(0, r10=r10, r11=r11)))
 
     # -- TDH.VP.ENTER ------------------------------------------------------------------------------------------
     def enter(self) -> Generator[Step, None, TdExit]:
@@ -190,9 +229,9 @@ class TdVcpu:
             # The filter leaves the log as it is; only forward progress at a TD exit resets it.
         w.set(key, attrs.evolve(st, associated=True, in_guest=True, vcpu_epoch=td_epoch, entry_rip=rip))
         yield Step(TdxStep.TD_ENTRY, TdEntry(self.index, td_epoch, flush, rip))
-        if self._vmcall_result is not None:
-            self._complete(self._vmcall_result)
-            self._vmcall_result = None
+        g = w.get(self.guest_key)
+        if g.vmcall is not None:
+            self._complete(attrs.evolve(g, vmcall=None), g.vmcall)
         exit = yield from self._run_guest(cfg)
         # TD exit: leave the epoch this vCPU entered in.
         st = w.get(key)
@@ -225,26 +264,60 @@ class TdVcpu:
                           exit.exit_qual, exit.ext_qual, exit.entered, injected)
 
     # -- guest execution --------------------------------------------------------------------------------------
-    def _current(self) -> guest.Insn | None:
-        if self._halted:
-            return None
-        if not self._started:
-            self._started = True
-            try:
-                self._pending = next(self._program)
-            except StopIteration:
-                self._halted = True
-        return self._pending
+    def _program_at(self, g: GuestCpu) -> guest.GuestProgram:
+        """The guest program positioned at `g`: the live one when it is there, else a new one sent every
+        result `g` records (the program is deterministic in what it receives)."""
+        gen = self._gen
+        if gen is not None and self._gen_at is g.retired:
+            return gen
+        gen = self._program()
+        insn = next(gen)
+        results = []
+        node = g.retired
+        while node is not None:
+            results.append(node[0])
+            node = node[1]
+        for result in reversed(results):
+            insn = gen.send(result)
+        if insn != g.pending:
+            raise RuntimeError(f"guest program of vCPU {self.index} replayed to {insn}, expected {g.pending}")
+        self._gen, self._gen_at = gen, g.retired
+        return gen
 
-    def _complete(self, result: Any) -> None:
-        """The pending instruction retired with `result`: RIP moves and the program gets the result."""
+    def _current(self) -> guest.Insn | None:
         w = self.world
+        g: GuestCpu = w.get(self.guest_key)
+        if g.halted:
+            return None
+        if not g.started:
+            gen = self._program()
+            try:
+                insn = next(gen)
+            except StopIteration:
+                w.set(self.guest_key, attrs.evolve(g, started=True, halted=True))
+                return None
+            self._gen, self._gen_at = gen, None
+            w.set(self.guest_key, attrs.evolve(g, started=True, pending=insn))
+            return insn
+        return g.pending
+
+    def _complete(self, g: GuestCpu | None, result: Any) -> None:
+        """The pending instruction retired with `result`: RIP moves and the program gets the result. `g` is the
+        vCPU's GuestCpu to start from (None: as in the World)."""
+        w = self.world
+        if g is None:
+            g = w.get(self.guest_key)
         w.set(self.rip_key, w.get(self.rip_key) + 1)
+        gen = self._program_at(g)
+        retired = (result, g.retired)
         try:
-            self._pending = self._program.send(result)
+            insn = gen.send(result)
         except StopIteration:
-            self._pending = None
-            self._halted = True
+            self._gen = None
+            w.set(self.guest_key, attrs.evolve(g, pending=None, halted=True, retired=retired))
+            return
+        self._gen_at = retired
+        w.set(self.guest_key, attrs.evolve(g, pending=insn, retired=retired))
 
     def _run_guest(self, cfg: TdConfig) -> Generator[Step, None, TdExit]:
         w = self.world
@@ -266,22 +339,22 @@ class TdVcpu:
                     self.index, insn.access.value, insn.gpa, shared,
                     outcome if isinstance(outcome, int) else None, None,
                     isinstance(outcome, guest.VirtualizationException)))
-                self._complete(outcome)
+                self._complete(None, outcome)
             elif insn.leaf is Tdcall.TDG_MEM_PAGE_ACCEPT:
                 result = yield from tdg_mem_page_accept(self.module, self.tdvpr, insn.rcx)
                 if isinstance(result, EptViolation):
                     return TdExit.of(ExitReason.EPT_VIOLATION, result.exit_qual, result.ext_qual, result.gpa)
-                self._complete(result)
+                self._complete(None, result)
             elif insn.leaf is Tdcall.TDG_VP_VMCALL:
                 # Exits to the host with the call's registers; RIP moves when the host completes it.
                 return TdExit.of(ExitReason.TDCALL, r10=insn.r10, r11=insn.r11, r12=insn.r12, r13=insn.r13)
             elif insn.leaf is Tdcall.TDG_VP_INFO:
                 yield Step(TdxStep.TDCALL_RETURN, TdcallReturn(insn.leaf, 0, 0, 0, "TDX_SUCCESS", False))
-                self._complete(TdcallResult(0, rcx=int(cfg.gpaw)))
+                self._complete(None, TdcallResult(0, rcx=int(cfg.gpaw)))
             else:
                 yield Step(TdxStep.TDCALL_RETURN, TdcallReturn(insn.leaf, 0, 0, TdxStatus.TDX_OPERAND_INVALID,
                                                                "TDX_OPERAND_INVALID|RAX", False))
-                self._complete(TdcallResult(TdxStatus.TDX_OPERAND_INVALID | OperandId.RAX))
+                self._complete(None, TdcallResult(TdxStatus.TDX_OPERAND_INVALID | OperandId.RAX))
 
     def _access(self, cfg: TdConfig, insn: guest.MemAccess) -> int | TdExit | guest.VirtualizationException | None:
         """Translate and perform one access. Returns the value read (None for a write), a TD exit, or a #VE."""

@@ -7,7 +7,7 @@ handles the exit (RIP does not move), except a TDG.VP.VMCALL, which the host com
 
 from __future__ import annotations
 
-from collections.abc import Generator
+from collections.abc import Callable, Generator
 from typing import Any
 
 import attrs
@@ -63,3 +63,6 @@ def fetch(gpa: int) -> MemAccess:
 
 
 GuestProgram = Generator[Insn, Any, None]
+# Makes the guest program from its start: a vCPU makes it again to rebuild the program at a position the
+# World records (the results it was sent), so the same factory must make the same program every time.
+GuestProgramFactory = Callable[[], GuestProgram]

@@ -104,6 +104,11 @@ class Runtime:
         task.wait = None
         task.state = _READY
         gen = task.gen
+        # A task is at rest when its step starts before it ran at all, or passes a quiescent point (World.quiescent)
+        # before writing: its entry, started on the state before this frame, then replays this frame.
+        at_rest = not task.started
+        task.started = True
+        world.at_rest = False
         try:
             step = gen.send(None)
         except StopIteration as stop:
@@ -149,7 +154,8 @@ class Runtime:
             # Checks read through `peek`; drop anything they recorded anyway.
             writes.clear()
             reads.clear()
-        self._record(task.name, step, stack, flat, footprint, local_values, violations, world)
+        self._record(task.name, step, stack, flat, footprint, local_values, violations, world,
+                     at_rest or world.at_rest)
         return index
 
     def run(self, max_frames: int | None = None,

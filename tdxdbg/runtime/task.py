@@ -19,7 +19,7 @@ class TaskState(enum.Enum):
 class Task:
     """A named generator of Steps. `yield` is a preemption point, `yield from` a call."""
 
-    __slots__ = ("error", "gen", "kind", "name", "result", "state", "wait")
+    __slots__ = ("error", "gen", "kind", "name", "result", "started", "state", "wait")
 
     def __init__(self, name: str, gen: Generator[Step, Any, Any], kind: str = "task") -> None:
         self.name = name
@@ -29,6 +29,8 @@ class Task:
         self.wait: Callable[[Any], bool] | None = None
         self.result: Any = None
         self.error: str | None = None
+        # Whether the generator has run a step (before that, the World is where its entry starts from).
+        self.started = False
 
     @property
     def finished(self) -> bool:

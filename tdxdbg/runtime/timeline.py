@@ -114,6 +114,8 @@ class FrameStore(Sequence[Frame]):
         self.read_off = array("I", [0])
         self.read_ids = array("I")
         self._locals: list[tuple[Any, ...]] = []
+        # Per task id: the frames its step began at rest (see World.quiescent), in order.
+        self.rest_frames: list[array] = []
         self.violations: dict[int, tuple[Violation, ...]] = {}
         # Per-frame views of the packed columns, for readers that index them (the session, tests).
         self.effects: Sequence[tuple[Any, ...]] = _Column(self.flat_effects_of, self.__len__)
@@ -137,7 +139,17 @@ class FrameStore(Sequence[Frame]):
     def _intern_task(self, task: str) -> int:
         i = self._task_ids[task] = len(self._task_names)
         self._task_names.append(task)
+        self.rest_frames.append(array("q"))
         return i
+
+    def rest_before(self, task: str, index: int) -> int | None:
+        """The last frame <= `index` of `task` whose step began with the task at rest, or None."""
+        t = self._task_ids.get(task)
+        if t is None:
+            return None
+        rest = self.rest_frames[t]
+        k = bisect.bisect_right(rest, index) - 1
+        return rest[k] if k >= 0 else None
 
     def __len__(self) -> int:
         return len(self.payloads)
@@ -263,6 +275,7 @@ class Timeline:
         loc = fs._locals
         add_loc = loc.append
         all_violations = fs.violations
+        rest_frames = fs.rest_frames
         key_positions = self._key_positions
         key_states = self._key_states
         freeze = gc.freeze
@@ -270,10 +283,14 @@ class Timeline:
 
         def record(task: str, step: Step, stack: tuple[StackEntry, ...], flat_effects: Sequence[Any],
                    reads: Sequence[Hashable], local_values: tuple[Any, ...], violations: tuple[Violation, ...],
-                   world: World) -> None:
+                   world: World, at_rest: bool = False) -> None:
             nonlocal since_key
             i = task_ids.get(task)
-            task_col(intern_task(task) if i is None else i)
+            if i is None:
+                i = intern_task(task)
+            task_col(i)
+            if at_rest:
+                rest_frames[i].append(len(payloads))
             kind = step.kind
             i = kind_ids.get(id(kind))
             kind_col(intern_kind(kind) if i is None else i)

@@ -28,7 +28,7 @@ Effect = tuple[Hashable, Any, Any]
 class World:
     """The flat state map. Values must be immutable (ints, strings, tuples, frozen attrs)."""
 
-    __slots__ = ("_reads", "_state", "_writes", "stack", "task")
+    __slots__ = ("_reads", "_state", "_writes", "at_rest", "stack", "task")
 
     def __init__(self, state: dict[Hashable, Any] | None = None) -> None:
         self._state: dict[Hashable, Any] = dict(state) if state else {}
@@ -39,6 +39,8 @@ class World:
         self.task: str = ""
         # Call stack (StackEntry tuple) of the step just run, set by the runtime for checks; not state either.
         self.stack: tuple = ()
+        # Set by `quiescent()` during a step, cleared by the runtime before each one; not state.
+        self.at_rest: bool = False
 
     # -- recorded access -------------------------------------------------------------------------------
     def get(self, key: Hashable, default: Any = None) -> Any:
@@ -60,6 +62,14 @@ class World:
     def delete(self, key: Hashable) -> None:
         if key in self._state:
             self.set(key, MISSING)
+
+    def quiescent(self) -> None:
+        """The running task is at a quiescent point: everything it carries from here on is in the World, so its
+        entry generator, started afresh on this state, reaches this point with the same locals. It counts only
+        before the step's first write (the state the step started from is then the state here); the recorder
+        marks such frames, and locals are rebuilt by replaying from them."""
+        if not self._writes:
+            self.at_rest = True
 
     # -- unrecorded access (checks, views, tests) --------------------------------------------------------
     def peek(self, key: Hashable, default: Any = None) -> Any:

@@ -47,12 +47,22 @@ def guest_program(ops: tuple[Op, ...]) -> guest.GuestGen:
 
 
 def host_program(kvm: Any, ops: tuple[Op, ...]) -> Generator[Step, None, Any]:
-    """Userspace (the VMM) issuing ioctls, one operation after the other."""
-    for i, op in enumerate(ops):
-        yield Step(EngineStep.HOST_OP, {"op": op.text, "scenario_op": i})
-        ret = yield from host_op(kvm, op)
-        yield Step(EngineStep.HOST_OP, {"op": op.text, "scenario_op": i, "ret": _ret_text(ret)})
+    """Userspace (the VMM) issuing ioctls, one operation after the other. Which one is next is in the World
+    (("host.next_op", task)), so this is also the task's entry when it is recreated before an operation."""
+    w = kvm.world
+    key = ("host.next_op", w.task)
+    while (i := w.get(key, 0)) < len(ops):
+        w.quiescent()
+        yield from host_step(kvm, ops[i], i, key)
     return "done"
+
+
+def host_step(kvm: Any, op: Op, i: int, key: tuple[str, str]) -> Generator[Step, None, Any]:
+    """Operation `i` of a host program, between two HOST_OP frames; the last one also moves the program on."""
+    yield Step(EngineStep.HOST_OP, {"op": op.text, "scenario_op": i})
+    ret = yield from host_op(kvm, op)
+    kvm.world.set(key, i + 1)
+    yield Step(EngineStep.HOST_OP, {"op": op.text, "scenario_op": i, "ret": _ret_text(ret)})
 
 
 def _ret_text(ret: Any) -> Any:

@@ -115,7 +115,7 @@ def shared_vcpu(program_insns, attributes: TdAttr = TdAttr.SEPT_VE_DISABLE):
     m, tdr = new_td(attributes)
     ept = SharedEpt(m)
     prog = Recorder(program_insns)
-    v = TdVcpu(m.tdx, m.memory, tdr, 0, prog())
+    v = TdVcpu(m.tdx, m.memory, tdr, 0, prog)
     v.set_shared_eptp(ept.pml4)
     return m, tdr, ept, prog, v
 
@@ -258,7 +258,7 @@ def test_shared_access_without_shared_eptp_exits():
     """No SHARED_EPT_POINTER loaded: a shared access exits with an EPT violation for the page GPA."""
     m, tdr = new_td()
     prog = Recorder([insn.read(SGPA + 8)])
-    v = TdVcpu(m.tdx, m.memory, tdr, 0, prog())
+    v = TdVcpu(m.tdx, m.memory, tdr, 0, prog)
     ex = enter(v)
     assert (ex.reason, ex.gpa, ex.exit_qual) == (ExitReason.EPT_VIOLATION, SGPA, QUAL_READ)
 
@@ -268,7 +268,7 @@ def test_private_access_to_free_gpa_exits_with_no_extended_qualification():
     """A private GPA whose walk hits FREE: EPT-violation TD exit, RDX (ext_qual) 0, R8 = GPA."""
     m, tdr = new_td()
     prog = Recorder([insn.read(PRIV)])
-    v = TdVcpu(m.tdx, m.memory, tdr, 0, prog())
+    v = TdVcpu(m.tdx, m.memory, tdr, 0, prog)
     ex = enter(v)
     assert (ex.rax, ex.reason, ex.gpa, ex.ext_qual, ex.exit_qual) == (
         48, ExitReason.EPT_VIOLATION, PRIV, 0, QUAL_READ)
@@ -286,7 +286,7 @@ def test_private_access_to_pending_page_with_sept_ve_disable_exits_type_6():
     add_sept_tables(m, tdr, PRIV)
     aug(m, tdr, PRIV)
     prog = Recorder([insn.write(PRIV + 0x10, 1)])
-    v = TdVcpu(m.tdx, m.memory, tdr, 0, prog())
+    v = TdVcpu(m.tdx, m.memory, tdr, 0, prog)
     ex = enter(v)
     assert ex.reason is ExitReason.EPT_VIOLATION
     assert ex.ext_qual & 0xF == 6 and ex.ext_qual == 6
@@ -302,7 +302,7 @@ def test_private_access_to_pending_page_without_sept_ve_disable_is_a_ve():
     add_sept_tables(m, tdr, PRIV)
     aug(m, tdr, PRIV)
     prog = Recorder([insn.read(PRIV + 0x10)])
-    v = TdVcpu(m.tdx, m.memory, tdr, 0, prog())
+    v = TdVcpu(m.tdx, m.memory, tdr, 0, prog)
     ex = enter(v)
     assert ex.reason is ExitReason.HLT
     assert prog.results == [VirtualizationException(PRIV + 0x10, QUAL_READ, pending=True)]
@@ -315,7 +315,7 @@ def test_accepted_page_reads_zero_and_keeps_written_values():
     pfn = aug(m, tdr, PRIV)
     prog = Recorder([TdcallInsn(Tdcall.TDG_MEM_PAGE_ACCEPT, rcx=PRIV), insn.read(PRIV + 0x10),
                      insn.write(PRIV + 0x10, 0xFEED), insn.read(PRIV + 0x10), insn.read(PRIV + 0x18)])
-    v = TdVcpu(m.tdx, m.memory, tdr, 0, prog())
+    v = TdVcpu(m.tdx, m.memory, tdr, 0, prog)
     ex = enter(v)
     assert ex.reason is ExitReason.HLT
     assert prog.results == [TdcallResult(0), 0, None, 0xFEED, 0]
@@ -332,7 +332,7 @@ def test_accept_zeroes_data_already_in_the_host_page():
     m.memory.write_word(pfn, 0xFF8, 0xBAD2)
     prog = Recorder([TdcallInsn(Tdcall.TDG_MEM_PAGE_ACCEPT, rcx=PRIV), insn.read(PRIV + 0x10),
                      insn.read(PRIV + 0xFF8)])
-    v = TdVcpu(m.tdx, m.memory, tdr, 0, prog())
+    v = TdVcpu(m.tdx, m.memory, tdr, 0, prog)
     enter(v)
     assert prog.results == [TdcallResult(0), 0, 0]
     assert m.memory.page_data(pfn) == {}
@@ -344,7 +344,7 @@ def test_enter_leaves_guest_mode_and_restores_the_epoch_refcount():
     and the refcount is back to 0."""
     m, tdr = new_td()
     prog = Recorder([insn.read(PRIV)])
-    v = TdVcpu(m.tdx, m.memory, tdr, 0, prog())
+    v = TdVcpu(m.tdx, m.memory, tdr, 0, prog)
     gen = v.enter()
     m.world.task = "vcpu0"
     step = next(gen)
@@ -414,7 +414,7 @@ def test_kick_landing_during_the_td_exit_does_not_cause_a_spurious_exit():
     that exit: the next entry executes the guest instead of exiting with EXTERNAL_INTERRUPT."""
     m, tdr = new_td()
     prog = Recorder([insn.read(PRIV)])
-    v = TdVcpu(m.tdx, m.memory, tdr, 0, prog())
+    v = TdVcpu(m.tdx, m.memory, tdr, 0, prog)
     rt = _kick_runtime(m, v, ("vcpu0", "vcpu0", "host", "host", "vcpu0", "vcpu0"))
     assert rt.run() is StopReason.DONE
     assert [f.kind for f in rt.timeline[:5]] == [TdxStep.TD_ENTRY, TdxStep.GUEST_ACCESS, Host.PREPARE,
@@ -432,7 +432,7 @@ def test_tdvmcall_exits_with_its_registers_and_completes_at_next_entry():
     m, tdr = new_td()
     call = TdcallInsn(Tdcall.TDG_VP_VMCALL, r11=0x10001, r12=PRIV | SHARED, r13=0x20_0000)
     prog = Recorder([call])
-    v = TdVcpu(m.tdx, m.memory, tdr, 0, prog())
+    v = TdVcpu(m.tdx, m.memory, tdr, 0, prog)
     ex = enter(v)
     assert (ex.rax, ex.reason, ex.r10, ex.r11, ex.r12, ex.r13) == (
         77, ExitReason.TDCALL, 0, 0x10001, PRIV | SHARED, 0x20_0000)
@@ -452,7 +452,7 @@ def test_tdvmcall_retry_status_reaches_the_guest():
     m, tdr = new_td()
     call = TdcallInsn(Tdcall.TDG_VP_VMCALL, r11=0x10001, r12=PRIV, r13=0x4000)
     prog = Recorder([call, call])
-    v = TdVcpu(m.tdx, m.memory, tdr, 0, prog())
+    v = TdVcpu(m.tdx, m.memory, tdr, 0, prog)
     assert enter(v).reason is ExitReason.TDCALL
     v.complete_tdvmcall(r10=1, r11=PRIV + 0x1000)
     ex = enter(v)
@@ -466,7 +466,7 @@ def test_seventh_private_ept_exit_at_one_rip_arms_zero_step():
     """Private EPT-violation exits 1-6 at one RIP only count; the 7th records the GPA (epf_gpas)."""
     m, tdr = new_td()
     prog = Recorder([insn.read(PRIV + 0x10)])
-    v = TdVcpu(m.tdx, m.memory, tdr, 0, prog())
+    v = TdVcpu(m.tdx, m.memory, tdr, 0, prog)
     for n in range(1, 7):
         ex = enter(v)
         assert (ex.reason, ex.entered) == (ExitReason.EPT_VIOLATION, True)
@@ -494,7 +494,7 @@ def test_armed_zero_step_refuses_entry_while_the_gpa_still_faults():
     that GPA, reverts the epoch refcount and releases the S-EPT tree lock."""
     m, tdr = new_td()
     prog = Recorder([insn.read(PRIV)])
-    v = TdVcpu(m.tdx, m.memory, tdr, 0, prog())
+    v = TdVcpu(m.tdx, m.memory, tdr, 0, prog)
     for _ in range(7):
         enter(v)
     steps: list = []
@@ -513,7 +513,7 @@ def test_progress_resets_the_zero_step_counter():
     m, tdr = new_td(TdAttr(0))
     gpa_b, gpa_c = PRIV, PRIV + 0x1000
     prog = Recorder([insn.read(gpa_b), insn.read(gpa_c)])
-    v = TdVcpu(m.tdx, m.memory, tdr, 0, prog())
+    v = TdVcpu(m.tdx, m.memory, tdr, 0, prog)
     for n in range(1, 6):
         enter(v)
         assert vstate(v).epf_count == n
@@ -539,7 +539,7 @@ def test_armed_zero_step_enters_once_the_gpa_no_longer_faults():
     resets the log at the next TD exit."""
     m, tdr = new_td(TdAttr(0))
     prog = Recorder([insn.read(PRIV)])
-    v = TdVcpu(m.tdx, m.memory, tdr, 0, prog())
+    v = TdVcpu(m.tdx, m.memory, tdr, 0, prog)
     for _ in range(7):
         enter(v)
     assert vstate(v).epf_gpas == (PRIV,)
@@ -560,7 +560,7 @@ def test_stepping_filter_treats_a_free_gpa_as_still_faulting(attributes):
     """A recorded GPA that is still FREE blocks entry whatever SEPT_VE_DISABLE says."""
     m, tdr = new_td(attributes)
     prog = Recorder([insn.read(PRIV)])
-    v = TdVcpu(m.tdx, m.memory, tdr, 0, prog())
+    v = TdVcpu(m.tdx, m.memory, tdr, 0, prog)
     for _ in range(7):
         enter(v)
     ex = enter(v)

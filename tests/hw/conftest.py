@@ -177,7 +177,8 @@ class Env:
     # -- guest ---------------------------------------------------------------------------------------------
     def vcpu(self, insns: Iterable[insn.Insn], results: list[Any] | None = None) -> tuple[TdVcpu, list[Any]]:
         results = [] if results is None else results
-        v = TdVcpu(self.tdx, self.m.memory, self.tdr, self._vcpus, program(insns, results))
+        insns = list(insns)
+        v = TdVcpu(self.tdx, self.m.memory, self.tdr, self._vcpus, lambda: program(insns, results))
         self._vcpus += 1
         return v, results
 
