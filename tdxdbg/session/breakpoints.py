@@ -17,7 +17,7 @@ from tdxdbg.engine.spte import is_last_spte, is_shadow_present_pte, kvm_pages_pe
 from tdxdbg.engine.steps import EngineStep, HookCall, SpteChange
 from tdxdbg.hw.tdx.leaves import Seamcall
 from tdxdbg.hw.tdx.seamcall import SeamcallEntry, SeamcallReturn, TdxStep
-from tdxdbg.hw.tdx.status import describe, is_error, status_name
+from tdxdbg.hw.tdx.status import describe, is_error, parse_status, status_name
 from tdxdbg.runtime.frame import Frame
 
 
@@ -299,6 +299,11 @@ class Breakpoints:
                 leaf = Seamcall.parse(leaf)
             except (KeyError, ValueError) as exc:
                 raise BreakpointError(f"unknown SEAMCALL leaf {leaf!r}") from exc
+        if status:
+            try:
+                parse_status(status.upper())
+            except ValueError as exc:
+                raise BreakpointError(f"{exc} (e.g. TDX_OPERAND_BUSY or TDX_OPERAND_BUSY|SEPT_TREE)") from None
         what = leaf.dotted if leaf is not None else "any SEAMCALL"
         if status:
             what += f" = {status}"

@@ -107,6 +107,9 @@ class Session:
         self._checks_factory = checks_factory
         self._record_locals = record_locals
         self._interrupt = threading.Event()
+        # Called every INTERRUPT_EVERY frames of a long command with the number of frames recorded so far, from
+        # the thread running it (the UI posts it as a message; it must not read the session).
+        self.progress: Callable[[int], None] | None = None
         self._pos = 0
         self._selected: str | None = None
         self.forks: list[ForkRecord] = []
@@ -572,9 +575,12 @@ class Session:
             if max_frames is not None and count >= max_frames:
                 self._pos = i
                 return StopEvent(StopReason.MAX_FRAMES, i, f"{count} frames", (), ran)
-            if count % INTERRUPT_EVERY == 0 and count and self._interrupt.is_set():
-                self._pos = i
-                return StopEvent(StopReason.INTERRUPTED, i, "", (), ran)
+            if count % INTERRUPT_EVERY == 0 and count:
+                if self._interrupt.is_set():
+                    self._pos = i
+                    return StopEvent(StopReason.INTERRUPTED, i, "", (), ran)
+                if self.progress is not None:
+                    self.progress(len(frames))
             if i < len(frames):
                 f = frames[i]
             else:
@@ -602,9 +608,12 @@ class Session:
             if max_frames is not None and count >= max_frames:
                 self._pos = len(frames)
                 return StopEvent(reached, self._pos, "", (), count)
-            if count % INTERRUPT_EVERY == 0 and count and self._interrupt.is_set():
-                self._pos = len(frames)
-                return StopEvent(StopReason.INTERRUPTED, self._pos, "", (), count)
+            if count % INTERRUPT_EVERY == 0 and count:
+                if self._interrupt.is_set():
+                    self._pos = len(frames)
+                    return StopEvent(StopReason.INTERRUPTED, self._pos, "", (), count)
+                if self.progress is not None:
+                    self.progress(len(frames))
             if rec.advance() is None:
                 self._pos = len(frames)
                 return self._end_event(count)

@@ -6,7 +6,7 @@ runs (continue, reverse-continue, recording ahead) go to a worker thread that th
 
 from __future__ import annotations
 
-import threading
+import functools
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -16,6 +16,7 @@ from textual import on, work
 from textual.app import App, ComposeResult
 from textual.binding import Binding
 from textual.containers import Horizontal, Vertical
+from textual.message import Message
 from textual.widgets import Footer
 
 from tdxdbg.session import FROZEN_SPTE
@@ -32,8 +33,19 @@ from tdxdbg.ui.tables import Marks, TableLine, all_lines, max_width, render
 
 # Frames the app records ahead in the background after opening, so the timeline strip shows a whole run.
 RECORD_AHEAD = 200_000
-# Seconds between header updates (frames recorded so far) while a run goes on in the background.
-PROGRESS_INTERVAL = 0.25
+# Notifications the app remembers (App.notices).
+NOTICES_KEPT = 20
+
+
+def guarded(method: Callable[..., Any]) -> Callable[..., Any]:
+    """An action that reads the session: nothing without one; while a worker owns it, queued behind recording
+    ahead or refused with a message during the user's own run (see TdxdbgApp._busy)."""
+    @functools.wraps(method)
+    def wrapper(self: TdxdbgApp, *args: Any) -> Any:
+        if self.session is None or self._busy(lambda: wrapper(self, *args)):
+            return None
+        return method(self, *args)
+    return wrapper
 
 
 class TdxdbgApp(App[int]):
@@ -65,7 +77,9 @@ class TdxdbgApp(App[int]):
         Binding("B", "break_seamcall", "Break SEAMCALL", show=False, id="break_seamcall"),
         Binding("w", "watch_gfn", "Watch gfn", show=False, id="watch_gfn"),
         Binding("m", "bookmark", "Mark", show=False, id="bookmark"),
-        Binding("tab", "switch_task", "Task", id="switch_task"),
+        # tab follows the next task (README); priority, so the focus chain does not take it (shift+tab still
+        # moves focus between panes).
+        Binding("tab", "switch_task", "Task", priority=True, id="switch_task"),
         Binding("u", "activation(-1)", "Up frame", show=False, id="stack_up"),
         Binding("d", "activation(1)", "Down frame", show=False, id="stack_down"),
         Binding("l", "last_write", "Last write", show=False, id="last_write"),
@@ -77,8 +91,11 @@ class TdxdbgApp(App[int]):
     ]
 
     def __init__(self, spec: str = DEMO, variant: str | None = None, schedule: str | None = None,
-                 record_ahead: int = RECORD_AHEAD) -> None:
+                 record_ahead: int = RECORD_AHEAD, relative_lines: bool = False) -> None:
+        """`relative_lines`: number source lines from their function's `def` (function+offset) instead of the
+        file's line numbers (snapshot tests use it so edits elsewhere in the engine do not move them)."""
         super().__init__()
+        self.relative_lines = relative_lines
         self.spec = spec
         self.variant_override = variant
         self.schedule_override = schedule
@@ -91,9 +108,10 @@ class TdxdbgApp(App[int]):
         self.activation = -1
         self.table_lines: list[TableLine] = []
         self.search_text = ""
-        self._lock = threading.Lock()
-        self._progress: Any = None
-        self._after_recording: Callable[[], None] | None = None
+        self._progress_frames = 0
+        self.notices: list[str] = []      # the latest notifications, newest last (tests read them)
+        self._header_state: tuple | None = None
+        self._queued: list[Callable[[], None]] = []
         self._run_label = ""
         self.status_text = ""
 
@@ -122,6 +140,16 @@ class TdxdbgApp(App[int]):
         self.query_one("#log").border_title = "callbacks · SEAMCALLs · faults (Enter: go to frame)"
         self.load(self.spec)
 
+    def check_action(self, action: str, parameters: tuple[object, ...]) -> bool | None:
+        """The app's priority keys (tab) belong to the prompt or list when a modal screen is open."""
+        return not (action == "switch_task" and len(self.screen_stack) > 1)
+
+    def notify(self, message: str, *, markup: bool = False, **kwargs: Any) -> None:
+        """A toast. Never markup by default: messages quote what the user typed (a `[` must not raise)."""
+        self.notices.append(message)
+        del self.notices[:-NOTICES_KEPT]
+        super().notify(message, markup=markup, **kwargs)
+
     # -- opening and reloading -------------------------------------------------------------------------------
     def load(self, spec: str, keep_position: int = 0) -> None:
         opened = open_scenario(spec, self.variant_override, self.schedule_override)
@@ -147,7 +175,10 @@ class TdxdbgApp(App[int]):
 
     # -- refreshing ---------------------------------------------------------------------------------------------
     def refresh_all(self) -> None:
+        if self._run_label:     # a worker owns the session: RunDone refreshes everything
+            return
         with self.batch_update():
+            self._header_state = None
             self._refresh_header()
             if self.session is None:
                 return
@@ -177,12 +208,20 @@ class TdxdbgApp(App[int]):
             header.update(Text(f" tdxdbg  {title}: cannot open (see the error screen; r reloads)",
                                style="bold white on red"))
             return
-        s = self.session
-        kv = s.kvm()
-        vm_state = "dead" if kv.vm_dead else "running"
+        if not self._run_label or self._header_state is None:
+            # Only read the session when no worker owns it (the first header is drawn before any worker runs).
+            s = self.session
+            kv = s.kvm()
+            frame = s.frame
+            self._header_state = (s.variant, s.position, len(s.frames), s.current_task,
+                                  frame.task if frame is not None else None,
+                                  "dead" if kv.vm_dead else "running")
+        variant, position, total, following, ran_by, vm_state = self._header_state
         title = self.opened.scenario.title if self.opened and self.opened.scenario else self.spec
-        header.update(panes.header_text(title, s.variant, s.position, len(s.frames), s.current_task, vm_state,
-                                        self._run_label))
+        if self._run_label:
+            total = self._progress_frames
+        header.update(panes.header_text(title, variant, position, total, following, vm_state, self._run_label,
+                                        ran_by))
 
     def _marks(self, view: Any, path: tuple[Any, ...]) -> Marks:
         """`path` is the followed task's walk (Session.walk_path)."""
@@ -233,10 +272,11 @@ class TdxdbgApp(App[int]):
         tv = next((x for x in tasks if x.name == task), None)
         depth = len(tv.stack) if tv is not None else 0
         act = panes.clamp_activation(self.activation, depth)
-        self.query_one("#stack", Pane).update(panes.stack_text(tasks, task, act))
+        self.query_one("#stack", Pane).update(panes.stack_text(tasks, task, act, self.relative_lines))
         if tv is not None and tv.stack:
             a = tv.stack[act]
-            self.query_one("#source", Pane).update(panes.source_text(a.filename, a.line))
+            self.query_one("#source", Pane).update(panes.source_text(a.filename, a.line, a.qualname,
+                                                                     self.relative_lines))
         else:
             self.query_one("#source", Pane).update(panes.source_text(None, None))
 
@@ -262,142 +302,173 @@ class TdxdbgApp(App[int]):
                 log.move_to(at)
 
     # -- running commands ------------------------------------------------------------------------------------
+    # A long command runs in a worker thread. The busy state (`_run_label`) is set here, on the UI thread, before
+    # the worker starts, and cleared when its RunDone message arrives: while it is set the UI never reads the
+    # session (the worker owns it); the worker only posts immutable RunProgress / RunDone messages.
+    class RunProgress(Message):
+        """Frames recorded so far by the running command (posted from the worker)."""
+
+        def __init__(self, frames: int) -> None:
+            super().__init__()
+            self.frames = frames
+
+    class RunDone(Message):
+        """The running command stopped; `event` says where and why."""
+
+        def __init__(self, event: StopEvent | None, recording: bool) -> None:
+            super().__init__()
+            self.event = event
+            self.recording = recording
+
     def run_command(self, fn: Callable[[], StopEvent], background: bool = False, label: str = "") -> None:
-        if self.session is None:
-            return
-        if self._run_label:
-            self.notify("a run is in progress (Esc stops it)", severity="warning")
+        if self.session is None or self._busy():
             return
         if background:
-            self._run_label = label or "running"
-            self._start_progress()
-            self._run_in_worker(fn, self._run_label)
+            self._start_worker(label or "running", fn, recording=False)
             return
-        with self._lock:
-            event = fn()
-        self.after_stop(event)
+        self.after_stop(fn())
 
-    def _start_progress(self) -> None:
-        """While a run goes on in the worker, the header shows how many frames are recorded so far."""
+    def _start_worker(self, label: str, fn: Callable[[], StopEvent | None], recording: bool) -> None:
+        """Mark the app busy (UI thread), then hand the session to a worker thread."""
+        assert self.session is not None
+        self._run_label = label
+        self._progress_frames = len(self.session.frames)
         self._refresh_header()
-        if self._progress is None:
-            self._progress = self.set_interval(PROGRESS_INTERVAL, self._refresh_header)
+        self._run_in_worker(fn, recording)
 
-    def _stop_progress(self) -> None:
-        if self._progress is not None:
-            self._progress.stop()
-            self._progress = None
+    @work(thread=True, exclusive=True, group="run")
+    def _run_in_worker(self, fn: Callable[[], StopEvent | None], recording: bool) -> None:
+        s = self.session
+        assert s is not None
+        s.progress = lambda frames: self.post_message(self.RunProgress(frames))
+        event: StopEvent | None
+        try:
+            event = fn()
+        except Exception as exc:  # an engine bug must not leave the app busy forever: say what happened
+            event = StopEvent(StopReason.ERROR, s.position, f"{type(exc).__name__}: {exc}")
+        finally:
+            s.progress = None
+        self.post_message(self.RunDone(event, recording))
+
+    @on(RunProgress)
+    def _on_progress(self, message: RunProgress) -> None:
+        if self._run_label:
+            self._progress_frames = message.frames
+            self._refresh_header()
+
+    @on(RunDone)
+    def _on_run_done(self, message: RunDone) -> None:
+        self._run_label = ""
+        if message.recording:
+            if message.event is not None and message.event.reason is StopReason.ERROR:
+                self.notify(message.event.message, severity="error")
+            self.refresh_all()
+        else:
+            self.after_stop(message.event)
+        self._run_queued()
+
+    def _run_queued(self) -> None:
+        """Commands typed while the app recorded ahead run now, in order, until one starts a run of its own."""
+        while self._queued and not self._run_label:
+            self._queued.pop(0)()
 
     def after_stop(self, event: StopEvent | None) -> None:
-        self._stop_progress()
         if event is not None:
             if event.reason is StopReason.BREAKPOINT and event.frame_index is not None:
                 self.breakpoint_hits.add(event.frame_index)
             if event.reason is StopReason.ERROR:
                 self.notify(event.message or "cannot do that here", severity="error")
-            self.status_text = str(event)
+            self.status_text = self._describe_stop(event)
         self.activation = -1
         self.refresh_all()
 
-    @work(thread=True, exclusive=True, group="run")
-    def _run_in_worker(self, fn: Callable[[], StopEvent], label: str) -> None:
-        try:
-            with self._lock:
-                event = fn()
-        finally:
-            self._run_label = ""
-        self.call_from_thread(self.after_stop, event)
+    def _describe_stop(self, event: StopEvent) -> str:
+        """The status line: the frame at the cursor (as the header numbers it) and why the command stopped."""
+        where = f"frame {event.frame_index}" if event.frame_index is not None else "before frame 0"
+        text = f"{event.reason.value} at {where}"
+        if event.breakpoints:
+            text += f" (breakpoint {', '.join(map(str, event.breakpoints))})"
+        if event.message:
+            text += f": {event.message}"
+        return text
 
-    @work(thread=True, exclusive=True, group="run")
     def record_ahead_worker(self) -> None:
-        """Record the rest of the run (up to RECORD_AHEAD frames) without moving the cursor."""
+        """Record the rest of the run (up to record_ahead frames) in the background, without moving the cursor."""
         s = self.session
-        if s is None or self.record_ahead <= 0:
+        if s is None or self.record_ahead <= 0 or self._run_label:
             return
-        self._run_label = "recording…"
-        self.call_from_thread(self._start_progress)
-        try:
-            with self._lock:
-                pos = s.position
-                s.run_to_end(max_frames=self.record_ahead)
-                s.goto(pos)
-        finally:
-            self._run_label = ""
-        self.call_from_thread(self._recording_done)
+        limit = self.record_ahead
 
-    def _recording_done(self) -> None:
-        self._stop_progress()
-        self.refresh_all()
-        then, self._after_recording = self._after_recording, None
-        if then is not None:
-            then()
+        def record() -> None:
+            pos = s.position
+            s.run_to_end(max_frames=limit)
+            s.goto(pos)
+
+        self._start_worker("recording…", record, recording=True)
 
     def _busy(self, then: Callable[[], None] | None = None) -> bool:
         """True when a run owns the session. Recording ahead gives way: it is interrupted and `then` (the
-        command the user asked for) runs as soon as the recording worker has let go of the session."""
+        command the user asked for) is queued to run as soon as the worker has let go of the session. A user's
+        own run (continue, step over…) refuses other commands with a message."""
         if not self._run_label:
             return False
         s = self.session
         if s is not None and self._run_label.startswith("recording") and then is not None:
-            self._after_recording = then
+            self._queued.append(then)
             s.interrupt()
             return True
-        self.notify("a run is in progress (Esc stops it)", severity="warning")
+        self.notify(f"{self._run_label.rstrip('…')} is in progress: Esc stops it", severity="warning")
         return True
 
+    @guarded
     def action_step_into(self) -> None:
-        if not self._busy(self.action_step_into):
-            self.run_command(lambda: self.session.step_into())
+        self.run_command(lambda: self.session.step_into())
 
+    @guarded
     def action_step_over(self) -> None:
-        if not self._busy(self.action_step_over):
-            self.run_command(lambda: self.session.step_over(), background=True, label="step over…")
+        self.run_command(lambda: self.session.step_over(), background=True, label="step over…")
 
+    @guarded
     def action_step_out(self) -> None:
-        if not self._busy(self.action_step_out):
-            self.run_command(lambda: self.session.step_out(), background=True, label="step out…")
+        self.run_command(lambda: self.session.step_out(), background=True, label="step out…")
 
+    @guarded
     def action_continue(self) -> None:
-        if not self._busy(self.action_continue):
-            self.run_command(lambda: self.session.continue_(), background=True, label="continuing…")
+        self.run_command(lambda: self.session.continue_(), background=True, label="continuing…")
 
+    @guarded
     def action_reverse_step(self) -> None:
-        if not self._busy(self.action_reverse_step):
-            self.run_command(lambda: self.session.reverse_step())
+        self.run_command(lambda: self.session.reverse_step())
 
+    @guarded
     def action_reverse_continue(self) -> None:
-        if not self._busy(self.action_reverse_continue):
-            self.run_command(lambda: self.session.reverse_continue(), background=True, label="reverse…")
+        self.run_command(lambda: self.session.reverse_continue(), background=True, label="reverse…")
 
     def action_interrupt(self) -> None:
         if self.session is not None and self._run_label:
             self.session.interrupt()
 
+    @guarded
     def goto_frame(self, index: int) -> None:
-        if self.session is not None and not self._busy(lambda: self.goto_frame(index)):
-            self.run_command(lambda: self.session.goto_frame(index), background=index >= len(self.session.frames),
-                             label="running to frame…")
+        self.run_command(lambda: self.session.goto_frame(index), background=index >= len(self.session.frames),
+                         label="running to frame…")
 
     def action_goto(self) -> None:
         def done(value: str | None) -> None:
             if value is None:
                 return
             try:
-                index = int(value.strip(), 0)
-            except ValueError:
-                self.notify(f"not a frame number: {value!r}", severity="error")
-                return
-            if index < 0:
-                self.notify("frame numbers start at 0", severity="error")
+                index = parse_number(value, "frame number")
+            except ValueError as exc:
+                self.notify(str(exc), severity="error")
                 return
             self.goto_frame(index)
 
         self.push_screen(PromptScreen("Go to frame", "frame number (e.g. 42 or 0x2a)"), done)
 
+    @guarded
     def action_next_event(self, what: str, forward: bool) -> None:
         s = self.session
-        if s is None or self._busy():
-            return
         cats = {"fault": {Category.FAULT}, "seamcall": {Category.SEAMCALL, Category.ERROR},
                 "freeze": {Category.FREEZE}, "violation": {Category.VIOLATION}}[what]
         here = s.frame.index if s.frame is not None else -1
@@ -407,10 +478,9 @@ class TdxdbgApp(App[int]):
             return
         self.goto_frame(target)
 
+    @guarded
     def action_choose_task(self) -> None:
         s = self.session
-        if s is None or self._busy():
-            return
         runnable = s.runnable_tasks()
         if not runnable:
             self.notify("no task can run here", severity="warning")
@@ -418,14 +488,13 @@ class TdxdbgApp(App[int]):
 
         def done(name: str | None) -> None:
             if name:
-                self.run_command(lambda: self.session.choose_task(name))
+                self.choose_task_named(name)
 
         self.push_screen(TaskChoiceScreen(runnable), done)
 
+    @guarded
     def action_switch_task(self) -> None:
         s = self.session
-        if s is None:
-            return
         names = [t.name for t in s.tasks]
         cur = s.current_task
         nxt = names[(names.index(cur) + 1) % len(names)] if cur in names else names[0]
@@ -434,9 +503,10 @@ class TdxdbgApp(App[int]):
         self.status_text = f"following {nxt}"
         self.refresh_all()
 
+    @guarded
     def action_activation(self, delta: int) -> None:
         s = self.session
-        if s is None or s.current_task is None:
+        if s.current_task is None:
             return
         tasks = s.task_views()
         tv = next((x for x in tasks if x.name == s.current_task), None)
@@ -446,27 +516,29 @@ class TdxdbgApp(App[int]):
         self.activation = max(0, min(len(tv.stack) - 1, cur + delta))
         self._refresh_stack(tasks, s.current_task)
 
+    @guarded
     def action_break_function(self) -> None:
         s = self.session
-        if s is None or s.current_task is None:
+        if s.current_task is None:
+            self.notify("no function here to break on", severity="warning")
             return
         tv = s.task_view(s.current_task)
         if tv is None or not tv.stack:
             self.notify("no function here to break on", severity="warning")
             return
         act = tv.stack[panes.clamp_activation(self.activation, len(tv.stack))]
-        bp = s.breakpoints.add_function(act.function)
-        self.notify(f"breakpoint {bp.id}: {bp.description}")
+        self.add_function_breakpoint(act.function)
 
     def action_break_seamcall(self) -> None:
         def done(value: str | None) -> None:
-            if not value or self.session is None:
+            if value is None:
                 return
-            words = value.split()
-            leaf = words[0] if words[0].lower() != "any" else None
-            rest = " ".join(words[1:])
-            errors = rest.lower() == "error"
-            self.add_seamcall_breakpoint(leaf, errors, rest if rest and not errors else None)
+            try:
+                leaf, errors, status = parse_seamcall_breakpoint(value)
+            except ValueError as exc:
+                self.notify(str(exc), severity="error")
+                return
+            self.add_seamcall_breakpoint(leaf, errors, status)
 
         self.push_screen(PromptScreen("Break on SEAMCALL",
                                       "LEAF [error|STATUS]  e.g. TDH.MEM.PAGE.AUG error  /  any TDX_OPERAND_BUSY"),
@@ -474,15 +546,22 @@ class TdxdbgApp(App[int]):
 
     def action_watch_gfn(self) -> None:
         def done(value: str | None) -> None:
-            if value:
-                self._added(lambda: self.session.breakpoints.add_gfn(int(value.strip(), 0)),
-                            lambda exc: f"not a gfn: {value!r} ({exc})")
+            if value is None:
+                return
+            try:
+                gfn = parse_number(value, "gfn")
+            except ValueError as exc:
+                self.notify(str(exc), severity="error")
+                return
+            self.add_gfn_breakpoint(gfn)
 
         self.push_screen(PromptScreen("Watch gfn", "gfn, e.g. 0x1 (the shared bit is ignored)"), done)
 
+    @guarded
     def action_bookmark(self) -> None:
         s = self.session
-        if s is None or s.frame is None:
+        if s.frame is None:
+            self.notify("no frame here yet to bookmark", severity="warning")
             return
         i = s.frame.index
         if i in self.bookmarks:
@@ -493,10 +572,11 @@ class TdxdbgApp(App[int]):
             self.notify(f"bookmark at frame {i}")
         self.refresh_all()
 
+    @guarded
     def action_last_write(self) -> None:
         s = self.session
         line = self._selected_line()
-        if s is None or line is None or line.key is None:
+        if line is None or line.key is None:
             self.notify("select an entry first", severity="warning")
             return
         i = s.last_write(line.key)
@@ -538,10 +618,9 @@ class TdxdbgApp(App[int]):
             self.notify(f"reloaded {spec}")
 
     # -- breakpoints from the palette ---------------------------------------------------------------------------
+    @guarded
     def _added(self, add: Callable[[], Any], failed: Callable[[Exception], str] = str) -> None:
         """Add a breakpoint with `add()` and say so; if it raises, show `failed(exception)`."""
-        if self.session is None:
-            return
         try:
             bp = add()
         except Exception as exc:
@@ -564,9 +643,9 @@ class TdxdbgApp(App[int]):
     def add_gfn_breakpoint(self, gfn: int) -> None:
         self._added(lambda: self.session.breakpoints.add_gfn(gfn))
 
+    @guarded
     def choose_task_named(self, name: str) -> None:
-        if self.session is not None and not self._busy():
-            self.run_command(lambda: self.session.choose_task(name))
+        self.run_command(lambda: self.session.choose_task(name))
 
     async def action_quit(self) -> None:
         """Quit; a scenario that never opened is a failed run (exit status 2), as for the headless commands."""
@@ -583,8 +662,36 @@ class TdxdbgApp(App[int]):
 
     @on(LineList.Moved, "#tables")
     def _table_moved(self, message: LineList.Moved) -> None:
-        self._refresh_inspector()
+        if self.session is not None and not self._run_label:   # after a run, RunDone refreshes it
+            self._refresh_inspector()
 
     @on(TimelineStrip.Seek)
     def _seek(self, message: TimelineStrip.Seek) -> None:
         self.goto_frame(message.frame)
+
+
+def parse_number(text: str, what: str) -> int:
+    """A non-negative number typed in a prompt (decimal or 0x hex); ValueError with a message otherwise."""
+    word = text.strip()
+    if not word:
+        raise ValueError(f"type a {what} (e.g. 42 or 0x2a)")
+    try:
+        n = int(word, 0)
+    except ValueError:
+        raise ValueError(f"not a {what}: {word[:40]!r} (e.g. 42 or 0x2a)") from None
+    if n < 0:
+        raise ValueError(f"a {what} is not negative: {word[:40]}")
+    return n
+
+
+def parse_seamcall_breakpoint(text: str) -> tuple[str | None, bool, str | None]:
+    """`LEAF [error|STATUS]` or `any [error|STATUS]` -> (leaf or None, errors only, status or None)."""
+    words = text.split()
+    if not words:
+        raise ValueError("type a SEAMCALL leaf (e.g. TDH.MEM.PAGE.AUG) or any, then optionally error or a status")
+    if len(words) > 2:
+        raise ValueError(f"too many words: {text.strip()[:60]!r} (LEAF [error|STATUS])")
+    leaf = None if words[0].lower() == "any" else words[0]
+    rest = words[1] if len(words) > 1 else ""
+    errors = rest.lower() == "error"
+    return leaf, errors, rest if rest and not errors else None

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+from rich.segment import Segment
 from rich.style import Style
 from rich.text import Text
 from textual.binding import Binding
@@ -16,6 +17,7 @@ from textual.strip import Strip
 from textual.widget import Widget
 
 CURSOR_STYLE = Style(reverse=True)
+PLAIN = Style()
 
 
 class LineList(ScrollView, can_focus=True):
@@ -81,7 +83,8 @@ class LineList(ScrollView, can_focus=True):
         elif i == self.cursor:
             text = text.copy()
             text.stylize(Style(underline=True))
-        segments = list(text.render(self.app.console, end=""))
+        # Every segment gets a style: Textual's monochrome filter (NO_COLOR) reads the colour of each one.
+        segments = [Segment(t, st or PLAIN, c) for t, st, c in text.render(self.app.console, end="")]
         strip = Strip(segments, text.cell_len).crop(scroll_x, scroll_x + width)
         return strip.extend_cell_length(width, self.rich_style)
 

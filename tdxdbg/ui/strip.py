@@ -72,10 +72,10 @@ class TimelineStrip(Widget):
             text = f" frames 0..{max(self._total - 1, 0)}  f fault  | SEAMCALL  * freeze  x error  ! violation"
             return Strip([Segment(text[:width].ljust(width), Style(color="grey50"))])
         if y == 1:
-            segs = [Segment(" ")]
+            segs = [Segment(" ", Style())]
             for c in self._columns[:w]:
                 segs.append(Segment(GLYPH[c], Style.parse(STYLE[c])))
-            return Strip(segs).extend_cell_length(width)
+            return Strip(segs).extend_cell_length(width, Style())
         if y == 2:
             row = [" "] * w
             styles = [Style()] * w
@@ -88,9 +88,9 @@ class TimelineStrip(Widget):
             if self._total:
                 col = self._column_of(max(self._position - 1, 0))
                 row[col], styles[col] = "^", Style(color="yellow", bold=True)
-            segs = [Segment(" ")] + [Segment(ch, st) for ch, st in zip(row, styles, strict=True)]
-            return Strip(segs).extend_cell_length(width)
-        return Strip.blank(width)
+            segs = [Segment(" ", Style())] + [Segment(ch, st) for ch, st in zip(row, styles, strict=True)]
+            return Strip(segs).extend_cell_length(width, Style())
+        return Strip.blank(width, Style())
 
     def on_click(self, event: events.Click) -> None:
         if not self._total:
