@@ -5,13 +5,14 @@ from __future__ import annotations
 
 import enum
 import linecache
+import re
 from pathlib import Path
 from typing import Any
 
 from rich.text import Text
 
 from tdxdbg.session.decode import decode_spte, describe_spte
-from tdxdbg.session.views import TaskView
+from tdxdbg.session.views import ActivationView, TaskView
 
 ENGINE_ROOT = Path(__file__).resolve().parent.parent
 # Activations listed in the stack pane (innermost first); the rest are summarised.
@@ -19,13 +20,15 @@ STACK_SHOWN = 7
 
 
 def header_text(title: str, variant: str, position: int, total: int, task: str | None, vm_state: str,
-                running: str = "") -> Text:
-    """Frame, task and VM state first (they change while stepping), then variant and scenario title."""
+                running: str = "", ran_by: str | None = None) -> Text:
+    """Frame (and the task that ran it), the followed task and VM state first (they change while stepping),
+    then variant and scenario title."""
     t = Text(no_wrap=True, overflow="ellipsis")
     t.append(" tdxdbg ", style="bold black on cyan")
     frame = f"frame {position - 1}/{max(total - 1, 0)}" if position else f"frame -/{max(total - 1, 0)}"
     t.append(f" {frame} ", style="bold yellow")
-    t.append(f"· {task or '-'} ", style="magenta")
+    t.append(f"ran {ran_by} " if ran_by else "not started ", style="yellow")
+    t.append(f"· following {task or '-'} ", style="magenta")
     style = "bold white on red" if vm_state != "running" else "green"
     t.append(f" VM {vm_state} ", style=style)
     if running:
@@ -91,7 +94,7 @@ def clamp_activation(activation: int, depth: int) -> int:
     return activation if 0 <= activation < depth else depth - 1
 
 
-def stack_text(tasks: tuple[TaskView, ...], selected: str | None, activation: int) -> Text:
+def stack_text(tasks: tuple[TaskView, ...], selected: str | None, activation: int, relative: bool = False) -> Text:
     t = Text(no_wrap=True, overflow="ellipsis")
     for tv in tasks:
         mark = "▶ " if tv.name == selected else "  "
@@ -114,9 +117,8 @@ def stack_text(tasks: tuple[TaskView, ...], selected: str | None, activation: in
         if i < first:
             continue
         style = "reverse" if i == sel else ""
-        name = Path(a.filename).name
         t.append(f"  {a.function} ", style=style + " bold" if style else "bold")
-        t.append(f"{name}:{a.line}\n", style=style or "grey62")
+        t.append(f"{where(a, relative)}\n", style=style or "grey62")
     a = tv.stack[sel]
     t.append(f"locals of {a.function}\n", style="bold")
     if not a.locals:
@@ -137,7 +139,36 @@ def local_value_text(value: Any) -> str:
     return repr(value)
 
 
-def source_text(filename: str | None, line: int | None, context: int = 6) -> Text:
+def _def_line(filename: str, line: int, name: str) -> tuple[int, int]:
+    """The line of `def name` enclosing `line` in `filename`, and its indentation; (line, 0) when not found."""
+    pattern = re.compile(rf"^(\s*)(async\s+)?def\s+{re.escape(name)}\b")
+    for n in range(line, 0, -1):
+        m = pattern.match(linecache.getline(filename, n))
+        if m:
+            return n, len(m.group(1))
+    return line, 0
+
+
+def offset_in_function(filename: str, line: int, qualname: str) -> int:
+    """How many lines `line` is below its function's `def` line (the kernel's `function+offset` idea)."""
+    return line - _def_line(filename, line, qualname.rsplit(".", 1)[-1])[0]
+
+
+def where(a: ActivationView, relative: bool) -> str:
+    """`file.py:line`, or `file.py function+offset` with relative line numbers."""
+    name = Path(a.filename).name
+    if relative:
+        return f"{name} +{offset_in_function(a.filename, a.line, a.qualname)}"
+    return f"{name}:{a.line}"
+
+
+_NEW_BLOCK = re.compile(r"^(\s*)(async\s+def|def|class|@)\b")
+
+
+def source_text(filename: str | None, line: int | None, qualname: str = "", relative: bool = False,
+                context: int = 6) -> Text:
+    """The lines of the function around `line` (not beyond its `def` or into the next definition). With
+    `relative`, lines are numbered from the `def` line, so edits elsewhere in the file do not move them."""
     t = Text(no_wrap=True, overflow="ellipsis")
     if not filename or not line:
         t.append("(no source)", style="grey50")
@@ -147,12 +178,21 @@ def source_text(filename: str | None, line: int | None, context: int = 6) -> Tex
         shown = path.relative_to(ENGINE_ROOT.parent)
     except ValueError:
         shown = path
-    t.append(f"{shown}:{line}\n", style="bold")
-    for n in range(max(1, line - context), line + context + 1):
-        src = linecache.getline(filename, n).rstrip("\n")
-        if not src and n > line:
-            break
+    name = qualname.rsplit(".", 1)[-1] if qualname else ""
+    start, indent = _def_line(filename, line, name) if name else (max(1, line - context), 0)
+    if relative:
+        t.append(f"{shown} {name}+{line - start}\n", style="bold")
+    else:
+        t.append(f"{shown}:{line}" + (f" ({name}+{line - start})" if name else "") + "\n", style="bold")
+    for n in range(max(start, line - context), line + context + 1):
+        raw = linecache.getline(filename, n)
+        src = raw.rstrip("\n")
+        if n > line:
+            m = _NEW_BLOCK.match(src)
+            if not raw or (m and len(m.group(1)) <= indent):     # end of file, or the next definition
+                break
         marker = "→" if n == line else " "
-        t.append(f"{marker}{n:5d} ", style="bold yellow" if n == line else "grey50")
-        t.append(src[:110] + "\n", style="bold" if n == line else "")
+        number = f"+{n - start}" if relative else str(n)
+        t.append(f"{marker}{number:>5} ", style="bold yellow" if n == line else "grey50")
+        t.append(src[:200] + "\n", style="bold" if n == line else "")
     return t

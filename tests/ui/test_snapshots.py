@@ -1,5 +1,9 @@
 """Screens of the debugger at fixed frames of shipped scenarios, at 120x40 and 200x60 (pytest-textual-snapshot;
-the SVGs under __snapshots__ are the reviewed reference: update them with --snapshot-update after review)."""
+the SVGs under __snapshots__ are the reviewed reference: update them with --snapshot-update after review).
+
+The app numbers source lines from their function's `def` (relative_lines): the stack shows `file.py +N` and the
+source pane `+0..+N`, so an edit elsewhere in the engine does not re-baseline the snapshots, while an edit to
+the function shown, or a change in what the engine does, still does."""
 
 from __future__ import annotations
 
@@ -35,7 +39,7 @@ CASES = {
 @pytest.mark.parametrize("case", sorted(CASES))
 def test_main_screen(snap_compare, case: str, size: tuple[int, int]) -> None:
     scenario, where = CASES[case]
-    app = TdxdbgApp(scenario)
+    app = TdxdbgApp(scenario, relative_lines=True)
 
     async def run_before(pilot) -> None:
         await settle(pilot, app)
