@@ -55,6 +55,10 @@ class MmuInvalidate(NamedTuple):
 class GmemOps(KvmBase):
     """Memory the guest sees: where a gfn's page comes from and how userspace changes that."""
 
+    # Override points a patch typically changes: kvm_gmem_get_pfn (guest_memfd), hva_to_pfn and
+    # host_mapping_level (the shared side), kvm_mem_is_private (memory attributes), the mmu_invalidate
+    # sequence (kvm_mmu_invalidate_begin/_end, mmu_invalidate_retry_gfn).
+
     # -- memslots ----------------------------------------------------------------------------------------------
     def memslots(self) -> tuple[Memslot, ...]:
         return self.world.get(K_MEMSLOTS, ())

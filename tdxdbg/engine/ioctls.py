@@ -19,6 +19,10 @@ from tdxdbg.runtime.step import Step
 class IoctlOps(TdxOps):
     """What KVM does when userspace changes memory."""
 
+    # Override points a patch typically changes: kvm_vm_set_mem_attributes (conversion zaps),
+    # kvm_gmem_punch_hole, the mmu notifier (kvm_mmu_notifier_invalidate_range_start/_end),
+    # kvm_delete_memslot, kvm_set_dirty_logging, kvm_tdx_init_mem_region, kvm_destroy_vm, kvm_mmu_load (roots).
+
     def kvm_unmap_gfn_range(self, start: int, end: int, attr_filter: AttrFilter, may_block: bool = True) -> Gen:
         flush = yield from self.kvm_tdp_mmu_unmap_gfn_range(start, end, attr_filter, may_block, False)
         if flush:

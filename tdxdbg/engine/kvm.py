@@ -94,6 +94,10 @@ class TdConfigSpec:
 class KvmBase:
     """The parts of struct kvm / kvm_arch / kvm_tdx every other piece uses."""
 
+    # Override points (every method and class attribute of the engine classes is one: docs/variants.md).
+    # Patches typically change here: the era's RET_PF_* numbering (ret_pf_values), what KVM_BUG_ON and
+    # WARN_ON_ONCE do (kvm_bug_on, warn_on_once), the mmu_lock rwlock (read_lock .. write_unlock).
+
     name = "upstream"
     description = "The merged kernel code (TDX in kvm/next, ~v6.14-6.15)."
     ret_pf_values: dict[RetPf, int] = RET_PF_V612

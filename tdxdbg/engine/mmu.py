@@ -81,6 +81,11 @@ class KvmPageFault:
 class MmuOps(TdpMmuOps):
     """mmu.c's TDP fault path as methods."""
 
+    # Override points a patch typically changes: kvm_mmu_page_fault and kvm_tdp_mmu_page_fault (retry and
+    # staleness), kvm_mmu_faultin_pfn / kvm_mmu_faultin_pfn_private (where the pfn comes from and the
+    # private/shared mismatch exit), is_page_fault_stale, kvm_mmu_hugepage_adjust and private_max_mapping_level
+    # (the mapping level), fast_page_fault.
+
     def kvm_mmu_page_fault(self, vcpu: Any, gpa: int, error_code: int) -> Gen:
         """Entry from the EPT-violation handler. Returns a RetPf (resume the guest), 0 (exit to userspace)
         or a negative errno."""

@@ -68,6 +68,13 @@ def root_kind(is_mirror: bool) -> str:
 class TdpMmuOps(GmemOps):
     """tdp_mmu.c as methods, so a variant overrides exactly the functions its patch changes."""
 
+    # Override points a patch typically changes: kvm_tdp_mmu_map and tdp_mmu_map_handle_target_level (the
+    # fault's walk and leaf), tdp_mmu_set_spte_atomic / _tdp_mmu_set_spte_atomic (cmpxchg or the mirror path),
+    # set_external_spte_present's three steps (set_external_spte_present_freeze, _hook, _publish: the freeze
+    # protocol), tdp_mmu_set_spte and remove_external_spte (non-atomic zap), handle_changed_spte and
+    # handle_removed_pt (removed tables), tdp_mmu_zap_leafs / tdp_mmu_zap_root, kvm_tdp_mmu_alloc_root /
+    # kvm_tdp_mmu_put_root (roots; root_alloc_write_locked, root_initial_refcount), call_rcu_free_sp.
+
     # -- struct kvm_mmu_page bookkeeping -------------------------------------------------------------------
     def sptep_to_sp(self, table: int) -> KvmMmuPage:
         return self.world.get(sp_key(table))

@@ -62,6 +62,13 @@ def tdx_operand_busy(err: int) -> bool:
 class TdxOps(MmuOps):
     """The TDX side of kvm_x86_ops and the TDX exit handlers."""
 
+    # Override points a patch typically changes: the external-SPT hooks (set_external_spte ->
+    # tdx_sept_set_private_spte -> tdx_mem_page_aug, link_external_spt -> tdx_sept_link_private_spt,
+    # remove_external_spte_hook -> tdx_sept_remove_private_spte -> tdx_sept_zap_private_spte / tdx_track /
+    # tdx_sept_drop_private_spte, free_external_spt), the BUSY retry (tdh_do_no_vcpus), TLB tracking
+    # (tdx_track, tdx_flush_remote_tlbs), tdx_handle_ept_violation (the local retry loop), build-time memory
+    # (tdx_gmem_post_populate, tdx_td_finalize), teardown (tdx_mmu_release_hkid).
+
     @property
     def tdr_pa(self) -> int:
         return self.tdr << 12

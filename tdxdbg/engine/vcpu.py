@@ -95,6 +95,10 @@ class KvmVcpu:
 class VcpuOps:
     """The vCPU thread. Mixed into the VM class so variants can override exit handling."""
 
+    # Override points a patch typically changes: kvm_arch_vcpu_ioctl_run (entry and wait_for_sept_zap),
+    # tdx_handle_exit, handle_tdvmcall, MapGPA (tdx_map_gpa, _tdx_map_gpa for the kernel's __tdx_map_gpa,
+    # tdx_complete_vmcall_map_gpa), and the VMM's half (vmm_handle_exit, vmm_convert).
+
     world: Any
     vcpus: list[KvmVcpu]
 

@@ -4,11 +4,13 @@ and the tasks the runtime schedules. A Session rebuilds from the same setup to r
 from __future__ import annotations
 
 import copy
+import difflib
 import importlib
 import importlib.util
 import sys
 from collections.abc import Callable, Generator
 from pathlib import Path
+from types import CodeType
 from typing import Any
 
 import attrs
@@ -124,7 +126,9 @@ def load_variant(spec: str, base_dir: Path | None = None) -> type:
     """A shipped variant by name, or `path/to/file.py:ClassName` (relative to `base_dir`)."""
     if spec in VARIANT_MODULES:
         module_name, cls_name = VARIANT_MODULES[spec]
-        return getattr(importlib.import_module(module_name), cls_name)
+        cls = getattr(importlib.import_module(module_name), cls_name)
+        check_override_points(cls)
+        return cls
     path_text, sep, cls_name = spec.rpartition(":")
     if not sep or not path_text.endswith(".py"):
         raise VariantError(f"unknown variant {spec!r}: expected one of {', '.join(VARIANT_MODULES)} "
@@ -147,4 +151,68 @@ def load_variant(spec: str, base_dir: Path | None = None) -> type:
     if not isinstance(cls, type) or not issubclass(cls, Upstream):
         raise VariantError(f"{path}: {cls_name!r} is not a class derived from "
                            "tdxdbg.engine.variants.upstream.Upstream")
+    check_override_points(cls)
     return cls
+
+
+def override_points(base: type = Upstream) -> frozenset[str]:
+    """What a variant may override: every method and class attribute the engine classes define (KvmBase ..
+    VcpuOps, the classes of `Upstream`'s MRO), private helpers included. The engine calls each of them through
+    `self`, so an override replaces it everywhere. Dunder names are not override points."""
+    names: set[str] = set()
+    for klass in base.__mro__:
+        if klass is object:
+            continue
+        names.update(n for n in vars(klass) if not (n.startswith("__") and n.endswith("__")))
+    return frozenset(names)
+
+
+def _names_used(code: CodeType) -> set[str]:
+    """Attribute and global names a function's code (and the code nested in it) refers to."""
+    out = set(code.co_names)
+    for const in code.co_consts:
+        if isinstance(const, CodeType):
+            out |= _names_used(const)
+    return out
+
+
+def _code_of(value: Any) -> CodeType | None:
+    if isinstance(value, staticmethod | classmethod):
+        value = value.__func__
+    elif isinstance(value, property):
+        value = value.fget
+    return getattr(value, "__code__", None)
+
+
+def check_override_points(cls: type, base: type = Upstream) -> None:
+    """Refuse a variant that defines a name the engine never uses and the variant itself never refers to: a
+    typo of an override point, or a name Python mangled (`__x` in a class body is `_Class__x`), which the
+    engine would silently never call. Helpers the variant calls itself are fine."""
+    points = override_points(base)
+    own = [klass for klass in cls.__mro__ if klass not in base.__mro__]
+    used: set[str] = set()
+    for klass in own:
+        for value in vars(klass).values():
+            code = _code_of(value)
+            if code is not None:
+                used |= _names_used(code)
+    for klass in own:
+        for name, value in vars(klass).items():
+            if (name.startswith("__") and name.endswith("__")) or name in points or name in used:
+                continue
+            code = _code_of(value)
+            where = f"{code.co_filename}:{code.co_firstlineno}" if code is not None else klass.__module__
+            shown = name
+            hint = ""
+            mangled = f"_{klass.__name__.lstrip('_')}__"
+            if name.startswith(mangled):
+                shown = name[len(mangled) - 2:]
+                hint = (f" ({shown} is name-mangled by Python to {name}; the engine spells the kernel's "
+                        f"{shown} with one underscore: {shown[1:]})")
+            else:
+                close = difflib.get_close_matches(name, points, n=1)
+                if close:
+                    hint = f" (did you mean {close[0]}?)"
+            raise VariantError(f"{where}: {klass.__name__}.{shown} is not an override point: the engine never "
+                               f"calls it and the variant does not use it{hint}. Override points are the "
+                               "methods of the engine classes (docs/variants.md)")
