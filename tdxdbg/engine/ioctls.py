@@ -7,8 +7,8 @@ from __future__ import annotations
 from typing import Any
 
 from tdxdbg.engine.gmem import HUGE_2M, K_MEMSLOTS, Memslot, gmem_pfn_key, hva_chunk_key
-from tdxdbg.engine.kvm import K_DESTROYING, K_PRE_FAULT_ALLOWED, Gen
-from tdxdbg.engine.mmu import PFERR_GUEST_FINAL_MASK, PFERR_PRIVATE_ACCESS, PFERR_WRITE_MASK
+from tdxdbg.engine.kvm import K_DESTROYING, K_PRE_FAULT_ALLOWED, K_VM_BUGGED, Gen
+from tdxdbg.engine.mmu import EIO, PFERR_GUEST_FINAL_MASK, PFERR_PRIVATE_ACCESS, PFERR_WRITE_MASK
 from tdxdbg.engine.mmu_page import AttrFilter, RootTypes
 from tdxdbg.engine.spte import PG_LEVEL_4K
 from tdxdbg.engine.steps import EngineStep
@@ -22,6 +22,35 @@ class IoctlOps(TdxOps):
     # Override points a patch typically changes: kvm_vm_set_mem_attributes (conversion zaps),
     # kvm_gmem_punch_hole, the mmu notifier (kvm_mmu_notifier_invalidate_range_start/_end),
     # kvm_delete_memslot, kvm_set_dirty_logging, kvm_tdx_init_mem_region, kvm_destroy_vm, kvm_mmu_load (roots).
+
+    # -- the ioctl entry points ---------------------------------------------------------------------------------
+    def kvm_ioctls_refused(self) -> bool:
+        """Whether kvm_vm_ioctl / kvm_vcpu_ioctl fail every ioctl with -EIO: once the VM is bugged
+        (KVM_BUG_ON -> kvm_vm_bugged). A VM that is only dead (kvm_vm_dead) still takes ioctls; its vCPUs
+        fail KVM_RUN through KVM_REQ_VM_DEAD."""
+        return bool(self.world.get(K_VM_BUGGED))
+
+    def kvm_vm_ioctl(self, ioctl: str, body: Gen) -> Gen:
+        """kvm_vm_ioctl: refuse with -EIO (never running `body`) when ioctls are refused, else run it."""
+        if self.kvm_ioctls_refused():
+            body.close()
+            yield Step(EngineStep.WARN, {"message": f"{ioctl} on a {self._refused_vm_state()} VM: -EIO"})
+            return EIO
+        ret = yield from body
+        return ret
+
+    def kvm_vcpu_ioctl(self, vcpu: Any, ioctl: str, body: Gen) -> Gen:
+        """kvm_vcpu_ioctl: the same check as kvm_vm_ioctl, on the vCPU fd."""
+        if self.kvm_ioctls_refused():
+            body.close()
+            yield Step(EngineStep.WARN, {"message": f"{ioctl} (vCPU {vcpu.index}) on a {self._refused_vm_state()} "
+                                                    "VM: -EIO"})
+            return EIO
+        ret = yield from body
+        return ret
+
+    def _refused_vm_state(self) -> str:
+        return "bugged" if self.world.get(K_VM_BUGGED) else "dead"
 
     def kvm_unmap_gfn_range(self, start: int, end: int, attr_filter: AttrFilter, may_block: bool = True) -> Gen:
         flush = yield from self.kvm_tdp_mmu_unmap_gfn_range(start, end, attr_filter, may_block, False)
@@ -178,9 +207,14 @@ class IoctlOps(TdxOps):
         return 0
 
     def kvm_tdx_init_mem_region(self, vcpu: Any, gpa: int, size: int, measure: bool = True) -> Gen:
-        """KVM_TDX_INIT_MEM_REGION: populate private pages from a source buffer, before finalize."""
+        """KVM_TDX_INIT_MEM_REGION (tdx_vcpu_init_mem_region): populate private pages from a source buffer,
+        before finalize, one kvm_gmem_populate -> tdx_gmem_post_populate per page."""
         yield Step(EngineStep.HOST_OP, {"op": "KVM_TDX_INIT_MEM_REGION", "gpa": gpa, "size": size})
-        yield from self.kvm_mmu_load(vcpu)
+        ret = yield from self.tdx_vcpu_init_mem_region_pages(vcpu, gpa, size, measure)
+        return ret
+
+    def tdx_vcpu_init_mem_region_pages(self, vcpu: Any, gpa: int, size: int, measure: bool) -> Gen:
+        """The page loop of tdx_vcpu_init_mem_region (kvm_gmem_populate of one page at a time)."""
         for page in range(gpa, gpa + size, 4096):
             gfn = page >> 12
             slot = self.kvm_vcpu_gfn_to_memslot(gfn)

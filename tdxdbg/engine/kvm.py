@@ -72,7 +72,10 @@ K_MMU_LOCK = ("kvm.mmu_lock",)
 K_VM_DEAD = ("kvm.vm_dead",)
 K_VM_BUGGED = ("kvm.vm_bugged",)
 K_TD_STATE = ("kvm.tdx_state",)
+# kvm_tdx->nr_premapped (v6.16 era: mirror leaves mapped before finalize that await TDH.MEM.PAGE.ADD).
 K_NR_PREMAPPED = ("kvm.nr_premapped",)
+# kvm_tdx->page_add_src: the source page of the KVM_TDX_INIT_MEM_REGION page being mapped (newer trees).
+K_PAGE_ADD_SRC = ("kvm.page_add_src",)
 K_WAIT_FOR_SEPT_ZAP = ("kvm.wait_for_sept_zap",)
 K_HKID = ("kvm.hkid_assigned",)
 K_PRE_FAULT_ALLOWED = ("kvm.pre_fault_allowed",)
@@ -99,7 +102,7 @@ class KvmBase:
     # WARN_ON_ONCE do (kvm_bug_on, warn_on_once), the mmu_lock rwlock (read_lock .. write_unlock).
 
     name = "upstream"
-    description = "The merged kernel code (TDX in kvm/next, ~v6.14-6.15)."
+    description = "The newest kvm-x86 tree (v6.19 TDX rework: TDX_BUG_ON, PAGE.ADD from the map path)."
     ret_pf_values: dict[RetPf, int] = RET_PF_V612
 
     def __init__(self, machine: Machine, spec: TdConfigSpec | None = None) -> None:

@@ -298,3 +298,29 @@ class MmuOps(TdpMmuOps):
         if private:
             return False
         return self.host_mapping_level(slot, gfn) >= level
+
+    # -- KVM_TDX_INIT_MEM_REGION -------------------------------------------------------------------------------
+    def kvm_tdp_mmu_map_private_pfn(self, vcpu: Any, gfn: int, pfn: int) -> Gen:
+        """Map a guest_memfd pfn the caller already has (no faultin: kvm_gmem_populate holds the pfn) into the
+        mirror tree at 4K, retrying RET_PF_RETRY under mmu_lock for read. 0, or -EIO unless RET_PF_FIXED."""
+        fault = KvmPageFault(addr=gfn << 12, error_code=PFERR_GUEST_FINAL_MASK | PFERR_PRIVATE_ACCESS, prefetch=True,
+                             is_private=True, nx_huge_page_workaround_enabled=self.spec.nx_huge_page_workaround,
+                             max_level=PG_LEVEL_4K, req_level=PG_LEVEL_4K, goal_level=PG_LEVEL_4K, gfn=gfn,
+                             slot=self.kvm_vcpu_gfn_to_memslot(gfn), pfn=pfn, map_writable=True)
+        vcpu.fault = fault
+        yield from self.kvm_mmu_load(vcpu)
+        while True:
+            # kvm_test_request(KVM_REQ_VM_DEAD): a dead VM maps nothing more.
+            if self.vm_dead:
+                return EIO
+            yield from self.read_lock()
+            r = yield from self.kvm_tdp_mmu_map(vcpu, fault)
+            yield from self.read_unlock()
+            if r is not RetPf.RET_PF_RETRY:
+                break
+        yield from self.record_ret_pf(vcpu, fault, r)
+        return 0 if r is RetPf.RET_PF_FIXED else EIO
+
+    def kvm_mmu_load(self, vcpu: Any) -> Gen:
+        raise NotImplementedError
+

@@ -1,6 +1,8 @@
 """KVM's TDX glue (arch/x86/kvm/vmx/tdx.c): the external-SPT hooks that turn mirror-SPTE changes into SEAMCALLs,
-TLB tracking, the no-vCPUs-enter retry for zaps, the EPT-violation handler with its local retry loop, MapGPA,
-build-time memory (KVM_TDX_INIT_MEM_REGION, finalize) and HKID release (reference kernel-tdp-mmu.md §5).
+TLB tracking, the no-vCPUs-enter retry for zaps (tdh_do_no_vcpus), the EPT-violation handler with its local retry
+loop, MapGPA, build-time memory (KVM_TDX_INIT_MEM_REGION: TDH.MEM.PAGE.ADD from the map path, finalize) and HKID
+release, as in the newest kvm-x86 tree (see variants/upstream.py for the commit; variants/v6_16.py for the
+v6.16 shape of the same functions).
 """
 
 from __future__ import annotations
@@ -10,9 +12,10 @@ from typing import Any
 
 from tdxdbg.engine.kvm import (
     K_HKID,
-    K_NR_PREMAPPED,
+    K_PAGE_ADD_SRC,
     K_PRE_FAULT_ALLOWED,
     K_TD_STATE,
+    K_VM_BUGGED,
     K_WAIT_FOR_SEPT_ZAP,
     Gen,
     RetPf,
@@ -34,7 +37,7 @@ from tdxdbg.hw.ept import ExitQual
 from tdxdbg.hw.tdx.guest_calls import ExtExitQualType
 from tdxdbg.hw.tdx.leaves import Seamcall
 from tdxdbg.hw.tdx.seamcall import SeamcallResult
-from tdxdbg.hw.tdx.status import OperandId, TdxStatus, is_error, status_base
+from tdxdbg.hw.tdx.status import TdxStatus, is_error, status_base
 from tdxdbg.runtime.step import Step
 
 EBUSY = -errno.EBUSY
@@ -90,6 +93,15 @@ class TdxOps(MmuOps):
     def _hook_ret(self, name: str, gfn: int, level: int, ret: int) -> Step:
         return Step(EngineStep.HOOK_RETURN, HookCall(name, gfn, level, 0, ret))
 
+    def tdx_bug_on(self, err: int, leaf: str, r: SeamcallResult) -> Gen:
+        """TDX_BUG_ON: a SEAMCALL error marks the VM bugged - with a warning only the first time
+        (WARN_ON_ONCE(err && !kvm->vm_bugged) in __TDX_BUG_ON). Returns whether `err` is an error."""
+        if not err:
+            return False
+        if not self.world.get(K_VM_BUGGED):
+            yield from self.kvm_bug_on(True, f"SEAMCALL {leaf} failed: {r}")
+        return True
+
     # -- kvm_x86_ops.link_external_spt -------------------------------------------------------------------------
     def link_external_spt(self, gfn: int, level: int, external_spt: int) -> Gen:
         yield self._hook("link_external_spt", gfn, level, external_spt)
@@ -98,12 +110,13 @@ class TdxOps(MmuOps):
         return ret
 
     def tdx_sept_link_private_spt(self, gfn: int, level: int, external_spt: int) -> Gen:
-        """TDH.MEM.SEPT.ADD: BUSY is -EBUSY for the fault path to retry; anything else kills the VM."""
+        """TDH.MEM.SEPT.ADD (tdx_sept_map_nonleaf_spte): BUSY is -EBUSY for the fault path to retry; any other
+        error bugs the VM (TDX_BUG_ON_2)."""
         r = yield from self.seamcall(Seamcall.TDH_MEM_SEPT_ADD, (gfn << 12) | pg_level_to_tdx_sept_level(level),
                                      None, external_spt << 12)
         if tdx_operand_busy(r.rax):
             return EBUSY
-        if (yield from self.kvm_bug_on(is_error(r.rax), f"TDH.MEM.SEPT.ADD failed: {r}")):
+        if (yield from self.tdx_bug_on(is_error(r.rax), "TDH_MEM_SEPT_ADD", r)):
             return EIO
         return 0
 
@@ -115,13 +128,14 @@ class TdxOps(MmuOps):
         return ret
 
     def tdx_sept_set_private_spte(self, gfn: int, level: int, pfn: int) -> Gen:
-        """A runnable TD gets TDH.MEM.PAGE.AUG; before finalize the page is only counted (PAGE.ADD comes later)."""
+        """tdx_sept_map_leaf_spte: a runnable TD gets TDH.MEM.PAGE.AUG; while userspace builds the initial image
+        (KVM_TDX_INIT_MEM_REGION, TD not yet runnable) the page is TDH.MEM.PAGE.ADDed from page_add_src."""
         if (yield from self.kvm_bug_on(level != PG_LEVEL_4K, "TODO: handle large pages")):
             return EIO
-        if self.td_state() is TdState.TD_STATE_RUNNABLE:
-            ret = yield from self.tdx_mem_page_aug(gfn, level, pfn)
+        if self.td_state() is not TdState.TD_STATE_RUNNABLE:
+            ret = yield from self.tdx_mem_page_add(gfn, level, pfn)
             return ret
-        ret = yield from self.tdx_mem_page_record_premap_cnt(gfn, level, pfn)
+        ret = yield from self.tdx_mem_page_aug(gfn, level, pfn)
         return ret
 
     def tdx_mem_page_aug(self, gfn: int, level: int, pfn: int) -> Gen:
@@ -129,15 +143,23 @@ class TdxOps(MmuOps):
                                      None, pfn << 12)
         if tdx_operand_busy(r.rax):
             return EBUSY
-        if (yield from self.kvm_bug_on(is_error(r.rax), f"TDH.MEM.PAGE.AUG failed: {r}")):
+        if (yield from self.tdx_bug_on(is_error(r.rax), "TDH_MEM_PAGE_AUG", r)):
             return EIO
         return 0
 
-    def tdx_mem_page_record_premap_cnt(self, gfn: int, level: int, pfn: int) -> Gen:
-        if (yield from self.kvm_bug_on(bool(self.world.get(K_PRE_FAULT_ALLOWED)),
-                                       "premapping a page after pre-faults were allowed")):
+    def tdx_mem_page_add(self, gfn: int, level: int, pfn: int) -> Gen:
+        """TDH.MEM.PAGE.ADD of the source page tdx_gmem_post_populate left in kvm_tdx->page_add_src. Only
+        KVM_TDX_INIT_MEM_REGION gets here: any other path (a pre-fault, a fault) bugs the VM."""
+        src = self.world.get(K_PAGE_ADD_SRC, 0)
+        if ((yield from self.kvm_bug_on(bool(self.world.get(K_PRE_FAULT_ALLOWED)),
+                                        "PAGE.ADD after pre-faults were allowed"))
+                or (yield from self.kvm_bug_on(not src, "PAGE.ADD without kvm_tdx->page_add_src"))):
             return EIO
-        self.world.set(K_NR_PREMAPPED, self.world.get(K_NR_PREMAPPED, 0) + 1)
+        r = yield from self.seamcall(Seamcall.TDH_MEM_PAGE_ADD, gfn << 12, None, pfn << 12, src << 12)
+        if tdx_operand_busy(r.rax):
+            return EBUSY
+        if (yield from self.tdx_bug_on(is_error(r.rax), "TDH_MEM_PAGE_ADD", r)):
+            return EIO
         return 0
 
     # -- kvm_x86_ops.remove_external_spte ------------------------------------------------------------------------
@@ -148,7 +170,9 @@ class TdxOps(MmuOps):
         return ret
 
     def tdx_sept_remove_private_spte(self, gfn: int, level: int, pfn: int) -> Gen:
-        """RANGE.BLOCK, TRACK (+ kick), PAGE.REMOVE, PHYMEM.PAGE.WBINVD, then clear the page."""
+        """tdx_sept_remove_leaf_spte: RANGE.BLOCK, TRACK (+ kick), PAGE.REMOVE, PHYMEM.PAGE.WBINVD, then clear the
+        page. No premapped special case: since PAGE.ADD happens in the map path, every present mirror leaf is in
+        the S-EPT."""
         if (yield from self.kvm_bug_on(not self.is_hkid_assigned(),
                                        "removing a private page after the HKID was released")):
             return EIO
@@ -163,7 +187,10 @@ class TdxOps(MmuOps):
         return ret
 
     def tdh_do_no_vcpus(self, leaf: Seamcall, rcx: int, rdx: int | None = None) -> Gen:
-        """Try once; on BUSY keep every vCPU out of the TD (wait_for_sept_zap + kick) and try once more."""
+        """Try once; on BUSY keep every vCPU out of the TD (wait_for_sept_zap + kick) and try once more.
+        Only flows that hold mmu_lock for write use it (lockdep_assert_held_write)."""
+        yield from self.warn_on_once(not self.holds_mmu_lock_write(),
+                                     f"lockdep: {leaf.dotted} (tdh_do_no_vcpus) without the mmu_lock write lock")
         r = yield from self.seamcall(leaf, rcx, rdx)
         if tdx_operand_busy(r.rax):
             yield from self.tdx_no_vcpus_enter_start()
@@ -172,28 +199,28 @@ class TdxOps(MmuOps):
         return r
 
     def tdx_sept_zap_private_spte(self, gfn: int, level: int, pfn: int) -> Gen:
-        """TDH.MEM.RANGE.BLOCK. Returns 1 to go on, 0 when done already (a premapped page), or -EIO."""
+        """TDH.MEM.RANGE.BLOCK (the first step of tdx_sept_remove_leaf_spte). Returns 1 to go on, or -EIO."""
         r = yield from self.tdh_do_no_vcpus(Seamcall.TDH_MEM_RANGE_BLOCK,
                                             (gfn << 12) | pg_level_to_tdx_sept_level(level))
-        if (self.td_state() is not TdState.TD_STATE_RUNNABLE
-                and r.rax == TdxStatus.TDX_EPT_ENTRY_STATE_INCORRECT | OperandId.RCX):
-            # A page mapped before finalize that never got PAGE.ADD: nothing in the S-EPT to remove.
-            self.world.set(K_NR_PREMAPPED, self.world.get(K_NR_PREMAPPED, 0) - 1)
-            return 0
-        if (yield from self.kvm_bug_on(is_error(r.rax), f"TDH.MEM.RANGE.BLOCK failed: {r}")):
+        if (yield from self.tdx_bug_on(is_error(r.rax), "TDH_MEM_RANGE_BLOCK", r)):
             return EIO
         return 1
 
     def tdx_sept_drop_private_spte(self, gfn: int, level: int, pfn: int) -> Gen:
+        """PAGE.REMOVE (with the no-vCPUs retry), then TDH.PHYMEM.PAGE.WBINVD and clearing the page."""
         r = yield from self.tdh_do_no_vcpus(Seamcall.TDH_MEM_PAGE_REMOVE,
                                             (gfn << 12) | pg_level_to_tdx_sept_level(level))
-        if (yield from self.kvm_bug_on(is_error(r.rax), f"TDH.MEM.PAGE.REMOVE failed: {r}")):
+        if (yield from self.tdx_bug_on(is_error(r.rax), "TDH_MEM_PAGE_REMOVE", r)):
             return EIO
+        ret = yield from self.tdx_wbinvd_and_reset_page(pfn)
+        return ret
+
+    def tdx_wbinvd_and_reset_page(self, pfn: int) -> Gen:
+        """tdh_phymem_page_wbinvd_hkid, then tdx_quirk_reset_paddr: clear the page before the host reuses it."""
         keyed = (pfn << 12) | (self.tdx_module.config(self.tdr).hkid << 46)
         r = yield from self.seamcall(Seamcall.TDH_PHYMEM_PAGE_WBINVD, keyed, 0)
-        if (yield from self.kvm_bug_on(is_error(r.rax), f"TDH.PHYMEM.PAGE.WBINVD failed: {r}")):
+        if (yield from self.tdx_bug_on(is_error(r.rax), "TDH_PHYMEM_PAGE_WBINVD", r)):
             return EIO
-        # tdx_quirk_reset_paddr: clear the page before the host reuses it.
         self.memory.zero_page(pfn)
         return 0
 
@@ -203,7 +230,7 @@ class TdxOps(MmuOps):
             return
         yield from self.warn_on_once(not self.holds_mmu_lock_write(), "tdx_track without the mmu_lock write lock")
         r = yield from self.tdh_do_no_vcpus(Seamcall.TDH_MEM_TRACK, self.tdr_pa, 0)
-        yield from self.kvm_bug_on(is_error(r.rax), f"TDH.MEM.TRACK failed: {r}")
+        yield from self.tdx_bug_on(is_error(r.rax), "TDH_MEM_TRACK", r)
         yield from self.kvm_make_all_cpus_request_outside_guest_mode()
 
     def tdx_flush_remote_tlbs(self) -> Gen:
@@ -323,24 +350,21 @@ class TdxOps(MmuOps):
 
     # -- build time ----------------------------------------------------------------------------------------
     def tdx_gmem_post_populate(self, vcpu: Any, gfn: int, pfn: int, src_pfn: int, measure: bool) -> Gen:
-        """KVM_TDX_INIT_MEM_REGION for one page: map it in the mirror tree through the fault path (premapped),
-        then TDH.MEM.PAGE.ADD from the source page and TDH.MR.EXTEND over it."""
+        """KVM_TDX_INIT_MEM_REGION for one page: kvm_tdp_mmu_map_private_pfn maps it in the mirror tree, and the
+        leaf hook TDH.MEM.PAGE.ADDs it from page_add_src while the mirror SPTE is frozen; then TDH.MR.EXTEND
+        measures it. An MR.EXTEND error bugs the VM (nothing can remove the mapping in between)."""
         gpa = gfn << 12
-        ret = yield from self.kvm_tdp_map_page(vcpu, gpa, PFERR_GUEST_FINAL_MASK | PFERR_PRIVATE_ACCESS
-                                               | PFERR_WRITE_MASK)
-        if ret is not RetPf.RET_PF_FIXED and ret is not RetPf.RET_PF_SPURIOUS:
-            return ret if isinstance(ret, int) else EIO
-        r = yield from self.seamcall(Seamcall.TDH_MEM_PAGE_ADD, gpa, None, pfn << 12, src_pfn << 12)
-        if tdx_operand_busy(r.rax):
-            return EBUSY
-        if (yield from self.kvm_bug_on(is_error(r.rax), f"TDH.MEM.PAGE.ADD failed: {r}")):
+        if (yield from self.kvm_bug_on(bool(self.world.get(K_PAGE_ADD_SRC)), "page_add_src already set")):
             return EIO
-        self.world.set(K_NR_PREMAPPED, self.world.get(K_NR_PREMAPPED, 0) - 1)
-        if measure:
-            for off in range(0, 4096, TDX_EXTENDMR_CHUNKSIZE):
-                r = yield from self.seamcall(Seamcall.TDH_MR_EXTEND, gpa + off)
-                if (yield from self.kvm_bug_on(is_error(r.rax), f"TDH.MR.EXTEND failed: {r}")):
-                    return EIO
+        self.world.set(K_PAGE_ADD_SRC, src_pfn)
+        ret = yield from self.kvm_tdp_mmu_map_private_pfn(vcpu, gfn, pfn)
+        self.world.set(K_PAGE_ADD_SRC, 0)
+        if ret or not measure:
+            return ret
+        for off in range(0, 4096, TDX_EXTENDMR_CHUNKSIZE):
+            r = yield from self.seamcall(Seamcall.TDH_MR_EXTEND, gpa + off)
+            if (yield from self.tdx_bug_on(is_error(r.rax), "TDH_MR_EXTEND", r)):
+                return EIO
         return 0
 
     def kvm_tdp_map_page(self, vcpu: Any, gpa: int, error_code: int) -> Gen:
@@ -351,15 +375,14 @@ class TdxOps(MmuOps):
                 return r
 
     def tdx_td_finalize(self) -> Gen:
-        """KVM_TDX_FINALIZE_VM: every premapped page must have been PAGE.ADDed."""
-        if self.world.get(K_NR_PREMAPPED, 0):
-            yield Step(EngineStep.WARN, {"message": "finalize with premapped pages left: -EINVAL"})
+        """KVM_TDX_FINALIZE_VM: TDH.MR.FINALIZE; BUSY is -EBUSY, any other error bugs the VM (TDX_BUG_ON)."""
+        if not self.is_hkid_assigned() or self.td_state() is TdState.TD_STATE_RUNNABLE:
+            yield Step(EngineStep.WARN, {"message": "KVM_TDX_FINALIZE_VM on a finalized TD: -EINVAL"})
             return EINVAL
         r = yield from self.seamcall(Seamcall.TDH_MR_FINALIZE, self.tdr_pa, 0)
         if tdx_operand_busy(r.rax):
             return EBUSY
-        if is_error(r.rax):
-            yield Step(EngineStep.WARN, {"message": f"TDH.MR.FINALIZE failed: {r}"})
+        if (yield from self.tdx_bug_on(is_error(r.rax), "TDH_MR_FINALIZE", r)):
             return EIO
         self.world.set(K_TD_STATE, TdState.TD_STATE_RUNNABLE)
         self.world.set(K_PRE_FAULT_ALLOWED, True)

@@ -107,6 +107,7 @@ def build_vm(setup: VmSetup) -> BuiltVm:
 
 VARIANT_MODULES = {
     "upstream": ("tdxdbg.engine.variants.upstream", "Upstream"),
+    "v6.16": ("tdxdbg.engine.variants.v6_16", "V6_16"),
     "v7": ("tdxdbg.engine.variants.v7", "V7"),
     "no-freeze": ("tdxdbg.engine.variants.broken", "NoFreeze"),
     "zap-without-track": ("tdxdbg.engine.variants.broken", "ZapWithoutTrack"),

@@ -74,8 +74,11 @@ def _ret_text(ret: Any) -> Any:
 def host_op(kvm: Any, op: Op) -> Generator[Step, None, Any]:
     k = op.kind
     start, end = op.gpa >> 12, (op.gpa + op.size) >> 12
+    # VM and vCPU ioctls go through kvm_vm_ioctl / kvm_vcpu_ioctl, which refuse them on a bugged VM; the
+    # guest_memfd fallocate, the mm's invalidation and closing the VM are not KVM ioctls.
     if k == "set_attributes":
-        return (yield from kvm.kvm_vm_set_mem_attributes(start, end, op.private))
+        return (yield from kvm.kvm_vm_ioctl("KVM_SET_MEMORY_ATTRIBUTES",
+                                            kvm.kvm_vm_set_mem_attributes(start, end, op.private)))
     if k == "punch_hole":
         return (yield from kvm.kvm_gmem_punch_hole(start, end))
     if k == "invalidate":
@@ -87,15 +90,19 @@ def host_op(kvm: Any, op: Op) -> Generator[Step, None, Any]:
         if not any(s.id == op.slot for s in kvm.memslots()):
             yield Step(EngineStep.WARN, {"message": f"no memslot {op.slot}: -EINVAL"})
             return -22
-        if k == "delete_memslot":
-            return (yield from kvm.kvm_delete_memslot(op.slot))
-        return (yield from kvm.kvm_set_dirty_logging(op.slot, op.on))
+        body = kvm.kvm_delete_memslot(op.slot) if k == "delete_memslot" else kvm.kvm_set_dirty_logging(op.slot,
+                                                                                                       op.on)
+        return (yield from kvm.kvm_vm_ioctl("KVM_SET_USER_MEMORY_REGION2", body))
     if k == "prefault":
-        return (yield from kvm.kvm_arch_vcpu_pre_fault_memory(kvm.vcpus[0], op.gpa, op.size))
+        vcpu = kvm.vcpus[0]
+        return (yield from kvm.kvm_vcpu_ioctl(vcpu, "KVM_PRE_FAULT_MEMORY",
+                                              kvm.kvm_arch_vcpu_pre_fault_memory(vcpu, op.gpa, op.size)))
     if k == "init_mem_region":
-        return (yield from kvm.kvm_tdx_init_mem_region(kvm.vcpus[0], op.gpa, op.size))
+        vcpu = kvm.vcpus[0]
+        return (yield from kvm.kvm_vcpu_ioctl(vcpu, "KVM_MEMORY_ENCRYPT_OP(KVM_TDX_INIT_MEM_REGION)",
+                                              kvm.kvm_tdx_init_mem_region(vcpu, op.gpa, op.size)))
     if k == "finalize":
-        return (yield from kvm.tdx_td_finalize())
+        return (yield from kvm.kvm_vm_ioctl("KVM_MEMORY_ENCRYPT_OP(KVM_TDX_FINALIZE_VM)", kvm.tdx_td_finalize()))
     if k == "destroy":
         return (yield from kvm.kvm_destroy_vm())
     if k == "seamcall":

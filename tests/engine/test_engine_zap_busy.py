@@ -69,7 +69,7 @@ def test_block_busy_twice_is_a_kvm_bug_and_a_dead_vm():
     built, rt = _run(2)
     bugs = frames(rt, EngineStep.KVM_BUG)
     assert bugs and bugs[0].step.get("bug") is True
-    assert bugs[0].step.get("message").startswith("TDH.MEM.RANGE.BLOCK failed")
+    assert bugs[0].step.get("message").startswith("SEAMCALL TDH_MEM_RANGE_BLOCK failed")
     assert built.kvm.vm_dead
     # Never a Python exception: both vCPU threads end with KVM_RUN's -EIO.
     assert not frames(rt, StepKind.TASK_ERROR)

@@ -203,7 +203,7 @@ def test_every_problem_is_reported(tmp_path: Path) -> None:
 
 def test_unknown_variant(tmp_path: Path) -> None:
     assert one(tmp_path, BASE.replace("gpaw = 48", 'gpaw = 48\nvariant = "v8"')).startswith(
-        "FILE:4: td.variant: unknown variant 'v8': expected one of upstream, v7")
+        "FILE:4: td.variant: unknown variant 'v8': expected one of upstream, v6.16, v7")
 
 
 def test_run_bad_input_exits_2(tmp_path: Path) -> None:

@@ -1,13 +1,15 @@
 """The TDX MMU as in v7 of the KVM TDX series (July 2022, the seed review of patch 046/102).
 
-What differs from upstream, function by function (reference kernel-tdp-mmu.md §7.2):
+Built on the v6.16 variant (the oldest merged shape: premapped KVM_TDX_INIT_MEM_REGION, KVM_BUG_ON, no memslot
+bail in the local retry, ioctls refused once the VM is dead). What differs from it, function by function:
 - every atomic update of a private SPTE freezes it (SHADOW_REMOVED_SPTE), runs handle_changed_spte - which
   calls the private hook - while frozen, and only then writes the new value;
 - private pages are pinned from the memslot's userspace address (pin_user_pages_fast, RWX only), not taken
   from guest_memfd; whether an access is private is decided by the GPA's shared bit alone;
 - gfns carry the shared bit on the shared side (kvm_gfn_for_root), instead of an iterator gfn_bits;
 - the private root is never invalidated, and roots start with one reference;
-- the EPT-violation handler has no local retry loop: RET_PF_RETRY re-enters the guest;
+- the EPT-violation handler has no local retry loop (RET_PF_RETRY re-enters the guest) and no detection of an
+  unexpected pending-page violation (tdx_is_sept_violation_unexpected_pending came with the 2025 merge);
 - RET_PF_* values of that era (RET_PF_FIXED = 4, RET_PF_SPURIOUS = 5).
 """
 
@@ -16,7 +18,7 @@ from __future__ import annotations
 from typing import Any
 
 from tdxdbg.engine.kvm import K_DESTROYING, RET_PF_V516, Gen, RetPf
-from tdxdbg.engine.mmu import EIO, KvmPageFault
+from tdxdbg.engine.mmu import KvmPageFault
 from tdxdbg.engine.mmu_page import RootTypes, root_ref_key
 from tdxdbg.engine.spte import (
     FROZEN_SPTE,
@@ -28,7 +30,7 @@ from tdxdbg.engine.spte import (
 from tdxdbg.engine.steps import EngineStep, SpteWrite
 from tdxdbg.engine.tdp_iter import TdpIter
 from tdxdbg.engine.tdp_mmu import EBUSY
-from tdxdbg.engine.variants.upstream import Upstream
+from tdxdbg.engine.variants.v6_16 import V6_16
 from tdxdbg.runtime.step import Step
 
 # SHADOW_REMOVED_SPTE = shadow_init_value | REMOVED_SPTE; with TDX the init value is the suppress-#VE bit,
@@ -36,7 +38,7 @@ from tdxdbg.runtime.step import Step
 SHADOW_REMOVED_SPTE = FROZEN_SPTE
 
 
-class V7(Upstream):
+class V7(V6_16):
     name = "v7"
     description = "The 2022 v7 TDX series: freeze on every private update, pinned private pages."
     ret_pf_values = RET_PF_V516
@@ -125,11 +127,9 @@ class V7(Upstream):
         return 0
 
     def tdx_handle_ept_violation(self, vcpu: Any, exit: Any) -> Gen:
-        """No local retry: RET_PF_RETRY goes back to the guest, which faults again at the same RIP."""
+        """No local retry: RET_PF_RETRY goes back to the guest, which faults again at the same RIP. A private
+        violation is handled as a write whatever the TDX module reports (no pending-page check)."""
         gpa = exit.gpa
-        if self.tdx_is_private_gpa(gpa) and self.tdx_is_sept_violation_unexpected_pending(exit):
-            yield from self.kvm_vm_dead(f"Guest access before accepting {gpa:#x} on vCPU {vcpu.index}")
-            return EIO
         exit_qual = 0x2 if self.tdx_is_private_gpa(gpa) else exit.exit_qual
         ret = yield from self.vmx_handle_ept_violation(vcpu, gpa, exit_qual)
         vcpu.fault_retries = 0

@@ -1,0 +1,236 @@
+"""KVM's TDX MMU as released in Linux v6.16 (tag v6.16), read at kvm-x86/linux 821655be0da7 (arch/x86/kvm/vmx/tdx.c
+of the v6.16 shape); kvm_main.c's ioctl gate as before "KVM: Reject ioctls only if the VM is bugged, not simply
+marked dead" (posted 2025-07-29, after v6.16).
+
+What differs from upstream, function by function (each only where the kernel did):
+- KVM_TDX_INIT_MEM_REGION premaps: tdx_gmem_post_populate maps the page through the fault path
+  (kvm_tdp_map_page, error code GUEST_FINAL | PRIVATE), the leaf hook only counts it (nr_premapped), and then
+  tdx_gmem_post_populate issues TDH.MEM.PAGE.ADD itself; a PAGE.ADD or MR.EXTEND error is returned (-EBUSY or
+  -EIO) without bugging the VM;
+- zapping a premapped page that never got PAGE.ADD finds TDX_EPT_ENTRY_STATE_INCORRECT and only drops the count
+  (tdx_is_sept_zap_err_due_to_premap); finalize refuses while pages are premapped;
+- SEAMCALL errors bug the VM with KVM_BUG_ON + pr_tdx_error (no TDX_BUG_ON), and the no-vCPUs retry is open coded
+  with tdx_no_vcpus_enter_start/stop in each caller (no tdh_do_no_vcpus);
+- the EPT-violation local retry loop has no bail on an invalid (being deleted) memslot;
+- every ioctl of a dead VM (kvm_vm_dead, not only a bugged one) fails with -EIO.
+
+Not modelled: the page reference (get_page / tdx_unpin) v6.16 took on each private page it mapped; nothing in
+the debugger frees a mapped guest_memfd page, so the reference changes no value shown.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from tdxdbg.engine.kvm import K_NR_PREMAPPED, K_PRE_FAULT_ALLOWED, K_TD_STATE, K_VM_DEAD, Gen, RetPf, TdState
+from tdxdbg.engine.mmu import EIO, PFERR_GUEST_FINAL_MASK, PFERR_PRIVATE_ACCESS
+from tdxdbg.engine.spte import PG_LEVEL_4K
+from tdxdbg.engine.steps import EngineStep, ExitInfo
+from tdxdbg.engine.tdx import (
+    EBUSY,
+    EINVAL,
+    EPT_VIOLATION_ACC_INSTR,
+    EPT_VIOLATION_ACC_WRITE,
+    TDX_EXTENDMR_CHUNKSIZE,
+    pg_level_to_tdx_sept_level,
+    tdx_operand_busy,
+)
+from tdxdbg.engine.variants.upstream import Upstream
+from tdxdbg.hw.tdx.leaves import Seamcall
+from tdxdbg.hw.tdx.status import OperandId, TdxStatus, is_error
+from tdxdbg.runtime.step import Step
+
+
+class V6_16(Upstream):
+    name = "v6.16"
+    description = "Linux v6.16: premapped KVM_TDX_INIT_MEM_REGION, KVM_BUG_ON, no memslot bail in the local retry."
+
+    # -- kvm_main.c ------------------------------------------------------------------------------------------
+    def kvm_ioctls_refused(self) -> bool:
+        """kvm_vm_ioctl / kvm_vcpu_ioctl: `if (kvm->mm != current->mm || kvm->vm_dead) return -EIO;`."""
+        return bool(self.world.get(K_VM_DEAD))
+
+    # -- the leaf hook: AUG, or count a premapped page ---------------------------------------------------------
+    def tdx_sept_set_private_spte(self, gfn: int, level: int, pfn: int) -> Gen:
+        """A runnable TD gets TDH.MEM.PAGE.AUG; before finalize the page is only counted (PAGE.ADD comes later,
+        from tdx_gmem_post_populate)."""
+        if (yield from self.kvm_bug_on(level != PG_LEVEL_4K, "TODO: handle large pages")):
+            return EINVAL
+        if self.td_state() is TdState.TD_STATE_RUNNABLE:
+            ret = yield from self.tdx_mem_page_aug(gfn, level, pfn)
+            return ret
+        ret = yield from self.tdx_mem_page_record_premap_cnt(gfn, level, pfn)
+        return ret
+
+    def tdx_mem_page_aug(self, gfn: int, level: int, pfn: int) -> Gen:
+        r = yield from self.seamcall(Seamcall.TDH_MEM_PAGE_AUG, (gfn << 12) | pg_level_to_tdx_sept_level(level),
+                                     None, pfn << 12)
+        if tdx_operand_busy(r.rax):
+            return EBUSY
+        if (yield from self.kvm_bug_on(is_error(r.rax), f"TDH.MEM.PAGE.AUG failed: {r}")):
+            return EIO
+        return 0
+
+    def tdx_mem_page_record_premap_cnt(self, gfn: int, level: int, pfn: int) -> Gen:
+        """nr_premapped counts mirror leaves that still wait for their TDH.MEM.PAGE.ADD."""
+        if (yield from self.kvm_bug_on(bool(self.world.get(K_PRE_FAULT_ALLOWED)),
+                                       "premapping a page after pre-faults were allowed")):
+            return EINVAL
+        self.world.set(K_NR_PREMAPPED, self.world.get(K_NR_PREMAPPED, 0) + 1)
+        return 0
+
+    def tdx_sept_link_private_spt(self, gfn: int, level: int, external_spt: int) -> Gen:
+        r = yield from self.seamcall(Seamcall.TDH_MEM_SEPT_ADD, (gfn << 12) | pg_level_to_tdx_sept_level(level),
+                                     None, external_spt << 12)
+        if tdx_operand_busy(r.rax):
+            return EBUSY
+        if (yield from self.kvm_bug_on(is_error(r.rax), f"TDH.MEM.SEPT.ADD failed: {r}")):
+            return EIO
+        return 0
+
+    # -- removal: open-coded no-vCPUs retry, premapped pages -------------------------------------------------
+    def tdx_sept_remove_private_spte(self, gfn: int, level: int, pfn: int) -> Gen:
+        if (yield from self.kvm_bug_on(not self.is_hkid_assigned(),
+                                       "removing a private page after the HKID was released")):
+            return EINVAL
+        ret = yield from self.tdx_sept_zap_private_spte(gfn, level, pfn)
+        if ret <= 0:
+            return ret
+        # TDX requires TLB tracking before dropping a private page.
+        yield from self.tdx_track()
+        ret = yield from self.tdx_sept_drop_private_spte(gfn, level, pfn)
+        return ret
+
+    def tdx_sept_zap_private_spte(self, gfn: int, level: int, pfn: int) -> Gen:
+        """TDH.MEM.RANGE.BLOCK, once more with vCPUs kept out on BUSY. 1 to go on, 0 for a premapped page."""
+        yield from self.warn_on_once(level != PG_LEVEL_4K, "large page")
+        rcx = (gfn << 12) | pg_level_to_tdx_sept_level(level)
+        r = yield from self.seamcall(Seamcall.TDH_MEM_RANGE_BLOCK, rcx)
+        if tdx_operand_busy(r.rax):
+            yield from self.tdx_no_vcpus_enter_start()
+            r = yield from self.seamcall(Seamcall.TDH_MEM_RANGE_BLOCK, rcx)
+            yield from self.tdx_no_vcpus_enter_stop()
+        if self.tdx_is_sept_zap_err_due_to_premap(r.rax) and not (
+                yield from self.kvm_bug_on(not self.world.get(K_NR_PREMAPPED, 0), "nr_premapped is 0")):
+            self.world.set(K_NR_PREMAPPED, self.world.get(K_NR_PREMAPPED, 0) - 1)
+            return 0
+        if (yield from self.kvm_bug_on(is_error(r.rax), f"TDH.MEM.RANGE.BLOCK failed: {r}")):
+            return EIO
+        return 1
+
+    def tdx_is_sept_zap_err_due_to_premap(self, err: int) -> bool:
+        """Before finalize, an empty S-EPT leaf (TDX_EPT_ENTRY_STATE_INCORRECT on RCX) is a premapped page
+        that never got TDH.MEM.PAGE.ADD. (The kernel also checks the returned entry is not an RWX leaf; a
+        premapped page's entry is FREE, which the status already says here.)"""
+        if not err or self.td_state() is TdState.TD_STATE_RUNNABLE:
+            return False
+        return err == TdxStatus.TDX_EPT_ENTRY_STATE_INCORRECT | OperandId.RCX
+
+    def tdx_sept_drop_private_spte(self, gfn: int, level: int, pfn: int) -> Gen:
+        if (yield from self.kvm_bug_on(level != PG_LEVEL_4K, "TODO: handle large pages")):
+            return EINVAL
+        if (yield from self.kvm_bug_on(not self.is_hkid_assigned(), "dropping a page without an HKID")):
+            return EINVAL
+        rcx = (gfn << 12) | pg_level_to_tdx_sept_level(level)
+        r = yield from self.seamcall(Seamcall.TDH_MEM_PAGE_REMOVE, rcx)
+        if tdx_operand_busy(r.rax):
+            yield from self.tdx_no_vcpus_enter_start()
+            r = yield from self.seamcall(Seamcall.TDH_MEM_PAGE_REMOVE, rcx)
+            yield from self.tdx_no_vcpus_enter_stop()
+        if (yield from self.kvm_bug_on(is_error(r.rax), f"TDH.MEM.PAGE.REMOVE failed: {r}")):
+            return EIO
+        keyed = (pfn << 12) | (self.tdx_module.config(self.tdr).hkid << 46)
+        r = yield from self.seamcall(Seamcall.TDH_PHYMEM_PAGE_WBINVD, keyed, 0)
+        if (yield from self.kvm_bug_on(is_error(r.rax), f"TDH.PHYMEM.PAGE.WBINVD failed: {r}")):
+            return EIO
+        # tdx_clear_page: clear the page before the host reuses it.
+        self.memory.zero_page(pfn)
+        return 0
+
+    def tdx_track(self) -> Gen:
+        if self.td_state() is not TdState.TD_STATE_RUNNABLE:
+            return
+        yield from self.warn_on_once(not self.holds_mmu_lock_write(), "tdx_track without the mmu_lock write lock")
+        r = yield from self.seamcall(Seamcall.TDH_MEM_TRACK, self.tdr_pa, 0)
+        if tdx_operand_busy(r.rax):
+            yield from self.tdx_no_vcpus_enter_start()
+            r = yield from self.seamcall(Seamcall.TDH_MEM_TRACK, self.tdr_pa, 0)
+            yield from self.tdx_no_vcpus_enter_stop()
+        yield from self.kvm_bug_on(is_error(r.rax), f"TDH.MEM.TRACK failed: {r}")
+        yield from self.kvm_make_all_cpus_request_outside_guest_mode()
+
+    # -- build time ----------------------------------------------------------------------------------------
+    def tdx_vcpu_init_mem_region_pages(self, vcpu: Any, gpa: int, size: int, measure: bool) -> Gen:
+        """tdx_vcpu_init_mem_region loads the MMU (kvm_mmu_reload) once, before the page loop."""
+        yield from self.kvm_mmu_load(vcpu)
+        ret = yield from super().tdx_vcpu_init_mem_region_pages(vcpu, gpa, size, measure)
+        return ret
+
+    def tdx_gmem_post_populate(self, vcpu: Any, gfn: int, pfn: int, src_pfn: int, measure: bool) -> Gen:
+        """Premap the page through the fault path, then TDH.MEM.PAGE.ADD it from the source page and
+        TDH.MR.EXTEND it. A PAGE.ADD or MR.EXTEND error is an ioctl error, not a bugged VM."""
+        gpa = gfn << 12
+        ret = yield from self.kvm_tdp_map_page(vcpu, gpa, PFERR_GUEST_FINAL_MASK | PFERR_PRIVATE_ACCESS)
+        if ret is not RetPf.RET_PF_FIXED and ret is not RetPf.RET_PF_SPURIOUS:
+            return ret if isinstance(ret, int) else EIO
+        r = yield from self.seamcall(Seamcall.TDH_MEM_PAGE_ADD, gpa, None, pfn << 12, src_pfn << 12)
+        if is_error(r.rax):
+            return EBUSY if tdx_operand_busy(r.rax) else EIO
+        if not (yield from self.kvm_bug_on(not self.world.get(K_NR_PREMAPPED, 0), "nr_premapped is 0")):
+            self.world.set(K_NR_PREMAPPED, self.world.get(K_NR_PREMAPPED, 0) - 1)
+        if measure:
+            for off in range(0, 4096, TDX_EXTENDMR_CHUNKSIZE):
+                r = yield from self.seamcall(Seamcall.TDH_MR_EXTEND, gpa + off)
+                if is_error(r.rax):
+                    return EIO
+        return 0
+
+    def tdx_td_finalize(self) -> Gen:
+        """KVM_TDX_FINALIZE_VM refuses while pages are premapped (nr_premapped), then TDH.MR.FINALIZE."""
+        if not self.is_hkid_assigned() or self.td_state() is TdState.TD_STATE_RUNNABLE:
+            yield Step(EngineStep.WARN, {"message": "KVM_TDX_FINALIZE_VM on a finalized TD: -EINVAL"})
+            return EINVAL
+        if self.world.get(K_NR_PREMAPPED, 0):
+            yield Step(EngineStep.WARN, {"message": "finalize with premapped pages left: -EINVAL"})
+            return EINVAL
+        r = yield from self.seamcall(Seamcall.TDH_MR_FINALIZE, self.tdr_pa, 0)
+        if tdx_operand_busy(r.rax):
+            return EBUSY
+        if (yield from self.kvm_bug_on(is_error(r.rax), f"TDH.MR.FINALIZE failed: {r}")):
+            return EIO
+        self.world.set(K_TD_STATE, TdState.TD_STATE_RUNNABLE)
+        self.world.set(K_PRE_FAULT_ALLOWED, True)
+        return 0
+
+    # -- EPT violations ------------------------------------------------------------------------------------
+    def tdx_handle_ept_violation(self, vcpu: Any, exit: Any) -> Gen:
+        """The local retry loop of v6.16: it ends on a non-RETRY result, a pending event or a dead VM, but not
+        on an invalid memslot (a vCPU faulting on a slot being deleted retries until the deletion is done)."""
+        gpa = exit.gpa
+        local_retry = False
+        if self.tdx_is_private_gpa(gpa):
+            if self.tdx_is_sept_violation_unexpected_pending(exit):
+                yield from self.kvm_vm_dead(f"Guest access before accepting {gpa:#x} on vCPU {vcpu.index}")
+                return EIO
+            exit_qual = EPT_VIOLATION_ACC_WRITE
+            local_retry = True
+        else:
+            exit_qual = exit.exit_qual
+            if (yield from self.kvm_bug_on(bool(exit_qual & EPT_VIOLATION_ACC_INSTR),
+                                           "instruction fetch from shared memory")):
+                return EIO
+        ret: Any = RetPf.RET_PF_RETRY
+        retries = 0
+        while True:
+            ret = yield from self.vmx_handle_ept_violation(vcpu, gpa, exit_qual)
+            if ret is not RetPf.RET_PF_RETRY or not local_retry:
+                break
+            if self.kvm_vcpu_has_events(vcpu):
+                break
+            if self.vm_dead:
+                ret = EIO
+                break
+            retries += 1
+            yield Step(EngineStep.EXIT, ExitInfo(vcpu=vcpu.index, what="local retry", gpa=gpa, retry=retries))
+        vcpu.fault_retries = retries
+        return ret
