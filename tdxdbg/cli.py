@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import io
+import os
 import sys
 from typing import IO
 
@@ -73,7 +75,7 @@ def _parser() -> _Parser:
                                      "relative to the current directory)")
     r.add_argument("--schedule", help="round_robin | sequential | random | random:SEED")
     r.add_argument("--json", metavar="PATH", help="write the JSON trace to PATH ('-' for standard output)")
-    r.add_argument("--max-frames", type=int, default=None, metavar="N", help="stop after N frames (exit 1)")
+    r.add_argument("--max-frames", type=_frames, default=None, metavar="N", help="stop after N frames (exit 1)")
     v = sub.add_parser("validate", prog="tdxdbg validate", help="check scenario files without running them")
     v.add_argument("scenario", nargs="+")
     sub.add_parser("scenarios", prog="tdxdbg scenarios", help="list the shipped scenarios")
@@ -84,6 +86,19 @@ def _parser() -> _Parser:
     return p
 
 
+def _frames(text: str) -> int:
+    """--max-frames: a positive integer (at most 64 bits of digits are read)."""
+    from tdxdbg.scenario.ops import OpError, parse_u64
+
+    try:
+        n = parse_u64(text, "a positive integer")
+    except OpError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, found {n}")
+    return n
+
+
 def _argv(args: list[str]) -> list[str]:
     """The bare form `tdxdbg [SCENARIO] [--variant V] [--schedule S]` is `tdxdbg tui ...`."""
     if args and (args[0] in SUBCOMMANDS or args[0] in ("-h", "--help", "-V", "--version")):
@@ -91,10 +106,96 @@ def _argv(args: list[str]) -> list[str]:
     return ["tui", *args]
 
 
+class _OutputError(Exception):
+    """Standard output could not be written (closed, full, a broken pipe)."""
+
+    def __init__(self, reason: str, broken_pipe: bool = False) -> None:
+        super().__init__(reason)
+        self.reason = reason
+        self.broken_pipe = broken_pipe
+
+
+class _Stream:
+    """A text stream whose write failures are an _OutputError (`report`) or ignored (standard error: there is
+    nowhere left to report them)."""
+
+    def __init__(self, stream: IO[str] | None, report: bool) -> None:
+        self._stream = stream
+        self._report = report
+
+    def _fail(self, e: BaseException | None) -> None:
+        if self._report:
+            reason = "it is closed" if e is None or isinstance(e, ValueError) else (
+                getattr(e, "strerror", None) or str(e))
+            raise _OutputError(reason, isinstance(e, BrokenPipeError)) from None
+
+    def write(self, text: str) -> int:
+        if self._stream is None:
+            self._fail(None)
+            return len(text)
+        try:
+            return self._stream.write(text)
+        except (OSError, ValueError) as e:  # ValueError: I/O operation on a closed file
+            self._fail(e)
+            return len(text)
+
+    def flush(self) -> None:
+        if self._stream is None:
+            return
+        try:
+            self._stream.flush()
+        except (OSError, ValueError) as e:
+            self._fail(e)
+
+    def isatty(self) -> bool:
+        try:
+            return self._stream is not None and self._stream.isatty()
+        except (OSError, ValueError):
+            return False
+
+    @property
+    def encoding(self) -> str:
+        return getattr(self._stream, "encoding", None) or "utf-8"
+
+
+def _lenient(stream: IO[str] | None) -> None:
+    """Characters the terminal's encoding cannot show (a unicode title under LANG=C or PYTHONIOENCODING=ascii)
+    are written as backslash escapes instead of failing."""
+    if isinstance(stream, io.TextIOWrapper):
+        with contextlib.suppress(Exception):
+            stream.reconfigure(errors="backslashreplace")
+
+
+def _silence_stdout() -> None:
+    """After standard output failed, point it at /dev/null so that the interpreter's final flush does not fail
+    again (the recipe of the Python documentation for SIGPIPE)."""
+    with contextlib.suppress(Exception):
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+
+
 def main(argv: list[str] | None = None, stdout: IO[str] | None = None, stderr: IO[str] | None = None) -> int:
-    out = stdout or sys.stdout
-    err = stderr or sys.stderr
-    args = _argv(sys.argv[1:] if argv is None else list(argv))
+    real = stdout is None
+    if real:
+        _lenient(sys.stdout)
+        _lenient(sys.stderr)
+    out = _Stream(sys.stdout if stdout is None else stdout, report=True)
+    err = _Stream(sys.stderr if stderr is None else stderr, report=False)
+    try:
+        code = _main(sys.argv[1:] if argv is None else list(argv), out, err)  # type: ignore[arg-type]
+        out.flush()
+    except _OutputError as e:
+        if real:
+            _silence_stdout()
+        if e.broken_pipe:  # the reader went away (`tdxdbg scenarios | head`): nothing to say, nobody to say it to
+            return 1
+        print(f"error: cannot write to standard output: {e.reason}", file=err)  # type: ignore[arg-type]
+        return 2
+    return code
+
+
+def _main(argv: list[str], out: IO[str], err: IO[str]) -> int:
+    args = _argv(argv)
     try:
         with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
             ns = _parser().parse_args(args)
@@ -140,9 +241,6 @@ def _run(ns: argparse.Namespace, out: IO[str], err: IO[str]) -> int:
         schedule = schedule_of(scenario, ns.schedule)
     except ScheduleError as e:
         print(f"error: {e}", file=err)
-        return 2
-    if ns.max_frames is not None and ns.max_frames < 1:
-        print(f"error: --max-frames: expected a positive integer, found {ns.max_frames}", file=err)
         return 2
     kwargs = {} if ns.max_frames is None else {"max_frames": ns.max_frames}
     report = run_scenario(scenario, schedule, **kwargs)

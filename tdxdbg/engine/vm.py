@@ -3,12 +3,15 @@ and the tasks the runtime schedules. A Session rebuilds from the same setup to r
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import difflib
 import importlib
 import importlib.util
+import signal
 import sys
-from collections.abc import Callable, Generator
+import threading
+from collections.abc import Callable, Generator, Iterator
 from pathlib import Path
 from types import CodeType
 from typing import Any
@@ -123,6 +126,80 @@ def variant_names() -> list[str]:
     return list(VARIANT_MODULES)
 
 
+# A user's variant file runs when it is imported: one that loops is stopped after this long (on the main
+# thread, where both `tdxdbg run` and the debugger load scenarios). Not engine time: the engine stays
+# deterministic; this only bounds how long a user's file may take to define its class.
+VARIANT_IMPORT_SECONDS = 10.0
+_TIMER_REPEAT_SECONDS = 0.5   # the timer fires again until the import stops, in case the file catches it once
+_user_modules: dict[tuple[str, int, int], Any] = {}
+
+
+class _ImportTooLong(BaseException):
+    """Raised in a variant file's import by the timer (a BaseException, so `except Exception` does not stop it)."""
+
+
+@contextlib.contextmanager
+def _import_deadline(seconds: float) -> Iterator[None]:
+    """Raise _ImportTooLong in the code running under it after `seconds` (main thread only; elsewhere, no bound)."""
+    if threading.current_thread() is not threading.main_thread() or not hasattr(signal, "setitimer"):
+        yield
+        return
+
+    def expire(_signum: int, _frame: object) -> None:
+        raise _ImportTooLong
+
+    old_handler = signal.signal(signal.SIGALRM, expire)
+    signal.setitimer(signal.ITIMER_REAL, seconds, _TIMER_REPEAT_SECONDS)
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, old_handler)
+
+
+def _text(value: object, limit: int = 200) -> str:
+    """A value from a user's file for a message: never raising (a huge int, a broken __str__), cut to `limit`."""
+    try:
+        text = repr(value) if value is None or isinstance(value, int | str) else str(value)
+    except Exception:
+        text = f"<{type(value).__name__}>"
+    return text if len(text) <= limit else f"{text[:limit]}..."
+
+
+def _import_user_file(path: Path) -> Any:
+    """Execute a user's variant file once per version of it (path, mtime, size): the loader's check and the
+    builder share the module. Every way the file can fail, `sys.exit` and a loop included, is a VariantError."""
+    st = path.stat()
+    key = (str(path.resolve()), st.st_mtime_ns, st.st_size)
+    if key in _user_modules:
+        return _user_modules[key]
+    mod_name = f"tdxdbg_user_variant_{len(_user_modules)}_{abs(hash(key))}"
+    module_spec = importlib.util.spec_from_file_location(mod_name, path)
+    if module_spec is None or module_spec.loader is None:
+        raise VariantError(f"{path}: cannot load variant: not a Python file")
+    module = importlib.util.module_from_spec(module_spec)
+    sys.modules[mod_name] = module
+    try:
+        with _import_deadline(VARIANT_IMPORT_SECONDS):
+            module_spec.loader.exec_module(module)
+    except _ImportTooLong:
+        del sys.modules[mod_name]
+        raise VariantError(f"{path}: cannot load variant: importing the file did not finish within "
+                           f"{VARIANT_IMPORT_SECONDS:g} seconds") from None
+    except SystemExit as exc:
+        del sys.modules[mod_name]
+        raise VariantError(f"{path}: cannot load variant: the file called sys.exit({_text(exc.code)}) while "
+                           "being imported") from None
+    except KeyboardInterrupt:
+        del sys.modules[mod_name]
+        raise
+    except BaseException as exc:  # a user's file: report, never a traceback
+        del sys.modules[mod_name]
+        raise VariantError(f"{path}: cannot load variant: {type(exc).__name__}: {_text(exc)}") from None
+    _user_modules[key] = module
+    return module
+
+
 def load_variant(spec: str, base_dir: Path | None = None) -> type:
     """A shipped variant by name, or `path/to/file.py:ClassName` (relative to `base_dir`)."""
     if spec in VARIANT_MODULES:
@@ -137,17 +214,11 @@ def load_variant(spec: str, base_dir: Path | None = None) -> type:
     path = Path(path_text)
     if not path.is_absolute() and base_dir is not None:
         path = base_dir / path
-    if not path.is_file():
+    if not path.exists():
         raise VariantError(f"variant file {path} does not exist")
-    mod_name = f"tdxdbg_user_variant_{abs(hash(str(path.resolve())))}"
-    try:
-        module_spec = importlib.util.spec_from_file_location(mod_name, path)
-        assert module_spec is not None and module_spec.loader is not None
-        module = importlib.util.module_from_spec(module_spec)
-        sys.modules[mod_name] = module
-        module_spec.loader.exec_module(module)
-    except Exception as exc:  # a user's file: report, never a traceback
-        raise VariantError(f"{path}: cannot load variant: {type(exc).__name__}: {exc}") from None
+    if not path.is_file():
+        raise VariantError(f"variant file {path} is not a regular file")
+    module = _import_user_file(path)
     cls = getattr(module, cls_name, None)
     if not isinstance(cls, type) or not issubclass(cls, Upstream):
         raise VariantError(f"{path}: {cls_name!r} is not a class derived from "

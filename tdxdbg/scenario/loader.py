@@ -6,7 +6,10 @@ the key) and what was expected and found. `load` raises ScenarioError with all o
 
 from __future__ import annotations
 
+import os
 import re
+import stat
+import sys
 import tomllib
 from importlib import resources
 from pathlib import Path
@@ -27,7 +30,17 @@ from tdxdbg.scenario.model import (
     ScheduleModel,
     TdSpec,
 )
-from tdxdbg.scenario.ops import LEVEL_NAMES, MAX_U64, OpError, parse_guest_op, parse_host_op, parse_int, parse_size
+from tdxdbg.scenario.ops import (
+    LEVEL_NAMES,
+    MAX_U64,
+    OpError,
+    int_text,
+    parse_guest_op,
+    parse_host_op,
+    parse_int,
+    parse_size,
+    shown,
+)
 
 TOP_KEYS = ("title", "description", "td", "memslot", "attributes", "vcpu", "host", "schedule", "inject", "expect")
 TD_KEYS = ("gpaw", "variant", "sept_ve_disable", "state")
@@ -45,6 +58,16 @@ EXPECT_FIELDS = {
 }
 RET_NAMES = tuple(RetPf.__members__)
 KVM_LEVELS = {"4K": 1, "2M": 2, "1G": 3}
+# Bounds on what a scenario file may ask for, so that any input is read and checked in bounded time and memory.
+MAX_FILE_BYTES = 1 << 20          # a scenario file; the shipped ones are a few kilobytes
+MAX_PROBLEMS = 200                # problems reported one by one; the rest are counted in one more line
+MAX_KEY_CHARS = 60                # of a key name quoted in a key path
+MAX_OP_CHARS = 200                # one program operation
+MAX_STATUS_CHARS = 100            # a status name with its operand id
+MAX_ORDER_TURNS = 1_000_000       # [schedule] order, repeat counts expanded
+# KVM_USER_MEM_SLOTS on x86 (KVM_MEM_SLOTS_NUM - KVM_INTERNAL_MEM_SLOTS): kvm_set_memory_region() refuses a
+# slot id at or above it with -EINVAL.
+KVM_USER_MEM_SLOTS = 32764
 
 
 # -- where shipped scenarios live -----------------------------------------------------------------------------
@@ -70,16 +93,16 @@ def describe(value: Any) -> str:
     if isinstance(value, bool):
         return f"the boolean {str(value).lower()}"
     if isinstance(value, int):
-        return f"the integer {value}"
+        return f"the integer {value}" if abs(value) <= MAX_U64 else int_text(value)
     if isinstance(value, float):
         return f"the float {value}"
     if isinstance(value, str):
-        return f"the string {value!r}"
+        return f"the string {shown(value)}"
     if isinstance(value, dict):
         return "a table"
     if isinstance(value, list):
         return "an array"
-    return f"a {type(value).__name__} ({value})"
+    return f"a {type(value).__name__} ({shown(value)})"
 
 
 def render_path(path: tuple[Any, ...]) -> str:
@@ -88,7 +111,8 @@ def render_path(path: tuple[Any, ...]) -> str:
         if isinstance(part, int):
             out += f"[{part}]"
         else:
-            out += ("." if out else "") + part
+            name = part if len(part) <= MAX_KEY_CHARS else f"{part[:MAX_KEY_CHARS]}..."
+            out += ("." if out else "") + name
     return out
 
 
@@ -181,8 +205,12 @@ class Checker:
         self.file = file
         self.finder = LineFinder(text)
         self.problems: list[Problem] = []
+        self.unlisted = 0  # problems past MAX_PROBLEMS, counted, not located
 
     def problem(self, path: tuple[Any, ...], message: str, element: Any = None, earlier: int = 0) -> None:
+        if len(self.problems) >= MAX_PROBLEMS:
+            self.unlisted += 1
+            return
         try:
             line = self.finder.find(path, element, earlier)
         except Exception:  # the line is a help, never a reason to fail
@@ -192,7 +220,7 @@ class Checker:
     def keys(self, table: dict[str, Any], allowed: tuple[str, ...], path: tuple[Any, ...]) -> None:
         for k in table:
             if k not in allowed:
-                self.problem((*path, k), f"unknown key {k!r}: expected one of {', '.join(allowed)}")
+                self.problem((*path, k), f"unknown key {shown(k)}: expected one of {', '.join(allowed)}")
 
     def typed(self, table: dict[str, Any], key: str, kind: type | tuple[type, ...], what: str,
               path: tuple[Any, ...], default: Any = None, required: bool = False) -> Any:
@@ -202,6 +230,8 @@ class Checker:
             return default
         v = table[key]
         ok = isinstance(v, kind) and not (isinstance(v, bool) and kind in (int, (int, str)))
+        if ok and isinstance(v, int) and not isinstance(v, bool) and abs(v) > MAX_U64:
+            ok = False  # no key takes more than 64 bits
         if not ok:
             self.problem((*path, key), f"expected {what}, found {describe(v)}")
             return default
@@ -234,21 +264,55 @@ def load(spec: str | Path, variant: str | None = None) -> Scenario:
     """Read and check a scenario (a path or a shipped name). Raises ScenarioError listing every problem."""
     path = resolve(str(spec))
     file = str(path)
-    try:
-        raw = path.read_bytes()
-    except FileNotFoundError:
-        names = ", ".join(p.stem for p in shipped())
-        raise ScenarioError([Problem(file, "", f"no such file: expected a readable scenario file or a shipped "
-                                                f"scenario name ({names})")]) from None
-    except (OSError, ValueError) as e:
-        raise ScenarioError([Problem(file, "", f"cannot read the file: {getattr(e, 'strerror', None) or e}")]) \
-            from None
+    raw = _read_bounded(path, file)
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as e:
         raise ScenarioError([Problem(file, "", f"expected UTF-8 text, found a byte {raw[e.start]:#04x} that is "
                                                f"not UTF-8 at offset {e.start}")]) from None
     return loads(text, file, variant, base_dir=path.parent)
+
+
+def _read_bounded(path: Path, file: str) -> bytes:
+    """The bytes of a regular file of at most MAX_FILE_BYTES. Opened without blocking, so that a FIFO or a
+    device (/dev/zero, /dev/urandom) is refused instead of read forever."""
+    def fail(message: str) -> ScenarioError:
+        return ScenarioError([Problem(file, "", message)])
+
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+    except FileNotFoundError:
+        names = ", ".join(p.stem for p in shipped())
+        raise fail(f"no such file: expected a readable scenario file or a shipped scenario name ({names})") \
+            from None
+    except (OSError, ValueError) as e:
+        raise fail(f"cannot read the file: {getattr(e, 'strerror', None) or e}") from None
+    try:
+        mode = os.fstat(fd).st_mode
+        if not stat.S_ISREG(mode):
+            raise fail(f"expected a regular file, found {_file_kind(mode)}")
+        chunks: list[bytes] = []
+        size = 0
+        while size <= MAX_FILE_BYTES:
+            chunk = os.read(fd, MAX_FILE_BYTES + 1 - size)
+            if not chunk:
+                break
+            chunks.append(chunk)
+            size += len(chunk)
+        raw = b"".join(chunks)
+    except OSError as e:
+        raise fail(f"cannot read the file: {e.strerror or e}") from None
+    finally:
+        os.close(fd)
+    if len(raw) > MAX_FILE_BYTES:
+        raise fail(f"expected a scenario file of at most {MAX_FILE_BYTES} bytes, found a larger file")
+    return raw
+
+
+def _file_kind(mode: int) -> str:
+    kinds = ((stat.S_ISDIR, "a directory"), (stat.S_ISFIFO, "a FIFO"), (stat.S_ISCHR, "a character device"),
+             (stat.S_ISBLK, "a block device"), (stat.S_ISSOCK, "a socket"))
+    return next((what for test, what in kinds if test(mode)), "a special file")
 
 
 def loads(text: str, file: str = "<string>", variant: str | None = None,
@@ -265,6 +329,14 @@ def loads(text: str, file: str = "<string>", variant: str | None = None,
         if not m and "end of document" in msg:
             line = len(text.splitlines()) or 1
         raise ScenarioError([Problem(file, "", f"TOML syntax error: {what}", line)]) from None
+    except ValueError as e:  # int() refusing a decimal literal of more than sys.get_int_max_str_digits()
+        if "integer string conversion" not in str(e):
+            raise ScenarioError([Problem(file, "", f"TOML syntax error: {type(e).__name__}: {e}")]) from None
+        m = re.search(rf"[0-9_]{{{sys.get_int_max_str_digits()},}}", text)
+        line = text.count("\n", 0, m.start()) + 1 if m else None
+        raise ScenarioError([Problem(file, "", "expected a number that fits in 64 bits, found a decimal integer "
+                                               f"of more than {sys.get_int_max_str_digits()} digits", line)]) \
+            from None
     except Exception as e:  # anything tomllib may raise on strange input (e.g. recursion limits)
         raise ScenarioError([Problem(file, "", f"TOML syntax error: {type(e).__name__}: {e}")]) from None
     c = Checker(file, text)
@@ -273,6 +345,8 @@ def loads(text: str, file: str = "<string>", variant: str | None = None,
     except RecursionError:
         c.problems.append(Problem(file, "", "the file nests too deeply"))
         scenario = None
+    if c.unlisted:
+        c.problems.append(Problem(file, "", f"{c.unlisted} more problems not listed"))
     if c.problems or scenario is None:
         raise ScenarioError(c.problems)
     return scenario
@@ -323,10 +397,15 @@ def _check(c: Checker, data: dict[str, Any], file: str, variant_override: str | 
     tables = _table_array(c, data, "memslot")
     if "memslot" not in data:
         c.problem((), "missing [[memslot]]: every scenario needs at least one memslot")
+    elif data["memslot"] == []:
+        c.problem(("memslot",), "expected at least one [[memslot]], found an empty array")
     for i, t in enumerate(tables):
         p = ("memslot", i)
         c.keys(t, MEMSLOT_KEYS, p)
         sid = c.typed(t, "id", int, "an integer memslot id", p, default=i)
+        if not 0 <= sid < KVM_USER_MEM_SLOTS:
+            c.problem((*p, "id"), f"expected a memslot id from 0 to {KVM_USER_MEM_SLOTS - 1}, found {int_text(sid)}")
+            continue
         gpa = c.number(t["gpa"], (*p, "gpa"), "a GPA") if "gpa" in t else None
         if "gpa" not in t:
             c.problem(p, "missing key 'gpa': expected the memslot's first GPA")
@@ -435,9 +514,9 @@ def _check_variant(c: Checker, variant: str, base_dir: Path | None, from_cli: bo
     except VariantError as e:
         c.problem(path, str(e))
     except ImportError as e:
-        c.problem(path, f"variant {variant!r} is not available in this build: {e}")
+        c.problem(path, f"variant {shown(variant)} is not available in this build: {e}")
     except Exception as e:  # never a traceback
-        c.problem(path, f"cannot load variant {variant!r}: {type(e).__name__}: {e}")
+        c.problem(path, f"cannot load variant {shown(variant)}: {type(e).__name__}: {e}")
 
 
 def _programs(c: Checker, t: dict[str, Any], p: tuple[Any, ...], guest: bool, td: TdSpec,
@@ -457,6 +536,9 @@ def _programs(c: Checker, t: dict[str, Any], p: tuple[Any, ...], guest: bool, td
 
         if not isinstance(text, str):
             bad(f"expected a string holding an operation, found {describe(text)}")
+            continue
+        if len(text) > MAX_OP_CHARS:
+            bad(f"expected an operation of at most {MAX_OP_CHARS} characters, found {shown(text)}")
             continue
         try:
             op = parse_guest_op(text) if guest else parse_host_op(text)
@@ -525,6 +607,9 @@ def _schedule(c: Checker, data: dict[str, Any], tasks: list[str]) -> ScheduleMod
         c.problem((*p, "policy"), f"expected \"round_robin\", \"sequential\" or \"random\", found {describe(policy)}")
         policy = "round_robin"
     seed = c.typed(s, "seed", int, "an integer seed", p, default=0)
+    if not 0 <= seed <= MAX_U64:
+        c.problem((*p, "seed"), f"expected a seed between 0 and 2^64-1, found {int_text(seed)}")
+        seed = 0
     order = c.typed(s, "order", list, "an array of task names", p, default=[])
     names: list[str] = []
     for i, name in enumerate(order):
@@ -533,12 +618,16 @@ def _schedule(c: Checker, data: dict[str, Any], tasks: list[str]) -> ScheduleMod
             c.problem((*p, "order", i), f"expected a task name, found {describe(name)}", name, earlier)
             continue
         m = re.fullmatch(r"(.+?)\*([0-9]+)", name)
-        task, count = (m.group(1), int(m.group(2))) if m else (name, 1)
+        task, count_text = (m.group(1), m.group(2)) if m else (name, "1")
+        # Counted before any conversion: a repeat count longer than the bound's digits is over the bound.
+        count = int(count_text) if len(count_text.lstrip("0")) <= len(str(MAX_ORDER_TURNS)) else MAX_ORDER_TURNS + 1
         if task not in tasks:
-            c.problem((*p, "order", i), f"unknown task {task!r}: expected one of {', '.join(tasks) or '(no tasks)'}",
-                      name, earlier)
-        elif count > 1_000_000:
-            c.problem((*p, "order", i), f"expected a repeat count of at most 1000000, found {count}", name, earlier)
+            c.problem((*p, "order", i), f"unknown task {shown(task)}: expected one of "
+                                        f"{', '.join(tasks) or '(no tasks)'}", name, earlier)
+        elif len(names) + count > MAX_ORDER_TURNS:
+            c.problem((*p, "order", i), f"expected an order of at most {MAX_ORDER_TURNS} turns in all (repeat "
+                                        f"counts included), found more by {shown(name)}", name, earlier)
+            break
         else:
             names.extend([task] * count)
     return ScheduleModel(policy, seed, tuple(names))
@@ -551,7 +640,7 @@ def _leaf(c: Checker, value: Any, path: tuple[Any, ...]) -> str | None:
     try:
         return Seamcall.parse(value).name
     except ValueError:
-        c.problem(path, f"unknown SEAMCALL leaf {value!r}: expected a leaf like TDH.MEM.PAGE.AUG")
+        c.problem(path, f"unknown SEAMCALL leaf {shown(value)}: expected a leaf like TDH.MEM.PAGE.AUG")
         return None
 
 
@@ -564,13 +653,17 @@ def _status(c: Checker, value: Any, path: tuple[Any, ...]) -> int | None:
             c.problem(path, f"expected a 64-bit status, found {describe(value)}")
             return None
         return value
+    if len(value) > MAX_STATUS_CHARS:
+        c.problem(path, f"expected a status name like TDX_OPERAND_BUSY (optionally |OPERAND) or an integer, "
+                        f"found {shown(value)}")
+        return None
     try:
         n = parse_status(value)
     except ValueError as e:
         c.problem(path, f"{e}: expected a status name like TDX_OPERAND_BUSY (optionally |OPERAND) or an integer")
         return None
     if not 0 <= n <= MAX_U64:
-        c.problem(path, f"expected a 64-bit status, found {value!r}")
+        c.problem(path, f"expected a 64-bit status, found {shown(value)}")
         return None
     return n
 
@@ -720,9 +813,12 @@ def _one_expect(c: Checker, kind: str, v: Any, p: tuple[Any, ...], tasks: list[s
         if "ret" in v:
             ret = v["ret"]
             if isinstance(ret, bool) or not (isinstance(ret, int) or (isinstance(ret, str) and (
-                    ret in RET_NAMES or re.fullmatch(r"-E[A-Z]+|-?\d+", ret)))):
+                    ret in RET_NAMES or re.fullmatch(r"-E[A-Z]{1,20}|-?\d{1,20}", ret)))):
                 c.problem((*p, "ret"), f"expected a RET_PF_* name ({', '.join(RET_NAMES)}) or an errno like "
                                        f"\"-EFAULT\", found {describe(ret)}")
+            elif isinstance(ret, int) and abs(ret) > MAX_U64:
+                c.problem((*p, "ret"), f"expected a RET_PF_* name or an errno like \"-EFAULT\", found "
+                                       f"{describe(ret)}")
             else:
                 f["ret"] = str(ret) if isinstance(ret, int) else ret
         if "retries" in v:

@@ -11,6 +11,7 @@ from tdxdbg.runtime.scheduler import Policy, ScheduleSpec
 from tdxdbg.scenario.builder import build_setup
 from tdxdbg.scenario.expectations import Result, evaluate
 from tdxdbg.scenario.model import Scenario
+from tdxdbg.scenario.ops import OpError, parse_u64, shown
 from tdxdbg.scenario.runner import DEFAULT_MAX_FRAMES, run_setup
 from tdxdbg.scenario.trace import Facts, collect, to_json_obj
 
@@ -43,12 +44,12 @@ def schedule_of(scenario: Scenario, override: str | None = None) -> ScheduleSpec
         bad = name not in ("round_robin", "sequential", "random") or (seed_text and name != "random")
         if not bad and seed_text:
             try:
-                seed = int(seed_text, 0)
-            except ValueError:
+                seed = parse_u64(seed_text, "a seed")
+            except OpError:
                 bad = True
         if bad:
-            raise ScheduleError(f"--schedule: expected round_robin, sequential, random or random:SEED, "
-                                f"found {override!r}")
+            raise ScheduleError(f"--schedule: expected round_robin, sequential, random or random:SEED (SEED "
+                                f"below 2^64), found {shown(override)}")
         policy = name
     return ScheduleSpec(Policy(policy), seed, s.order)
 

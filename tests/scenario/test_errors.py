@@ -173,10 +173,10 @@ def test_missing_file() -> None:
                                      "or a shipped scenario name (accept_flow, ")
 
 
-def test_unreadable_file(tmp_path: Path) -> None:
+def test_a_directory_is_not_a_scenario(tmp_path: Path) -> None:
     out, err = io.StringIO(), io.StringIO()
     assert main(["run", str(tmp_path)], out, err) == 2
-    assert err.getvalue().startswith(f"error: {tmp_path}: cannot read the file: ")
+    assert err.getvalue() == f"error: {tmp_path}: expected a regular file, found a directory\n"
 
 
 def test_not_utf8(tmp_path: Path) -> None:
@@ -277,7 +277,8 @@ def test_bad_schedule_is_one_message_in_cli_and_tui(schedule: str) -> None:
     reports the same text instead of a session."""
     from tdxdbg.ui.loading import open_scenario
 
-    expected = f"--schedule: expected round_robin, sequential, random or random:SEED, found {schedule!r}"
+    expected = (f"--schedule: expected round_robin, sequential, random or random:SEED (SEED below 2^64), "
+                f"found {schedule!r}")
     err = io.StringIO()
     assert main(["run", "first_private_fault", "--schedule", schedule], io.StringIO(), err) == 2
     assert err.getvalue() == f"error: {expected}\n"
