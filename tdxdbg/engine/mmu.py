@@ -271,10 +271,18 @@ class MmuOps(TdpMmuOps):
 
     # -- huge pages ------------------------------------------------------------------------------------------
     def kvm_mmu_hugepage_adjust(self, vcpu: Any, fault: KvmPageFault) -> None:
-        """req_level: the largest level the host mapping, the slot, the attributes and max_level allow."""
+        """kvm_mmu_hugepage_adjust (mmu.c): req_level is the largest level the host mapping, the slot, the
+        attributes and max_level allow; goal_level follows it unless the NX workaround forbids a huge page.
+        A huge goal level aligns fault->pfn down to the huge page (`fault->pfn &= ~mask`): the leaf maps the
+        whole huge page from its first 4K page, whichever gfn inside it faulted."""
         fault.huge_page_disallowed = fault.exec and fault.nx_huge_page_workaround_enabled
-        if fault.max_level == PG_LEVEL_4K or fault.slot is None or fault.pfn < 0:
-            fault.req_level = fault.goal_level = PG_LEVEL_4K
+        if fault.max_level == PG_LEVEL_4K:
+            return
+        # is_error_noslot_pfn: no memslot (MMIO) or no page.
+        if fault.slot is None or fault.pfn < 0:
+            return
+        # kvm_slot_dirty_track_enabled: dirty logging works at 4K.
+        if fault.slot.dirty_log:
             return
         level = PG_LEVEL_4K
         for candidate in (PgLevel.PG_LEVEL_1G, PgLevel.PG_LEVEL_2M):
@@ -284,7 +292,13 @@ class MmuOps(TdpMmuOps):
                 level = candidate
                 break
         fault.req_level = level
-        fault.goal_level = PG_LEVEL_4K if fault.huge_page_disallowed else level
+        if fault.req_level == PG_LEVEL_4K or fault.huge_page_disallowed:
+            return
+        fault.goal_level = fault.req_level
+        # VM_BUG_ON((gfn & mask) != (pfn & mask)) cannot fire here: the shared backing is allocated 2M-aligned
+        # (hva_to_pfn), so a gfn's offset in its huge page equals its pfn's.
+        mask = kvm_pages_per_hpage(fault.goal_level) - 1
+        fault.pfn &= ~mask
 
     def kvm_mmu_max_mapping_level_ok(self, slot: Memslot, gfn: int, level: int, private: bool) -> bool:
         """The whole huge range must lie in the slot, be backed by one host huge page (shared), and carry

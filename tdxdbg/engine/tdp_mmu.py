@@ -299,6 +299,9 @@ class TdpMmuOps(GmemOps):
             self.tdp_mmu_init_child_sp(sp, it)
             if self.sptep_to_sp(sp).role.is_mirror:
                 self.kvm_mmu_alloc_external_spt(sp)
+            if fault.huge_page_disallowed:
+                # sp->nx_huge_page_disallowed = fault->huge_page_disallowed (kvm_tdp_mmu_map)
+                self.world.set(sp_key(sp), self.sptep_to_sp(sp)._replace(nx_huge_page_disallowed=True))
             yield Step(EngineStep.SP_ALLOC, {"table": sp, "level": it.level - 1, "gfn": it.gfn,
                                              "kind": it.root_kind,
                                              "external_spt": self.sptep_to_sp(sp).external_spt})
@@ -319,9 +322,13 @@ class TdpMmuOps(GmemOps):
         return ret
 
     def disallowed_hugepage_adjust(self, fault: KvmPageFault, spte: int, level: int) -> None:
-        """NX huge-page mitigation: map at a lower level when an existing non-leaf sits where a huge page would."""
-        if (level > PG_LEVEL_4K and level <= fault.goal_level and is_shadow_present_pte(spte)
-                and not is_large_pte(spte)):
+        """disallowed_hugepage_adjust (mmu.c): a table already sits where the huge page would go and it was
+        made for an NX-disallowed huge page: go one level down, patching the next 9 bits of the gfn back into
+        the pfn that kvm_mmu_hugepage_adjust aligned down."""
+        if (level > PG_LEVEL_4K and level == fault.goal_level and is_shadow_present_pte(spte)
+                and not is_large_pte(spte) and self.sptep_to_sp(spte_to_pfn(spte)).nx_huge_page_disallowed):
+            page_mask = kvm_pages_per_hpage(level) - kvm_pages_per_hpage(level - 1)
+            fault.pfn |= fault.gfn & page_mask
             fault.goal_level = level - 1
 
     def is_access_allowed(self, fault: KvmPageFault, spte: int) -> bool:

@@ -7,7 +7,7 @@ import copy
 from typing import Any
 
 from tdxdbg.engine.kvm import K_DESTROYING, K_TD_STATE, K_VM_DEAD, K_WAIT_FOR_SEPT_ZAP, Gen, RetPf, TdState
-from tdxdbg.engine.mmu import EFAULT
+from tdxdbg.engine.mmu import EFAULT, EIO
 from tdxdbg.engine.steps import EngineStep, ExitInfo
 from tdxdbg.hw.cpu import TdExit, TdVcpu
 from tdxdbg.hw.ept import ExitReason
@@ -191,6 +191,11 @@ class VcpuOps:
             if isinstance(ret, RetPf):
                 return 1
             return ret
+        if reason is ExitReason.EPT_MISCONFIG:
+            # tdx_handle_exit: "if (unlikely(vp_enter_ret == EXIT_REASON_EPT_MISCONFIG)) KVM_BUG_ON": KVM never
+            # builds a misconfigured shared-EPT entry for a TD (its MMIO SPTEs are #VE-able, not misconfigs).
+            yield from self.kvm_bug_on(True, f"EPT misconfiguration at {exit.gpa:#x}")
+            return EIO
         if reason is ExitReason.TDCALL:
             ret = yield from self.handle_tdvmcall(vcpu, exit)
             return ret

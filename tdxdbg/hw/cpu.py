@@ -25,6 +25,7 @@ from tdxdbg.hw.ept import (
     ExitQual,
     ExitReason,
     entry_pfn,
+    is_misconfigured,
     is_present,
     pt_index,
 )
@@ -404,6 +405,8 @@ class TdVcpu:
                 # The #VE information area reports the full faulting GPA (the guest's MMIO emulation uses it).
                 return guest.VirtualizationException(gpa, int(qual))
             leaf = level == 0 or bool(e & EptBit.PAGE_SIZE)
+            if is_misconfigured(e, level, leaf):
+                return TdExit.of(ExitReason.EPT_MISCONFIG, 0, 0, gpa)
             if leaf and not perms & NEEDED[access]:
                 return TdExit.of(ExitReason.EPT_VIOLATION, int(qual) | (perms << EXIT_QUAL_RWX_SHIFT), 0, page_gpa)
             # Plain ints in the World: `int | EptBit` would store an EptBit pseudo-member.

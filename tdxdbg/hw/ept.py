@@ -78,6 +78,28 @@ def is_present(entry: int) -> bool:
     return entry & EPT_RWX != 0
 
 
+# Memory types an EPT leaf may not hold (SDM "EPT Misconfigurations": 2, 3 and 7 are reserved).
+RESERVED_MEMTYPES = frozenset({2, 3, 7})
+
+
+def leaf_reserved_address_mask(level: int) -> int:
+    """Bits 12 .. 12+9*level-1 of a huge leaf (20:12 in a 2M PDE, 29:12 in a 1G PDPTE): reserved, since the
+    page it maps is aligned to its size. Zero for a 4K leaf."""
+    return (level_size(level) - 1) & ~(PAGE_SIZE - 1)
+
+
+def is_misconfigured(entry: int, level: int, leaf: bool) -> bool:
+    """SDM "EPT Misconfigurations" for a present entry the walk uses: write without read, a reserved address
+    bit inside a huge leaf's page, or a leaf with a reserved memory type. (Bits 51:MAXPHYADDR are reserved
+    too; with the emulated MAXPHYADDR of 52 there are none.) The CPU reports such an access as an
+    EPT-misconfiguration VM exit, not an EPT violation."""
+    if entry & EptBit.WRITE and not entry & EptBit.READ:
+        return True
+    if leaf and entry & leaf_reserved_address_mask(level):
+        return True
+    return leaf and (entry & MEMTYPE_MASK) >> MEMTYPE_SHIFT in RESERVED_MEMTYPES
+
+
 class Gpaw(enum.IntEnum):
     """Guest physical-address width of a TD; the shared bit is its top bit."""
 

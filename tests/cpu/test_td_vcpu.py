@@ -184,6 +184,33 @@ def test_shared_2m_leaf_translates_offsets_inside_the_2mib_page():
     assert mem.table_entries(ept.pt) == {}
 
 
+@pytest.mark.parametrize(("level", "reserved_bit"), [(1, 1 << 12), (1, 1 << 20), (2, 1 << 29)])
+def test_huge_leaf_with_a_reserved_address_bit_is_an_ept_misconfiguration(level, reserved_bit):
+    """SDM "EPT Misconfigurations": bits 20:12 of a 2M leaf and 29:12 of a 1G leaf are reserved. An access
+    through such a leaf exits with EPT_MISCONFIG (49) and the full GPA; nothing is read, RIP stays."""
+    gpa = SHARED | 0x4020_0000 | 0x3_4568
+    m, _tdr, ept, prog, v = shared_vcpu([insn.read(gpa)])
+    base = m.memory.alloc_contiguous(512, "kvm:huge", align=512)
+    if level == 1:
+        ept.link(gpa, pde=None)
+        m.memory.write_entry(ept.pd, pt_index(gpa, 1), (base << 12) | reserved_bit | PS | RWX)
+    else:
+        ept.link(gpa, pdpte=RWX)
+        m.memory.write_entry(ept.pdpt, pt_index(gpa, 2), (base << 12) | reserved_bit | PS | RWX)
+    ex = enter(v)
+    assert (ex.reason, ex.rax, ex.gpa) == (ExitReason.EPT_MISCONFIG, 49, gpa)
+    assert prog.results == [] and rip(v) == 0
+
+
+def test_write_without_read_and_reserved_memtype_are_misconfigurations():
+    """SDM "EPT Misconfigurations": W without R in any entry, memory type 2 in a leaf."""
+    for pte in (W | X, (2 << 3) | RWX):
+        m, _tdr, ept, _prog, v = shared_vcpu([insn.read(SGPA)])
+        ept.link(SGPA)
+        m.memory.write_entry(ept.pt, pt_index(SGPA, 0), (m.memory.alloc("kvm:shared") << 12) | pte)
+        assert enter(v).reason is ExitReason.EPT_MISCONFIG
+
+
 def test_shared_non_present_entry_with_sve_exits_to_the_host():
     """A non-present shared EPT entry with SVE set: TD exit EPT_VIOLATION (48), R8 = page GPA with the shared
     bit, exit qualification with the access bit and bits 3-5 zero; RIP stays so the access is retried."""

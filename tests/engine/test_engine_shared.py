@@ -94,3 +94,47 @@ def test_shared_access_without_memslot_installs_mmio_spte_and_retries_the_instru
     assert leaf_value(kvm, kvm.vcpus[0].direct_root, mmio_gfn, SHARED_GFN) == (1, 0)
     assert not kvm.vm_dead
     assert rt.task("vcpu0").error == f"GuestPanic: Unexpected #VE on shared gpa {SHARED | mmio_gfn << 12:#x}"
+
+
+def _offset_in_2m():
+    # gfn 0x1234 is 0x34 pages into the 2M region [0x1200, 0x1400) of the plain slot: the first touch.
+    yield from guest.write_value(SHARED | 0x0123_4010, 0x5151)
+    yield from guest.write_value(SHARED | 0x0120_0010, 0x2020)
+    assert (yield from guest.read_value(SHARED | 0x0123_4010)) == 0x5151
+    assert (yield from guest.read_value(SHARED | 0x0120_0010)) == 0x2020
+
+
+def test_2m_leaf_from_a_fault_inside_the_huge_page_maps_its_first_page():
+    """kvm_mmu_hugepage_adjust: `fault->pfn &= ~mask`. A fault at gfn 0x1234 installs a 2M leaf whose pfn is the
+    2M-aligned first page of the THP (bits 20:12 clear: reserved in a 2M EPT entry), so gfn 0x1200 reaches the
+    THP's first page and gfn 0x1234 its page 0x34, each with its own data."""
+    s = VmSetup(memslots=(Memslot(0, 0, 0x1000, guest_memfd=True), Memslot(1, 0x1000, 0x1000)),
+                private_ranges=((0, 0x800),), vcpu_programs=(_offset_in_2m,))
+    built, rt = run(s)
+    no_kvm_bug(rt)
+    kvm = built.kvm
+    base = kvm.world.peek(("hva.chunk", 1, 0x1234 // 512))
+    level, value = leaf_value(kvm, kvm.vcpus[0].direct_root, 0x1234, SHARED_GFN)
+    assert (level, value) == (2, FLAGS_2M | base << 12)
+    assert kvm.memory.read_word(base + 0x34, 0x10) == 0x5151
+    assert kvm.memory.read_word(base, 0x10) == 0x2020
+    # One fault maps the whole 2M page: the second write needs none.
+    assert [r for r, _v in ret_pfs(rt)] == ["RET_PF_FIXED"]
+
+
+def test_unaligned_2m_leaf_is_an_ept_misconfiguration_and_a_kvm_bug():
+    """A variant that forgets `fault->pfn &= ~mask` writes the faulting page's offset into bits 20:12 of the 2M
+    leaf; the CPU exits with EPT_MISCONFIG and tdx_handle_exit KVM_BUG_ONs (vp_enter_ret == EPT_MISCONFIG)."""
+    from tdxdbg.engine.variants.upstream import Upstream
+
+    class NoAlign(Upstream):
+        def kvm_mmu_hugepage_adjust(self, vcpu, fault):
+            offset = fault.pfn & 511
+            super().kvm_mmu_hugepage_adjust(vcpu, fault)
+            fault.pfn |= offset
+
+    s = VmSetup(memslots=(Memslot(0, 0, 0x1000, guest_memfd=True), Memslot(1, 0x1000, 0x1000)),
+                private_ranges=((0, 0x800),), vcpu_programs=(_offset_in_2m,), variant=NoAlign)
+    _built, rt = run(s)
+    bugs = frames(rt, EngineStep.KVM_BUG)
+    assert [f.step.get("message") for f in bugs] == [f"EPT misconfiguration at {SHARED | 0x0123_4010:#x}"]
