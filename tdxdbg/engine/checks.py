@@ -55,6 +55,12 @@ Invariant names (stable: scenario files use them as `violation = "name"`):
                                 BUG, I1); a written SPTE that is #VE-possible (is_ept_ve_possible, MMIO SPTEs
                                 excepted, I19/I20); W without MMU-writable or MMU-writable without Host-writable
                                 (check_spte_writable_invariants, I21).
+  spte-outside-memslot          A present leaf SPTE (any root) maps a gfn range not wholly inside one memslot of the
+                                published array (KVM_MEMSLOT_INVALID slots still count: their SPTEs are zapped
+                                before the slot goes). Checked when a leaf is written and when the memslots
+                                change. Kernel: kvm_invalidate_memslot waits for SRCU readers (in-flight faults)
+                                before kvm_arch_flush_shadow_memslot; kvm_mmu_faultin_pfn retries on an invalid
+                                slot (commit e0c378684b65).
   checker-error                 A check itself raised: reported, never a traceback.
 """
 
@@ -63,6 +69,7 @@ from __future__ import annotations
 from collections.abc import Callable, Hashable, Iterable
 from typing import Any, NamedTuple
 
+from tdxdbg.engine.gmem import K_MEMSLOTS
 from tdxdbg.engine.kvm import FREE_MMU_LOCK, K_MMU_LOCK, K_TD_STATE, TdState
 from tdxdbg.engine.mmu_page import K_ROOTS, KvmMmuPage
 from tdxdbg.engine.spte import (
@@ -103,11 +110,12 @@ ALIAS_MAPPED_TWICE = "alias-mapped-twice"
 PAGE_FREED_WHILE_MAPPED = "page-freed-while-mapped"
 CHLDCNT_MISMATCH = "chldcnt-mismatch"
 SPTE_INVARIANTS = "spte-invariants"
+SPTE_OUTSIDE_MEMSLOT = "spte-outside-memslot"
 CHECKER_ERROR = "checker-error"
 
 INVARIANTS = (MIRROR_PRESENT_WITHOUT_SEPT, FROZEN_SPTE_LEAKED, MIRROR_ZAP_WITHOUT_WRITE_LOCK, ATOMIC_MIRROR_ZAP,
               SEPT_REMOVAL_WITHOUT_TRACK, UNEXPECTED_TDX_STATUS, KVM_BUG, ALIAS_MAPPED_TWICE,
-              PAGE_FREED_WHILE_MAPPED, CHLDCNT_MISMATCH, SPTE_INVARIANTS, CHECKER_ERROR)
+              PAGE_FREED_WHILE_MAPPED, CHLDCNT_MISMATCH, SPTE_INVARIANTS, SPTE_OUTSIDE_MEMSLOT, CHECKER_ERROR)
 
 _GPA_MASK = 0x000F_FFFF_FFFF_F000
 _LEAF_OK = frozenset({SeptState.PENDING, SeptState.MAPPED})
@@ -122,7 +130,7 @@ _ENGINE_MARKERS = ("tdxdbg/engine/tdx.py", "tdxdbg/engine/variants/")
 
 
 # World keys (their first element) `Checker._effects` looks at.
-_EFFECT_TAGS = frozenset({"pte", "sept", "pamt", "tdx.chldcnt", "mem.owner", "kvm.sp"})
+_EFFECT_TAGS = frozenset({"pte", "sept", "pamt", "tdx.chldcnt", "mem.owner", "kvm.sp", K_MEMSLOTS[0]})
 # Step kinds `Checker._step` looks at.
 _STEP_KINDS = frozenset({EngineStep.SPTE_CMPXCHG, EngineStep.SPTE_WRITE, TdxStep.SEAMCALL, TdxStep.SEAMCALL_RETURN,
                          EngineStep.HOOK, EngineStep.HANDLE_CHANGED, EngineStep.SP_FREE, EngineStep.RET_PF,
@@ -248,6 +256,7 @@ class Checker:
         pamt_tds: set[int] = set()
         chld_tds: set[int] = set()
         written: list[tuple[int, int, Any, Any]] = []
+        slots_changed = False
         tags = _EFFECT_TAGS
         for key, old, new in effects:
             tag = key[0] if key.__class__ is tuple else None
@@ -274,8 +283,12 @@ class Checker:
                     freed.append(key[1])
             elif tag == "kvm.sp" and new is MISSING:
                 self._table_gone(key[1])
+            elif tag == K_MEMSLOTS[0]:
+                slots_changed = True
         for table, index, old, new in written:
             self._pte(world, table, index, old, new, out)
+        if slots_changed:
+            self._all_leaves_in_memslots(world, out)
         if not (pamt_tds or chld_tds or written or freed):
             return
         for tdr in pamt_tds | chld_tds:
@@ -323,6 +336,7 @@ class Checker:
         if is_ept_ve_possible(new):
             out.append(Violation(SPTE_INVARIANTS, f"#VE-possible SPTE {new:#x}: {where}"))
         if leaf:
+            self._in_memslots(world, gfn, level, where, out)
             if is_shadow_present_pte(old) and is_last_spte(old, level) and spte_to_pfn(old) != pfn:
                 out.append(Violation(SPTE_INVARIANTS, f"present leaf replaced by another pfn "
                                                       f"{spte_to_pfn(old):#x} -> {pfn:#x}: {where}"))
@@ -336,6 +350,29 @@ class Checker:
                 self._alias(world, gfn, "direct", where, out)
         elif leaf and not sp.role.invalid:
             self._alias(world, gfn, "mirror", where, out)
+
+    @staticmethod
+    def _in_memslots(world: World, gfn: int, level: int, where: _SpteAt, out: list[Violation]) -> None:
+        end = gfn + kvm_pages_per_hpage(level)
+        for slot in world.peek(K_MEMSLOTS, ()):
+            if slot.base_gfn <= gfn and end <= slot.base_gfn + slot.npages:
+                return
+        out.append(Violation(SPTE_OUTSIDE_MEMSLOT, f"{where} maps gfns [{gfn:#x}, {end:#x}) outside every "
+                                                   f"memslot"))
+
+    def _all_leaves_in_memslots(self, world: World, out: list[Violation]) -> None:
+        """The memslots changed: every present leaf must still lie in one."""
+        peek = world.peek
+        for table, index in list(self.sptes.by_place):
+            sp = peek(("kvm.sp", table))
+            if sp is None:
+                continue
+            v = peek(("pte", table, index))
+            level = sp.role.level
+            if v is None or not is_shadow_present_pte(v) or not is_last_spte(v, level):
+                continue
+            gfn = (sp.gfn + index * kvm_pages_per_hpage(level)) & ~self.gfn_direct_bits
+            self._in_memslots(world, gfn, level, _SpteAt(sp.kind, gfn, level, table, index), out)
 
     def _mirror_present(self, world: World, sp: KvmMmuPage, gfn: int, level: int, new: int, leaf: bool,
                         where: _SpteAt, out: list[Violation]) -> None:

@@ -7,7 +7,7 @@ from __future__ import annotations
 from typing import Any
 
 from tdxdbg.engine.gmem import HUGE_2M, K_MEMSLOTS, Memslot, gmem_pfn_key, hva_chunk_key
-from tdxdbg.engine.kvm import K_DESTROYING, K_PRE_FAULT_ALLOWED, K_VM_BUGGED, Gen
+from tdxdbg.engine.kvm import K_DESTROYING, K_MN_ACTIVE_INVALIDATE_COUNT, K_PRE_FAULT_ALLOWED, K_VM_BUGGED, Gen
 from tdxdbg.engine.mmu import EIO, PFERR_GUEST_FINAL_MASK, PFERR_PRIVATE_ACCESS, PFERR_WRITE_MASK
 from tdxdbg.engine.mmu_page import AttrFilter, RootTypes
 from tdxdbg.engine.spte import PG_LEVEL_4K
@@ -113,6 +113,8 @@ class IoctlOps(TdxOps):
 
     # -- mmu notifier on the shared backing -----------------------------------------------------------------
     def kvm_mmu_notifier_invalidate_range_start(self, start: int, end: int) -> Gen:
+        # mn_active_invalidate_count++ (under mn_invalidate_lock, before mmu_lock): memslot swaps wait for it.
+        self.world.set(K_MN_ACTIVE_INVALIDATE_COUNT, self.world.get(K_MN_ACTIVE_INVALIDATE_COUNT, 0) + 1)
         yield from self.write_lock()
         self.kvm_mmu_invalidate_begin(start, end)
         yield self.invalidate_step("begin", start, end)
@@ -125,6 +127,8 @@ class IoctlOps(TdxOps):
         self.kvm_mmu_invalidate_end()
         yield self.invalidate_step("end", start, end)
         yield from self.write_unlock()
+        # mn_active_invalidate_count-- after the end callback; the last one wakes a waiting memslot swap.
+        self.world.set(K_MN_ACTIVE_INVALIDATE_COUNT, self.world.get(K_MN_ACTIVE_INVALIDATE_COUNT) - 1)
 
     def discard_shared_backing(self, start: int, end: int) -> None:
         """MADV_DONTNEED of the userspace backing: the next touch gets fresh (zeroed) pages."""
@@ -152,15 +156,32 @@ class IoctlOps(TdxOps):
 
     # -- memslots -----------------------------------------------------------------------------------------------
     def kvm_delete_memslot(self, slot_id: int) -> Gen:
-        """Mark the slot invalid (faults on it retry), zap its leaves in both roots, then remove it."""
+        """kvm_set_memslot(KVM_MR_DELETE): kvm_invalidate_memslot publishes the slot as KVM_MEMSLOT_INVALID and
+        waits for every SRCU reader (faults holding the old slot) before kvm_arch_flush_shadow_memslot zaps its
+        SPTEs; kvm_delete_memslot then publishes the array without it and waits for readers again."""
         slot = next(s for s in self.memslots() if s.id == slot_id)
         yield Step(EngineStep.HOST_OP, {"op": "KVM_SET_USER_MEMORY_REGION2 (delete)", "slot": slot_id})
-        self._replace_slot(slot_id, invalid=True)
-        yield Step(EngineStep.HOST_OP, {"op": "memslot marked KVM_MEMSLOT_INVALID", "slot": slot_id})
-        yield from self.kvm_mmu_zap_memslot_leafs(slot)
-        self.world.set(K_MEMSLOTS, tuple(s for s in self.memslots() if s.id != slot_id))
-        yield Step(EngineStep.HOST_OP, {"op": "memslot removed", "slot": slot_id})
+        invalid = tuple(s._replace(invalid=True) if s.id == slot_id else s for s in self.memslots())
+        yield from self.kvm_swap_active_memslots(invalid, "memslot marked KVM_MEMSLOT_INVALID", slot_id)
+        yield from self.kvm_arch_flush_shadow_memslot(slot)
+        remaining = tuple(s for s in self.memslots() if s.id != slot_id)
+        yield from self.kvm_swap_active_memslots(remaining, "memslot removed", slot_id)
         return 0
+
+    def kvm_swap_active_memslots(self, slots: tuple[Memslot, ...], what: str, slot_id: int) -> Gen:
+        """kvm_swap_active_memslots (kvm_main.c): wait until no mmu-notifier invalidation is active
+        (mn_active_invalidate_count), publish the new memslots, then synchronize_srcu_expedited so that no
+        reader still uses the old ones."""
+        if self.world.get(K_MN_ACTIVE_INVALIDATE_COUNT, 0):
+            yield Step(EngineStep.HOST_OP, {"op": "waiting for mn_active_invalidate_count == 0", "slot": slot_id},
+                       lambda w: not w.peek(K_MN_ACTIVE_INVALIDATE_COUNT, 0))
+        self.world.set(K_MEMSLOTS, slots)
+        yield Step(EngineStep.HOST_OP, {"op": what, "slot": slot_id})
+        yield from self.synchronize_srcu_expedited()
+
+    def kvm_arch_flush_shadow_memslot(self, slot: Memslot) -> Gen:
+        """kvm_arch_flush_shadow_memslot -> kvm_mmu_zap_memslot for a TD (no KVM_X86_QUIRK_SLOT_ZAP_ALL)."""
+        yield from self.kvm_mmu_zap_memslot_leafs(slot)
 
     def kvm_mmu_zap_memslot_leafs(self, slot: Memslot) -> Gen:
         """TDX treats the SLOT_ZAP_ALL quirk as off: zap only this slot's leaves, private and shared."""
@@ -196,6 +217,13 @@ class IoctlOps(TdxOps):
         if not self.world.get(K_PRE_FAULT_ALLOWED):
             yield Step(EngineStep.WARN, {"message": "KVM_PRE_FAULT_MEMORY before finalize: -EOPNOTSUPP"})
             return EINVAL
+        # kvm_vcpu_pre_fault_memory (kvm_main.c) holds kvm->srcu for reading across the whole range.
+        self.srcu_read_lock()
+        r = yield from self._pre_fault_range(vcpu, gpa, size)
+        self.srcu_read_unlock()
+        return r
+
+    def _pre_fault_range(self, vcpu: Any, gpa: int, size: int) -> Gen:
         yield from self.kvm_mmu_load(vcpu)
         for page in range(gpa, gpa + size, 4096):
             err = PFERR_WRITE_MASK | PFERR_GUEST_FINAL_MASK

@@ -69,6 +69,13 @@ _WRITE_WAIT = LockEvent("mmu_lock", "write", "wait")
 _WRITE_RELEASE = LockEvent("mmu_lock", "write", "release")
 
 K_MMU_LOCK = ("kvm.mmu_lock",)
+# kvm->srcu: the read sections in progress, as (task, section number) pairs, and how many sections began.
+K_SRCU_READERS = ("kvm.srcu_readers",)
+K_SRCU_SECTIONS = ("kvm.srcu_sections",)
+# kvm->mn_active_invalidate_count: mmu-notifier invalidations between range_start and range_end.
+K_MN_ACTIVE_INVALIDATE_COUNT = ("kvm.mn_active_invalidate_count",)
+_SRCU_SYNC_WAIT = LockEvent("kvm->srcu", "synchronize", "wait")
+_SRCU_SYNC_DONE = LockEvent("kvm->srcu", "synchronize", "done")
 K_VM_DEAD = ("kvm.vm_dead",)
 K_VM_BUGGED = ("kvm.vm_bugged",)
 K_TD_STATE = ("kvm.tdx_state",)
@@ -188,6 +195,32 @@ class KvmBase:
     def write_unlock(self) -> Gen:
         self.world.set(K_MMU_LOCK, FREE_MMU_LOCK)
         yield Step(EngineStep.LOCK, _WRITE_RELEASE)
+
+    # -- kvm->srcu -----------------------------------------------------------------------------------------
+    def srcu_read_lock(self) -> None:
+        """srcu_read_lock(&kvm->srcu): never waits, so it is not a step of its own (like rcu_read_lock): its
+        World write shows in the task's next frame. Memslots looked up inside the section stay what they were
+        (a memslot update publishes a new array and frees the old one only after a grace period)."""
+        w = self.world
+        section = w.get(K_SRCU_SECTIONS, 0) + 1
+        w.set(K_SRCU_SECTIONS, section)
+        w.set(K_SRCU_READERS, (*w.get(K_SRCU_READERS, ()), (w.task, section)))
+
+    def srcu_read_unlock(self) -> None:
+        """srcu_read_unlock: ends this task's innermost read section."""
+        w = self.world
+        readers = w.get(K_SRCU_READERS, ())
+        mine = max(i for i, (task, _n) in enumerate(readers) if task == w.task)
+        w.set(K_SRCU_READERS, readers[:mine] + readers[mine + 1:])
+
+    def synchronize_srcu_expedited(self) -> Gen:
+        """synchronize_srcu_expedited(&kvm->srcu): wait until every read section that began before this call
+        has ended; sections that begin meanwhile do not hold it up."""
+        pending = frozenset(self.world.get(K_SRCU_READERS, ()))
+        if pending:
+            yield Step(EngineStep.LOCK_WAIT, _SRCU_SYNC_WAIT,
+                       lambda world: pending.isdisjoint(world.peek(K_SRCU_READERS, ())))
+        yield Step(EngineStep.LOCK, _SRCU_SYNC_DONE)
 
 
 def _no_writer(world: World) -> bool:

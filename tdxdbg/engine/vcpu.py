@@ -155,23 +155,33 @@ class VcpuOps:
         return r
 
     def vcpu_enter_guest(self, vcpu: KvmVcpu) -> Gen:
-        """One entry into the TD and the handling of its exit: 1 to re-enter, 0 for userspace, < 0 on error."""
+        """One entry into the TD and the handling of its exit: 1 to re-enter, 0 for userspace, < 0 on error.
+
+        kvm->srcu is held for reading except while in the guest (kvm_arch_vcpu_ioctl_run takes it,
+        vcpu_enter_guest drops it around the vendor run and retakes it after the exit), so a memslot update's
+        synchronize_srcu waits for the exit being handled, faults included. The model also drops it at the end
+        of each pass, where nothing runs before the next pass retakes it, so the loop head holds nothing."""
         w = self.world
+        self.srcu_read_lock()
         if w.get(K_VM_DEAD):
             yield Step(EngineStep.EXIT, ExitInfo(vcpu=vcpu.index, what="VM is dead: KVM_RUN returns -EIO"))
-            return -5
-        if w.get(K_DESTROYING):
-            return -4
-        if vcpu.hw.halted:
-            return 0
-        yield from self.kvm_mmu_load(vcpu)
-        if w.get(K_WAIT_FOR_SEPT_ZAP):
-            # tdx_vcpu_run: stay out of the TD while a zap retries with vCPUs kept out.
-            yield Step(EngineStep.EXIT, ExitInfo(vcpu=vcpu.index, what="wait_for_sept_zap: not entering"),
-                       lambda world: not world.peek(K_WAIT_FOR_SEPT_ZAP))
-            return 1
-        exit = yield from vcpu.hw.enter()
-        r = yield from self.tdx_handle_exit(vcpu, exit)
+            r = -5
+        elif w.get(K_DESTROYING):
+            r = -4
+        elif vcpu.hw.halted:
+            r = 0
+        else:
+            yield from self.kvm_mmu_load(vcpu)
+            self.srcu_read_unlock()
+            if w.get(K_WAIT_FOR_SEPT_ZAP):
+                # tdx_vcpu_run: stay out of the TD while a zap retries with vCPUs kept out.
+                yield Step(EngineStep.EXIT, ExitInfo(vcpu=vcpu.index, what="wait_for_sept_zap: not entering"),
+                           lambda world: not world.peek(K_WAIT_FOR_SEPT_ZAP))
+                return 1
+            exit = yield from vcpu.hw.enter()
+            self.srcu_read_lock()
+            r = yield from self.tdx_handle_exit(vcpu, exit)
+        self.srcu_read_unlock()
         return r
 
     def tdx_handle_exit(self, vcpu: KvmVcpu, exit: TdExit) -> Gen:
