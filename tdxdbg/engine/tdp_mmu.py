@@ -434,7 +434,7 @@ class TdpMmuOps(GmemOps):
         held = yield from self.set_external_spte_present_freeze(table, index, gfn, old, new, level)
         if held is None:
             return EBUSY
-        ret = yield from self.set_external_spte_present_hook(gfn, new, level)
+        ret = yield from self.set_external_spte_present_hook(gfn, old, new, level)
         yield from self.set_external_spte_present_publish(table, index, gfn, held, old if ret else new, level, ret)
         return ret
 
@@ -445,15 +445,10 @@ class TdpMmuOps(GmemOps):
         ok, _cur = yield from self.try_cmpxchg64(table, index, old, FROZEN_SPTE, level, gfn, SpteWrite.FREEZE)
         return FROZEN_SPTE if ok else None
 
-    def set_external_spte_present_hook(self, gfn: int, new: int, level: int) -> Gen:
-        """kvm_x86_ops.set_external_spte for a leaf, link_external_spt for a table. 0 or an error."""
-        if is_shadow_present_pte(new) and is_last_spte(new, level):
-            ret = yield from self.set_external_spte(gfn, level, spte_to_pfn(new))
-            return ret
-        external_spt = self.get_external_spt(gfn, new, level)
-        if (yield from self.kvm_bug_on(not external_spt, "no external_spt for a mirror child")):
-            return EIO
-        ret = yield from self.link_external_spt(gfn, level, external_spt)
+    def set_external_spte_present_hook(self, gfn: int, old: int, new: int, level: int) -> Gen:
+        """kvm_x86_ops.set_external_spte(kvm, gfn, old_spte, new_spte, level), for a table or a leaf alike (the
+        TDX side tells them apart). 0 or an error."""
+        ret = yield from self.set_external_spte(gfn, old, new, level)
         return ret
 
     def set_external_spte_present_publish(self, table: int, index: int, gfn: int, held: int, value: int,
@@ -484,21 +479,23 @@ class TdpMmuOps(GmemOps):
             if (yield from self.kvm_bug_on(is_shadow_present_pte(new),
                                            "non-atomic setting of a present mirror SPTE")):
                 return old
-            yield from self.remove_external_spte(gfn, old, level)
+            yield from self.remove_external_spte(gfn, old, level, new)
         return old
 
     def tdp_mmu_iter_set_spte(self, it: TdpIter, new: int) -> Gen:
         it.old_spte = yield from self.tdp_mmu_set_spte(it.as_id, it.table, it.index, it.old_spte, new, it.gfn,
                                                        it.level)
 
-    def remove_external_spte(self, gfn: int, old: int, level: int) -> Gen:
-        """Leaves only: remove the page from the S-EPT. Needs the write lock; must succeed."""
+    def remove_external_spte(self, gfn: int, old: int, level: int, new: int = SHADOW_NONPRESENT_VALUE) -> Gen:
+        """Leaves only: remove the page from the S-EPT through kvm_x86_ops.set_external_spte(old, new). Needs the
+        write lock; must succeed. (The newest tree makes this call from handle_changed_spte; the engine keeps it
+        at the callers of handle_changed_spte that zap mirror leaves.)"""
         if not is_shadow_present_pte(old) or not is_last_spte(old, level):
             return
         yield from self.warn_on_once(not self.holds_mmu_lock_write(),
                                      "lockdep: zapping a leaf spte without the mmu_lock write lock")
-        ret = yield from self.remove_external_spte_hook(gfn, level, spte_to_pfn(old))
-        yield from self.kvm_bug_on(bool(ret), "remove_external_spte failed with the write lock held")
+        ret = yield from self.set_external_spte(gfn, old, new, level)
+        yield from self.kvm_bug_on(bool(ret), "set_external_spte failed zapping a leaf with the write lock held")
 
     # -- handle_changed_spte and removed tables ----------------------------------------------------------------
     def handle_changed_spte(self, as_id: int, gfn: int, old: int, new: int, level: int, shared: bool) -> Gen:
@@ -556,7 +553,7 @@ class TdpMmuOps(GmemOps):
             if mirror:
                 if (yield from self.kvm_bug_on(shared, "handle_removed_pt of a mirror SP under the read lock")):
                     return
-                yield from self.remove_external_spte(gfn, old, level)
+                yield from self.remove_external_spte(gfn, old, level, FROZEN_SPTE)
         if mirror and sp.external_spt:
             ret = yield from self.free_external_spt(base_gfn, level, sp.external_spt)
             if ret:
@@ -700,13 +697,7 @@ class TdpMmuOps(GmemOps):
         yield from self.read_unlock()
 
     # Hooks the TDX side implements (kvm_x86_ops); declared here so the TDP MMU reads on its own.
-    def set_external_spte(self, gfn: int, level: int, pfn: int) -> Gen:
-        raise NotImplementedError
-
-    def link_external_spt(self, gfn: int, level: int, external_spt: int) -> Gen:
-        raise NotImplementedError
-
-    def remove_external_spte_hook(self, gfn: int, level: int, pfn: int) -> Gen:
+    def set_external_spte(self, gfn: int, old: int, new: int, level: int) -> Gen:
         raise NotImplementedError
 
     def free_external_spt(self, gfn: int, level: int, external_spt: int) -> Gen:

@@ -31,7 +31,8 @@ from tdxdbg.engine.mmu import (
     PFERR_WRITE_MASK,
     MmuOps,
 )
-from tdxdbg.engine.spte import PG_LEVEL_4K
+from tdxdbg.engine.mmu_page import sp_key
+from tdxdbg.engine.spte import PG_LEVEL_4K, VMX_EPT_RWX_MASK, is_last_spte, is_shadow_present_pte, spte_to_pfn
 from tdxdbg.engine.steps import EngineStep, ExitInfo, HookCall
 from tdxdbg.hw.ept import ExitQual
 from tdxdbg.hw.tdx.guest_calls import ExtExitQualType
@@ -66,9 +67,9 @@ class TdxOps(MmuOps):
     """The TDX side of kvm_x86_ops and the TDX exit handlers."""
 
     # Override points a patch typically changes: the external-SPT hooks (set_external_spte ->
-    # tdx_sept_set_private_spte -> tdx_mem_page_aug, link_external_spt -> tdx_sept_link_private_spt,
-    # remove_external_spte_hook -> tdx_sept_remove_private_spte -> tdx_sept_zap_private_spte / tdx_track /
-    # tdx_sept_drop_private_spte, free_external_spt), the BUSY retry (tdh_do_no_vcpus), TLB tracking
+    # tdx_sept_set_private_spte -> tdx_sept_map_nonleaf_spte / tdx_sept_map_leaf_spte (tdx_mem_page_aug,
+    # tdx_mem_page_add) / tdx_sept_remove_leaf_spte (BLOCK, tdx_track, REMOVE, WBINVD), free_external_spt),
+    # the BUSY retry (tdh_do_no_vcpus), TLB tracking
     # (tdx_track, tdx_flush_remote_tlbs), tdx_handle_ept_violation (the local retry loop), build-time memory
     # (tdx_gmem_post_populate, tdx_td_finalize), teardown (tdx_mmu_release_hkid).
 
@@ -102,36 +103,66 @@ class TdxOps(MmuOps):
             yield from self.kvm_bug_on(True, f"SEAMCALL {leaf} failed: {r}")
         return True
 
-    # -- kvm_x86_ops.link_external_spt -------------------------------------------------------------------------
-    def link_external_spt(self, gfn: int, level: int, external_spt: int) -> Gen:
-        yield self._hook("link_external_spt", gfn, level, external_spt)
-        ret = yield from self.tdx_sept_link_private_spt(gfn, level, external_spt)
-        yield self._hook_ret("link_external_spt", gfn, level, ret)
+    # -- kvm_x86_ops.set_external_spte: one hook for every mirror change ------------------------------------------
+    def set_external_spte(self, gfn: int, old: int, new: int, level: int) -> Gen:
+        """kvm_x86_ops.set_external_spte(kvm, gfn, old_spte, new_spte, level): the TDP MMU tells TDX about a
+        mirror SPTE change - a table or leaf made present (mirror SPTE frozen, mmu_lock held for read) or a leaf
+        zapped (mmu_lock held for write). The HOOK step's page is the table, the new page or the removed page."""
+        if is_shadow_present_pte(old):
+            page = spte_to_pfn(old)
+        elif is_shadow_present_pte(new) and not is_last_spte(new, level):
+            page = self.get_external_spt(gfn, new, level)
+        else:
+            page = spte_to_pfn(new)
+        yield self._hook("set_external_spte", gfn, level, page)
+        ret = yield from self.tdx_sept_set_private_spte(gfn, old, new, level)
+        yield self._hook_ret("set_external_spte", gfn, level, ret)
         return ret
 
-    def tdx_sept_link_private_spt(self, gfn: int, level: int, external_spt: int) -> Gen:
-        """TDH.MEM.SEPT.ADD (tdx_sept_map_nonleaf_spte): BUSY is -EBUSY for the fault path to retry; any other
+    def tdx_sept_set_private_spte(self, gfn: int, old: int, new: int, level: int) -> Gen:
+        """A present old SPTE is a leaf being removed; otherwise map a table or a leaf."""
+        if is_shadow_present_pte(old):
+            ret = yield from self.tdx_sept_remove_leaf_spte(gfn, level, old)
+            return ret
+        if (yield from self.kvm_bug_on(not is_shadow_present_pte(new), "set_external_spte to a non-present SPTE")):
+            return EIO
+        if not is_last_spte(new, level):
+            ret = yield from self.tdx_sept_map_nonleaf_spte(gfn, level, new)
+            return ret
+        ret = yield from self.tdx_sept_map_leaf_spte(gfn, level, new)
+        return ret
+
+    def tdx_spte_to_sept_pt(self, gfn: int, new: int, level: int) -> Gen:
+        """The S-EPT page of the mirror table `new` points to: KVM_BUG_ON unless it has one, one level down,
+        for this gfn. 0 on a bug."""
+        child = self.world.get(sp_key(spte_to_pfn(new)))
+        if ((yield from self.kvm_bug_on(child is None or not child.external_spt, "mirror table without external_spt"))
+                or (yield from self.kvm_bug_on(child.role.level + 1 != level, "external_spt at the wrong level"))
+                or (yield from self.kvm_bug_on(child.gfn != gfn, "external_spt for another gfn"))):
+            return 0
+        return child.external_spt
+
+    def tdx_sept_map_nonleaf_spte(self, gfn: int, level: int, new: int) -> Gen:
+        """TDH.MEM.SEPT.ADD of the table's S-EPT page: BUSY is -EBUSY for the fault path to retry; any other
         error bugs the VM (TDX_BUG_ON_2)."""
+        sept_pt = yield from self.tdx_spte_to_sept_pt(gfn, new, level)
+        if not sept_pt:
+            return EIO
         r = yield from self.seamcall(Seamcall.TDH_MEM_SEPT_ADD, (gfn << 12) | pg_level_to_tdx_sept_level(level),
-                                     None, external_spt << 12)
+                                     None, sept_pt << 12)
         if tdx_operand_busy(r.rax):
             return EBUSY
         if (yield from self.tdx_bug_on(is_error(r.rax), "TDH_MEM_SEPT_ADD", r)):
             return EIO
         return 0
 
-    # -- kvm_x86_ops.set_external_spte -------------------------------------------------------------------------
-    def set_external_spte(self, gfn: int, level: int, pfn: int) -> Gen:
-        yield self._hook("set_external_spte", gfn, level, pfn)
-        ret = yield from self.tdx_sept_set_private_spte(gfn, level, pfn)
-        yield self._hook_ret("set_external_spte", gfn, level, ret)
-        return ret
-
-    def tdx_sept_set_private_spte(self, gfn: int, level: int, pfn: int) -> Gen:
-        """tdx_sept_map_leaf_spte: a runnable TD gets TDH.MEM.PAGE.AUG; while userspace builds the initial image
-        (KVM_TDX_INIT_MEM_REGION, TD not yet runnable) the page is TDH.MEM.PAGE.ADDed from page_add_src."""
+    def tdx_sept_map_leaf_spte(self, gfn: int, level: int, new: int) -> Gen:
+        """A runnable TD gets TDH.MEM.PAGE.AUG; while userspace builds the initial image (KVM_TDX_INIT_MEM_REGION,
+        TD not yet runnable) the page is TDH.MEM.PAGE.ADDed from page_add_src."""
+        pfn = spte_to_pfn(new)
         if (yield from self.kvm_bug_on(level != PG_LEVEL_4K, "TODO: handle large pages")):
             return EIO
+        yield from self.warn_on_once((new & VMX_EPT_RWX_MASK) != VMX_EPT_RWX_MASK, "private leaf not RWX")
         if self.td_state() is not TdState.TD_STATE_RUNNABLE:
             ret = yield from self.tdx_mem_page_add(gfn, level, pfn)
             return ret
@@ -162,29 +193,32 @@ class TdxOps(MmuOps):
             return EIO
         return 0
 
-    # -- kvm_x86_ops.remove_external_spte ------------------------------------------------------------------------
-    def remove_external_spte_hook(self, gfn: int, level: int, pfn: int) -> Gen:
-        yield self._hook("remove_external_spte", gfn, level, pfn)
-        ret = yield from self.tdx_sept_remove_private_spte(gfn, level, pfn)
-        yield self._hook_ret("remove_external_spte", gfn, level, ret)
-        return ret
-
-    def tdx_sept_remove_private_spte(self, gfn: int, level: int, pfn: int) -> Gen:
-        """tdx_sept_remove_leaf_spte: RANGE.BLOCK, TRACK (+ kick), PAGE.REMOVE, PHYMEM.PAGE.WBINVD, then clear the
-        page. No premapped special case: since PAGE.ADD happens in the map path, every present mirror leaf is in
-        the S-EPT."""
+    def tdx_sept_remove_leaf_spte(self, gfn: int, level: int, old: int) -> Gen:
+        """RANGE.BLOCK, TRACK (+ kick), PAGE.REMOVE (both with the no-vCPUs retry), PHYMEM.PAGE.WBINVD, then clear
+        the page. No premapped special case: since PAGE.ADD happens in the map path, every present mirror leaf is
+        in the S-EPT."""
+        pfn = spte_to_pfn(old)
+        rcx = (gfn << 12) | pg_level_to_tdx_sept_level(level)
         if (yield from self.kvm_bug_on(not self.is_hkid_assigned(),
                                        "removing a private page after the HKID was released")):
             return EIO
         if (yield from self.kvm_bug_on(level != PG_LEVEL_4K, "TODO: handle large pages")):
             return EIO
-        ret = yield from self.tdx_sept_zap_private_spte(gfn, level, pfn)
-        if ret <= 0:
-            return ret
+        r = yield from self.tdh_do_no_vcpus(Seamcall.TDH_MEM_RANGE_BLOCK, rcx)
+        if (yield from self.tdx_bug_on(is_error(r.rax), "TDH_MEM_RANGE_BLOCK", r)):
+            return EIO
         # TDX requires TLB tracking before dropping a private page.
         yield from self.tdx_track()
-        ret = yield from self.tdx_sept_drop_private_spte(gfn, level, pfn)
-        return ret
+        r = yield from self.tdh_do_no_vcpus(Seamcall.TDH_MEM_PAGE_REMOVE, rcx)
+        if (yield from self.tdx_bug_on(is_error(r.rax), "TDH_MEM_PAGE_REMOVE", r)):
+            return EIO
+        keyed = (pfn << 12) | (self.tdx_module.config(self.tdr).hkid << 46)
+        r = yield from self.seamcall(Seamcall.TDH_PHYMEM_PAGE_WBINVD, keyed, 0)
+        if (yield from self.tdx_bug_on(is_error(r.rax), "TDH_PHYMEM_PAGE_WBINVD", r)):
+            return EIO
+        # tdx_quirk_reset_paddr: clear the page before the host reuses it.
+        self.memory.zero_page(pfn)
+        return 0
 
     def tdh_do_no_vcpus(self, leaf: Seamcall, rcx: int, rdx: int | None = None) -> Gen:
         """Try once; on BUSY keep every vCPU out of the TD (wait_for_sept_zap + kick) and try once more.
@@ -197,32 +231,6 @@ class TdxOps(MmuOps):
             r = yield from self.seamcall(leaf, rcx, rdx)
             yield from self.tdx_no_vcpus_enter_stop()
         return r
-
-    def tdx_sept_zap_private_spte(self, gfn: int, level: int, pfn: int) -> Gen:
-        """TDH.MEM.RANGE.BLOCK (the first step of tdx_sept_remove_leaf_spte). Returns 1 to go on, or -EIO."""
-        r = yield from self.tdh_do_no_vcpus(Seamcall.TDH_MEM_RANGE_BLOCK,
-                                            (gfn << 12) | pg_level_to_tdx_sept_level(level))
-        if (yield from self.tdx_bug_on(is_error(r.rax), "TDH_MEM_RANGE_BLOCK", r)):
-            return EIO
-        return 1
-
-    def tdx_sept_drop_private_spte(self, gfn: int, level: int, pfn: int) -> Gen:
-        """PAGE.REMOVE (with the no-vCPUs retry), then TDH.PHYMEM.PAGE.WBINVD and clearing the page."""
-        r = yield from self.tdh_do_no_vcpus(Seamcall.TDH_MEM_PAGE_REMOVE,
-                                            (gfn << 12) | pg_level_to_tdx_sept_level(level))
-        if (yield from self.tdx_bug_on(is_error(r.rax), "TDH_MEM_PAGE_REMOVE", r)):
-            return EIO
-        ret = yield from self.tdx_wbinvd_and_reset_page(pfn)
-        return ret
-
-    def tdx_wbinvd_and_reset_page(self, pfn: int) -> Gen:
-        """tdh_phymem_page_wbinvd_hkid, then tdx_quirk_reset_paddr: clear the page before the host reuses it."""
-        keyed = (pfn << 12) | (self.tdx_module.config(self.tdr).hkid << 46)
-        r = yield from self.seamcall(Seamcall.TDH_PHYMEM_PAGE_WBINVD, keyed, 0)
-        if (yield from self.tdx_bug_on(is_error(r.rax), "TDH_PHYMEM_PAGE_WBINVD", r)):
-            return EIO
-        self.memory.zero_page(pfn)
-        return 0
 
     def tdx_track(self) -> Gen:
         """TDH.MEM.TRACK, then kick every vCPU so none still runs in the old epoch. Write lock held."""

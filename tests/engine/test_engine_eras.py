@@ -231,3 +231,41 @@ def test_v7_has_no_unexpected_pending_detection():
     assert rets[0] == ("RET_PF_FIXED", 4) and len(rets) > 10
     assert set(rets[1:]) == {("RET_PF_SPURIOUS", 5)}
     assert len(seamcalls(rt, leaves=[SC.TDH_MEM_PAGE_AUG])) == 1
+
+
+# -- kvm_x86_ops: one set_external_spte (upstream) or one hook per operation (v6.16) --------------------------
+@pytest.mark.parametrize("variant", [Upstream, V6_16])
+def test_external_spte_hooks_per_era(variant):
+    """The guest accepts and writes 0x1000, then the host converts it to shared (KVM_SET_MEMORY_ATTRIBUTES zaps
+    the private leaf). upstream: kvm_x86_ops.set_external_spte(kvm, gfn, old, new, level) for the three tables,
+    the leaf and the zap, dispatched by tdx_sept_set_private_spte to tdx_sept_map_nonleaf_spte /
+    tdx_sept_map_leaf_spte / tdx_sept_remove_leaf_spte. v6.16: link_external_spt x3, set_external_spte for the
+    leaf, remove_external_spte for the zap. The SEAMCALLs are the same in both eras."""
+    def prog():
+        yield from guest.accept_memory(0x1000, 4096)
+        yield from guest.write_value(0x1000, 7)
+
+    def host(kvm):
+        yield Step(EngineStep.HOST_OP, {"op": "wait for the vCPU"}, lambda w: w.peek(kvm.vcpus[0].stopped_key))
+        return (yield from host_op(kvm, parse_host_op("set_attributes 0x1000 4K shared")))
+
+    _built, rt = run(setup(prog, host_programs=(host,), variant=variant))
+    hooks = [(f.step.get("name"), f.step.get("gfn"), f.step.get("level")) for f in frames(rt, EngineStep.HOOK)]
+    if variant is Upstream:
+        assert hooks == [("set_external_spte", 0, lvl) for lvl in (4, 3, 2)] + [("set_external_spte", 1, 1)] * 2
+    else:
+        assert hooks == ([("link_external_spt", 0, lvl) for lvl in (4, 3, 2)] + [("set_external_spte", 1, 1),
+                                                                                 ("remove_external_spte", 1, 1)])
+    # The zap's HOOK names the removed page (the guest_memfd pfn the leaf mapped) and the stack below it.
+    zap = frames(rt, EngineStep.HOOK)[-1]
+    aug = seamcalls(rt, leaves=[SC.TDH_MEM_PAGE_AUG])[0]
+    assert zap.step.get("pfn") == aug.step.get("r8") >> 12
+    remove = seamcalls(rt, leaves=[SC.TDH_MEM_PAGE_REMOVE])[0]
+    names = [e.function.rpartition(".")[2] for e in remove.stack]
+    want = (["set_external_spte", "tdx_sept_set_private_spte", "tdx_sept_remove_leaf_spte", "tdh_do_no_vcpus"]
+            if variant is Upstream else
+            ["remove_external_spte_hook", "tdx_sept_remove_private_spte", "tdx_sept_drop_private_spte"])
+    assert names[names.index(want[0]):][:len(want)] == want
+    leaves = [f.step.get("leaf") for f in seamcalls(rt)]
+    assert leaves == [SC.TDH_MEM_SEPT_ADD] * 3 + [SC.TDH_MEM_PAGE_AUG, SC.TDH_MEM_RANGE_BLOCK, SC.TDH_MEM_TRACK,
+                                                  SC.TDH_MEM_PAGE_REMOVE, SC.TDH_PHYMEM_PAGE_WBINVD]

@@ -53,9 +53,16 @@ def test_init_mem_region_page_add_and_mr_extend(built_td):
     assert calls[-1][0] is SC.TDH_MR_FINALIZE
     assert not seamcalls(rt, leaves=[SC.TDH_MEM_PAGE_AUG])
     assert all(seamcall_return(rt, f).step.get("rax") == 0 for f in seamcalls(rt))
-    # Each leaf goes through the freeze protocol and the set_external_spte hook.
+    # Each change goes through the freeze protocol and a hook: upstream's one set_external_spte for the three
+    # tables and the two leaves; v6.16's set_external_spte for leaves only (link_external_spt for tables).
     hooks = frames(rt, EngineStep.HOOK, name="set_external_spte")
-    assert [(f.step.get("gfn"), f.step.get("level")) for f in hooks] == [(0, 1), (1, 1)]
+    got = [(f.step.get("gfn"), f.step.get("level")) for f in hooks]
+    if _built.kvm.name == "upstream":
+        assert got == [(0, 4), (0, 3), (0, 2), (0, 1), (1, 1)]
+    else:
+        assert got == [(0, 1), (1, 1)]
+        links = frames(rt, EngineStep.HOOK, name="link_external_spt")
+        assert [(f.step.get("gfn"), f.step.get("level")) for f in links] == [(0, 4), (0, 3), (0, 2)]
 
 
 def test_nr_premapped_counts_up_and_back_to_zero(built_td):

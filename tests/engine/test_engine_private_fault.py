@@ -1,5 +1,5 @@
 """The first private fault on an empty tree (reference §9.1, §1.6, §4.1): kvm_tdp_mmu_map links three mirror
-tables through link_external_spt (TDH.MEM.SEPT.ADD at TDX levels 3, 2, 1) and installs the leaf through
+tables through set_external_spte (TDH.MEM.SEPT.ADD at TDX levels 3, 2, 1) and installs the leaf through
 set_external_spte (TDH.MEM.PAGE.AUG); every install goes through set_external_spte_present's freeze protocol."""
 
 from __future__ import annotations

@@ -72,12 +72,12 @@ def test_step_into_over_out_follow_the_kernel_functions():
     assert s.frame.kind is EngineStep.SPTE_CMPXCHG and inner(s) == "try_cmpxchg64"
     assert s.frame.step.payload.what is SpteWrite.FREEZE
     s.step_into()
-    assert s.frame.kind is EngineStep.HOOK and inner(s) == "link_external_spt"
+    assert s.frame.kind is EngineStep.HOOK and inner(s) == "set_external_spte"
     # Over the SEAMCALL (two deeper frames in the TDX module) to the hook's return.
     depth = len(s.frame.stack)
     ev = s.step_over()
     assert ev.reason is StopReason.STEP
-    assert s.frame.kind is EngineStep.HOOK_RETURN and inner(s) == "link_external_spt"
+    assert s.frame.kind is EngineStep.HOOK_RETURN and inner(s) == "set_external_spte"
     assert len(s.frame.stack) == depth
     s.step_into()
     assert s.frame.kind is EngineStep.SPTE_WRITE and s.frame.step.payload.what is SpteWrite.UNFREEZE

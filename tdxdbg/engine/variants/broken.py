@@ -8,15 +8,20 @@
 from __future__ import annotations
 
 from tdxdbg.engine.kvm import Gen
+from tdxdbg.engine.mmu import EIO
 from tdxdbg.engine.mmu_page import AttrFilter
 from tdxdbg.engine.spte import (
     PG_LEVEL_4K,
     SHADOW_NONPRESENT_VALUE,
     is_last_spte,
     is_shadow_present_pte,
+    spte_to_pfn,
 )
 from tdxdbg.engine.steps import EngineStep, SpteWrite
+from tdxdbg.engine.tdx import pg_level_to_tdx_sept_level
 from tdxdbg.engine.variants.upstream import Upstream
+from tdxdbg.hw.tdx.leaves import Seamcall
+from tdxdbg.hw.tdx.status import is_error
 from tdxdbg.runtime.step import Step
 
 
@@ -36,18 +41,27 @@ class NoFreeze(Upstream):
 
 
 class ZapWithoutTrack(Upstream):
-    """tdx_sept_remove_private_spte without tdx_track(): the TDX module refuses PAGE.REMOVE with
+    """tdx_sept_remove_leaf_spte without tdx_track(): the TDX module refuses PAGE.REMOVE with
     TDX_TLB_TRACKING_NOT_DONE, which KVM treats as a bug."""
 
     name = "zap-without-track"
     description = "RANGE.BLOCK then PAGE.REMOVE without TDH.MEM.TRACK in between."
 
-    def tdx_sept_remove_private_spte(self, gfn: int, level: int, pfn: int) -> Gen:
-        ret = yield from self.tdx_sept_zap_private_spte(gfn, level, pfn)
-        if ret <= 0:
-            return ret
-        ret = yield from self.tdx_sept_drop_private_spte(gfn, level, pfn)
-        return ret
+    def tdx_sept_remove_leaf_spte(self, gfn: int, level: int, old: int) -> Gen:
+        rcx = (gfn << 12) | pg_level_to_tdx_sept_level(level)
+        r = yield from self.tdh_do_no_vcpus(Seamcall.TDH_MEM_RANGE_BLOCK, rcx)
+        if (yield from self.tdx_bug_on(is_error(r.rax), "TDH_MEM_RANGE_BLOCK", r)):
+            return EIO
+        r = yield from self.tdh_do_no_vcpus(Seamcall.TDH_MEM_PAGE_REMOVE, rcx)
+        if (yield from self.tdx_bug_on(is_error(r.rax), "TDH_MEM_PAGE_REMOVE", r)):
+            return EIO
+        pfn = spte_to_pfn(old)
+        keyed = (pfn << 12) | (self.tdx_module.config(self.tdr).hkid << 46)
+        r = yield from self.seamcall(Seamcall.TDH_PHYMEM_PAGE_WBINVD, keyed, 0)
+        if (yield from self.tdx_bug_on(is_error(r.rax), "TDH_PHYMEM_PAGE_WBINVD", r)):
+            return EIO
+        self.memory.zero_page(pfn)
+        return 0
 
 
 class AtomicMirrorZap(Upstream):

@@ -9,6 +9,10 @@ What differs from upstream, function by function (each only where the kernel did
   -EIO) without bugging the VM;
 - zapping a premapped page that never got PAGE.ADD finds TDX_EPT_ENTRY_STATE_INCORRECT and only drops the count
   (tdx_is_sept_zap_err_due_to_premap); finalize refuses while pages are premapped;
+- one kvm_x86_ops hook per operation: set_external_spte(kvm, gfn, level, pfn) for a leaf, link_external_spt for a
+  table (both from set_external_spte_present), remove_external_spte for a zapped leaf - each to its own TDX
+  function (tdx_sept_set_private_spte, tdx_sept_link_private_spt, tdx_sept_remove_private_spte = zap, track,
+  drop), where upstream has one set_external_spte(kvm, gfn, old_spte, new_spte, level);
 - SEAMCALL errors bug the VM with KVM_BUG_ON + pr_tdx_error (no TDX_BUG_ON), and the no-vCPUs retry is open coded
   with tdx_no_vcpus_enter_start/stop in each caller (no tdh_do_no_vcpus);
 - the EPT-violation local retry loop has no bail on an invalid (being deleted) memslot;
@@ -24,7 +28,13 @@ from typing import Any
 
 from tdxdbg.engine.kvm import K_NR_PREMAPPED, K_PRE_FAULT_ALLOWED, K_TD_STATE, K_VM_DEAD, Gen, RetPf, TdState
 from tdxdbg.engine.mmu import EIO, PFERR_GUEST_FINAL_MASK, PFERR_PRIVATE_ACCESS
-from tdxdbg.engine.spte import PG_LEVEL_4K
+from tdxdbg.engine.spte import (
+    PG_LEVEL_4K,
+    SHADOW_NONPRESENT_VALUE,
+    is_last_spte,
+    is_shadow_present_pte,
+    spte_to_pfn,
+)
 from tdxdbg.engine.steps import EngineStep, ExitInfo
 from tdxdbg.engine.tdx import (
     EBUSY,
@@ -50,8 +60,51 @@ class V6_16(Upstream):
         """kvm_vm_ioctl / kvm_vcpu_ioctl: `if (kvm->mm != current->mm || kvm->vm_dead) return -EIO;`."""
         return bool(self.world.get(K_VM_DEAD))
 
+    # -- tdp_mmu.c: one kvm_x86_ops hook per operation --------------------------------------------------------
+    def set_external_spte_present_hook(self, gfn: int, old: int, new: int, level: int) -> Gen:
+        """set_external_spte_present calls kvm_x86_ops.set_external_spte(kvm, gfn, level, pfn) for a leaf and
+        link_external_spt(kvm, gfn, level, external_spt) for a table."""
+        if is_shadow_present_pte(new) and is_last_spte(new, level):
+            ret = yield from self.set_external_spte(gfn, level, spte_to_pfn(new))
+            return ret
+        external_spt = self.get_external_spt(gfn, new, level)
+        if (yield from self.kvm_bug_on(not external_spt, "no external_spt for a mirror child")):
+            return EIO
+        ret = yield from self.link_external_spt(gfn, level, external_spt)
+        return ret
+
+    def remove_external_spte(self, gfn: int, old: int, level: int, new: int = SHADOW_NONPRESENT_VALUE) -> Gen:
+        """tdp_mmu.c remove_external_spte: kvm_x86_ops.remove_external_spte(kvm, gfn, level, old_pfn) for a zapped
+        mirror leaf; write lock held; KVM_BUG_ON on failure."""
+        if not is_shadow_present_pte(old) or not is_last_spte(old, level):
+            return
+        yield from self.warn_on_once(not self.holds_mmu_lock_write(),
+                                     "lockdep: zapping a leaf spte without the mmu_lock write lock")
+        ret = yield from self.remove_external_spte_hook(gfn, level, spte_to_pfn(old))
+        yield from self.kvm_bug_on(bool(ret), "remove_external_spte failed with the write lock held")
+
+    # kvm_x86_ops of v6.16 (the engine names kvm_x86_ops.remove_external_spte remove_external_spte_hook, as the
+    # TDP MMU function of the same name calls it).
+    def set_external_spte(self, gfn: int, level: int, pfn: int) -> Gen:  # type: ignore[override]
+        yield self._hook("set_external_spte", gfn, level, pfn)
+        ret = yield from self.tdx_sept_set_private_spte(gfn, level, pfn)
+        yield self._hook_ret("set_external_spte", gfn, level, ret)
+        return ret
+
+    def link_external_spt(self, gfn: int, level: int, external_spt: int) -> Gen:
+        yield self._hook("link_external_spt", gfn, level, external_spt)
+        ret = yield from self.tdx_sept_link_private_spt(gfn, level, external_spt)
+        yield self._hook_ret("link_external_spt", gfn, level, ret)
+        return ret
+
+    def remove_external_spte_hook(self, gfn: int, level: int, pfn: int) -> Gen:
+        yield self._hook("remove_external_spte", gfn, level, pfn)
+        ret = yield from self.tdx_sept_remove_private_spte(gfn, level, pfn)
+        yield self._hook_ret("remove_external_spte", gfn, level, ret)
+        return ret
+
     # -- the leaf hook: AUG, or count a premapped page ---------------------------------------------------------
-    def tdx_sept_set_private_spte(self, gfn: int, level: int, pfn: int) -> Gen:
+    def tdx_sept_set_private_spte(self, gfn: int, level: int, pfn: int) -> Gen:  # type: ignore[override]
         """A runnable TD gets TDH.MEM.PAGE.AUG; before finalize the page is only counted (PAGE.ADD comes later,
         from tdx_gmem_post_populate)."""
         if (yield from self.kvm_bug_on(level != PG_LEVEL_4K, "TODO: handle large pages")):
