@@ -28,6 +28,17 @@ def hva_chunk_key(slot_id: int, chunk: int) -> tuple:
     return ("hva.chunk", slot_id, chunk)
 
 
+def hva_page_key(slot_id: int, gfn: int) -> tuple:
+    """The 4K page backing `gfn` of a slot in a 2 MiB chunk whose THP was split by a partial discard."""
+    return ("hva.page", slot_id, gfn)
+
+
+def hva_split_key(slot_id: int, chunk: int) -> tuple:
+    """Set while a chunk of a slot's userspace backing is mapped with 4K pages (a partial MADV_DONTNEED split
+    its THP)."""
+    return ("hva.split", slot_id, chunk)
+
+
 class Memslot(NamedTuple):
     """struct kvm_memory_slot: gfns [base_gfn, base_gfn + npages)."""
 
@@ -99,6 +110,20 @@ class GmemOps(KvmBase):
                 return False
         return first == self.kvm_mem_is_private(end - 1)
 
+    def kvm_range_has_memory_attributes(self, start: int, end: int, private: bool) -> bool:
+        """kvm_range_has_memory_attributes(kvm, start, end, ~0, attrs): every gfn of [start, end) is private
+        (private=True) or none is (private=False)."""
+        for a, b in self.world.get(K_ATTRS, ()):
+            if a < end and b > start:
+                if not private:
+                    return False
+                if a > start:
+                    return False
+                start = b
+                if start >= end:
+                    return True
+        return not private or start >= end
+
     def set_private_ranges(self, start: int, end: int, private: bool) -> None:
         """Store the attribute for [start, end): the xarray update of kvm_vm_set_mem_attributes."""
         out: list[tuple[int, int]] = []
@@ -132,20 +157,31 @@ class GmemOps(KvmBase):
         return pfn
 
     def hva_to_pfn(self, slot: Memslot, gfn: int) -> tuple[int, int]:
-        """The shared backing (userspace memory): 2 MiB transparent huge pages, allocated on first touch.
-        Returns (pfn, host mapping level)."""
+        """The shared backing (userspace memory): 2 MiB transparent huge pages, allocated on first touch; 4K
+        pages in a chunk whose THP a partial discard split. Returns (pfn, host mapping level)."""
+        w = self.world
         chunk = gfn // HUGE_2M
         key = hva_chunk_key(slot.id, chunk)
-        base = self.world.get(key)
+        base = w.get(key)
+        if base is None and w.get(hva_split_key(slot.id, chunk)):
+            page = hva_page_key(slot.id, gfn)
+            pfn = w.get(page)
+            if pfn is None:
+                pfn = self.memory.alloc("hva")
+                w.set(page, pfn)
+            return pfn, PG_LEVEL_4K
         if base is None:
             base = self.memory.alloc_contiguous(HUGE_2M, "hva", align=HUGE_2M)
-            self.world.set(key, base)
+            w.set(key, base)
         return base + gfn % HUGE_2M, self.host_mapping_level(slot, gfn)
 
     def host_mapping_level(self, slot: Memslot, gfn: int) -> int:
-        """The backing is a 2M THP when the whole 2M range lies inside the slot."""
+        """The backing is a 2M THP when the whole 2M range lies inside the slot and no partial discard split it
+        (host_pfn_mapping_level reads the host page tables: a split THP is mapped by 4K PTEs)."""
         base = gfn - gfn % HUGE_2M
         if slot.guest_memfd or slot.dirty_log:
+            return PG_LEVEL_4K
+        if self.world.get(hva_split_key(slot.id, gfn // HUGE_2M)):
             return PG_LEVEL_4K
         if base >= slot.base_gfn and base + HUGE_2M <= slot.base_gfn + slot.npages:
             return PgLevel.PG_LEVEL_2M
@@ -168,6 +204,11 @@ class GmemOps(KvmBase):
         if inv.in_progress:
             start, end = min(start, inv.start), max(end, inv.end)
         self.world.set(K_INVALIDATE, MmuInvalidate(inv.seq, inv.in_progress + 1, start, end))
+
+    def kvm_mmu_invalidate_range_add(self, start: int, end: int) -> None:
+        """kvm_mmu_invalidate_range_add: widen the range of the invalidation in progress to cover [start, end)."""
+        inv: MmuInvalidate = self.world.get(K_INVALIDATE, MmuInvalidate())
+        self.world.set(K_INVALIDATE, inv._replace(start=min(start, inv.start), end=max(end, inv.end)))
 
     def kvm_mmu_invalidate_end(self) -> None:
         inv: MmuInvalidate = self.world.get(K_INVALIDATE, MmuInvalidate())

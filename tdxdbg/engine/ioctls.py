@@ -6,11 +6,20 @@ from __future__ import annotations
 
 from typing import Any
 
-from tdxdbg.engine.gmem import HUGE_2M, K_MEMSLOTS, Memslot, gmem_pfn_key, hva_chunk_key
+from tdxdbg.engine.gmem import (
+    HUGE_2M,
+    K_INVALIDATE,
+    K_MEMSLOTS,
+    Memslot,
+    gmem_pfn_key,
+    hva_chunk_key,
+    hva_page_key,
+    hva_split_key,
+)
 from tdxdbg.engine.kvm import K_DESTROYING, K_MN_ACTIVE_INVALIDATE_COUNT, K_PRE_FAULT_ALLOWED, K_VM_BUGGED, Gen
 from tdxdbg.engine.mmu import EIO, PFERR_GUEST_FINAL_MASK, PFERR_PRIVATE_ACCESS, PFERR_WRITE_MASK
 from tdxdbg.engine.mmu_page import AttrFilter, RootTypes
-from tdxdbg.engine.spte import PG_LEVEL_4K
+from tdxdbg.engine.spte import PG_LEVEL_4K, PgLevel, gfn_round_for_level, kvm_pages_per_hpage
 from tdxdbg.engine.steps import EngineStep
 from tdxdbg.engine.tdx import EINVAL, TdxOps
 from tdxdbg.runtime.step import Step
@@ -64,22 +73,60 @@ class IoctlOps(TdxOps):
 
     # -- KVM_SET_MEMORY_ATTRIBUTES -------------------------------------------------------------------------
     def kvm_vm_set_mem_attributes(self, start: int, end: int, private: bool) -> Gen:
-        """Begin an invalidation, zap the alias that stops being valid, store the attribute, end it."""
+        """kvm_vm_set_mem_attributes (kvm_main.c): nothing to do when the range already has the attributes (no
+        invalidation, mmu_invalidate_seq unchanged). Otherwise, for the memslots the range touches
+        (kvm_handle_gfn_range): begin an invalidation, kvm_arch_pre_set_memory_attributes (widen it to the head and
+        tail hugepages, zap the alias that stops being valid), store the attribute, end the invalidation."""
         yield Step(EngineStep.HOST_OP, {"op": "KVM_SET_MEMORY_ATTRIBUTES", "start": start, "end": end,
                                         "private": private})
-        yield from self.write_lock()
-        self.kvm_mmu_invalidate_begin(start, end)
-        yield self.invalidate_step("begin", start, end)
-        # kvm_arch_pre_set_memory_attributes: going private zaps the shared alias, going shared the private one.
-        attr_filter = AttrFilter.KVM_FILTER_SHARED if private else AttrFilter.KVM_FILTER_PRIVATE
-        yield from self.kvm_unmap_gfn_range(start, end, attr_filter)
-        yield from self.write_unlock()
+        if self.kvm_range_has_memory_attributes(start, end, private):
+            yield Step(EngineStep.HOST_OP, {"op": "attributes already set: nothing to do", "start": start,
+                                            "end": end})
+            return 0
+        slots = [s for s in self.memslots() if s.base_gfn < end and start < s.base_gfn + s.npages]
+        if slots:
+            yield from self.write_lock()
+            # on_lock = kvm_mmu_invalidate_begin; kvm_pre_set_memory_attributes adds each slot's part of the range.
+            self.kvm_mmu_invalidate_begin(max(start, slots[0].base_gfn),
+                                          min(end, slots[0].base_gfn + slots[0].npages))
+            for slot in slots:
+                lo, hi = max(start, slot.base_gfn), min(end, slot.base_gfn + slot.npages)
+                self.kvm_mmu_invalidate_range_add(lo, hi)
+                self.kvm_arch_pre_set_memory_attributes_hugepages(slot, lo, hi)
+            inv = self.world.get(K_INVALIDATE)
+            yield self.invalidate_step("begin", inv.start, inv.end)
+            # kvm_arch_pre_set_memory_attributes: going private zaps the shared alias, going shared the private one.
+            attr_filter = AttrFilter.KVM_FILTER_SHARED if private else AttrFilter.KVM_FILTER_PRIVATE
+            yield from self.kvm_unmap_gfn_range(start, end, attr_filter)
+            yield from self.write_unlock()
         self.set_private_ranges(start, end, private)
-        yield from self.write_lock()
-        self.kvm_mmu_invalidate_end()
-        yield self.invalidate_step("end", start, end)
-        yield from self.write_unlock()
+        if slots:
+            # post_set_range: on_lock = kvm_mmu_invalidate_end (the mixed flags are recomputed from the attributes
+            # by range_has_uniform_attributes, so kvm_arch_post_set_memory_attributes has nothing to store).
+            yield from self.write_lock()
+            self.kvm_mmu_invalidate_end()
+            yield self.invalidate_step("end", start, end)
+            yield from self.write_unlock()
         return 0
+
+    def kvm_arch_pre_set_memory_attributes_hugepages(self, slot: Memslot, start: int, end: int) -> None:
+        """The head/tail part of kvm_arch_pre_set_memory_attributes (mmu.c, commit 9129633d568e "Prevent
+        installing hugepages when mem attributes are changing", v6.15): a 2M or 1G page that the range only
+        partly covers, inside the slot and not already mixed, joins the invalidation, so a fault for one of its
+        gfns whose attribute is not changing cannot install a huge leaf across the change."""
+        slot_end = slot.base_gfn + slot.npages
+        for level in (PgLevel.PG_LEVEL_2M, PgLevel.PG_LEVEL_1G):
+            nr_pages = kvm_pages_per_hpage(level)
+            head = gfn_round_for_level(start, level)
+            tail = gfn_round_for_level(end - 1, level)
+            if ((head != start or head + nr_pages > end) and head >= slot.base_gfn
+                    and head + nr_pages <= slot_end and self.range_has_uniform_attributes(head, head + nr_pages)):
+                self.kvm_mmu_invalidate_range_add(head, head + nr_pages)
+            if tail == head:
+                continue
+            if (tail + nr_pages > end and tail + nr_pages <= slot_end
+                    and self.range_has_uniform_attributes(tail, tail + nr_pages)):
+                self.kvm_mmu_invalidate_range_add(tail, tail + nr_pages)
 
     # -- guest_memfd -----------------------------------------------------------------------------------------
     def kvm_gmem_punch_hole(self, start: int, end: int) -> Gen:
@@ -131,24 +178,46 @@ class IoctlOps(TdxOps):
         self.world.set(K_MN_ACTIVE_INVALIDATE_COUNT, self.world.get(K_MN_ACTIVE_INVALIDATE_COUNT) - 1)
 
     def discard_shared_backing(self, start: int, end: int) -> None:
-        """MADV_DONTNEED of the userspace backing: the next touch gets fresh (zeroed) pages."""
+        """MADV_DONTNEED of exactly [start, end) of the userspace backing (QEMU's kvm_convert_memory ->
+        ram_block_discard_range): the discarded pages are freed and read back as fresh zeroed pages; a THP the
+        range covers only in part is split (its other pages keep their data, mapped 4K from now on)."""
         w = self.world
         for slot in self.memslots():
             lo, hi = max(start, slot.base_gfn), min(end, slot.base_gfn + slot.npages)
             if lo >= hi:
                 continue
             for chunk in range(lo // HUGE_2M, (hi - 1) // HUGE_2M + 1):
+                first = chunk * HUGE_2M
+                c_lo, c_hi = max(lo, first), min(hi, first + HUGE_2M)
+                whole = c_lo == first and c_hi == first + HUGE_2M
                 key = hva_chunk_key(slot.id, chunk)
                 base = w.get(key)
-                if base is None:
+                if base is not None:
+                    w.delete(key)
+                    if not whole:
+                        w.set(hva_split_key(slot.id, chunk), True)
+                    for gfn in range(first, first + HUGE_2M):
+                        if c_lo <= gfn < c_hi:
+                            self._free_backing_page(base + gfn - first)
+                        else:
+                            w.set(hva_page_key(slot.id, gfn), base + gfn - first)
                     continue
-                w.delete(key)
-                for pfn in range(base, base + HUGE_2M):
-                    if self.page_pinned(pfn):
-                        # A pinned page outlives the mapping: it is freed when the last pin goes.
-                        w.set(("hva.orphan", pfn), True)
-                    else:
-                        self.memory.free(pfn)
+                for gfn in range(c_lo, c_hi):
+                    page = hva_page_key(slot.id, gfn)
+                    pfn = w.get(page)
+                    if pfn is not None:
+                        w.delete(page)
+                        self._free_backing_page(pfn)
+                if whole:
+                    # Nothing of the chunk is left: the next touch may get a THP again.
+                    w.delete(hva_split_key(slot.id, chunk))
+
+    def _free_backing_page(self, pfn: int) -> None:
+        if self.page_pinned(pfn):
+            # A pinned page outlives the mapping: it is freed when the last pin goes.
+            self.world.set(("hva.orphan", pfn), True)
+        else:
+            self.memory.free(pfn)
 
     def page_pinned(self, pfn: int) -> bool:
         """Whether KVM holds a pin on a userspace page (only the v7 series pins private pages)."""

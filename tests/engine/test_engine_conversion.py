@@ -113,3 +113,28 @@ def test_variant_overriding_inner_map_gpa_is_called():
     assert calls == [(P | SHARED, (P | SHARED) + (3 << 20)), ((P | SHARED) + (2 << 20), (P | SHARED) + (3 << 20))]
     exits = frames(rt, EngineStep.USER_EXIT, reason="KVM_EXIT_HYPERCALL")
     assert [(f.step.get("gpa"), f.step.get("npages")) for f in exits] == [(P, 512), (P + (2 << 20), 256)]
+
+
+def test_conversion_discards_exactly_the_converted_range():
+    """QEMU's kvm_convert_memory discards exactly the converted range (ram_block_discard_range ->
+    MADV_DONTNEED): converting gfn 0x1202 to private frees only its shared page. gfn 0x1201, in the same 2M
+    THP, keeps its data and its host page; the THP is split, so later shared faults in that 2M map 4K."""
+    from tdxdbg.engine.gmem import Memslot
+    from tdxdbg.engine.vm import VmSetup
+
+    def prog():
+        yield from guest.write_value(SHARED | 0x0120_1000, 0xA1)
+        yield from guest.write_value(SHARED | 0x0120_2000, 0xB2)
+        yield from guest.map_gpa(0x0120_2000, 4096)            # to private: the VMM converts gfn 0x1202
+        assert (yield from guest.read_value(SHARED | 0x0120_1000)) == 0xA1
+        yield from guest.write_value(SHARED | 0x0120_3000, 0xC3)
+
+    built, _rt = run(VmSetup(memslots=(Memslot(0, 0x1000, 0x1000),), vcpu_programs=(prog,)))
+    kvm = built.kvm
+    w = kvm.world
+    assert w.peek(("hva.chunk", 0, 0x1200 // 512)) is None
+    assert w.peek(("hva.split", 0, 0x1200 // 512)) is True
+    p1, p3 = w.peek(("hva.page", 0, 0x1201)), w.peek(("hva.page", 0, 0x1203))
+    assert p3 == p1 + 2                                       # the THP's own pages, not new ones
+    assert w.peek(("hva.page", 0, 0x1202)) is None            # discarded
+    assert kvm.memory.read_word(p1, 0) == 0xA1 and kvm.memory.read_word(p3, 0) == 0xC3
