@@ -145,9 +145,13 @@ class KvmBase:
         yield Step(EngineStep.KVM_BUG, {"message": reason, "bug": False})
 
     def kvm_bug_on(self, cond: bool, message: str) -> Gen:
-        """KVM_BUG_ON: when `cond` holds, mark the VM bugged and dead (a red frame). Returns `cond`."""
+        """KVM_BUG_ON: when `cond` holds, mark the VM bugged and dead (a red frame). Returns `cond`.
+        `WARN_ON_ONCE(__ret && !(kvm)->vm_bugged)`: on an already bugged VM it only returns `cond` - no second
+        warning, and the first message stays the VM's reason."""
         if not cond:
             return False
+        if self.world.get(K_VM_BUGGED):
+            return True
         self.world.set(K_VM_BUGGED, message)
         self.world.set(K_VM_DEAD, message)
         yield Step(EngineStep.KVM_BUG, {"message": message, "bug": True})

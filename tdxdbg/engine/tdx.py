@@ -15,7 +15,6 @@ from tdxdbg.engine.kvm import (
     K_PAGE_ADD_SRC,
     K_PRE_FAULT_ALLOWED,
     K_TD_STATE,
-    K_VM_BUGGED,
     K_WAIT_FOR_SEPT_ZAP,
     Gen,
     RetPf,
@@ -95,13 +94,11 @@ class TdxOps(MmuOps):
         return Step(EngineStep.HOOK_RETURN, HookCall(name, gfn, level, 0, ret))
 
     def tdx_bug_on(self, err: int, leaf: str, r: SeamcallResult) -> Gen:
-        """TDX_BUG_ON: a SEAMCALL error marks the VM bugged - with a warning only the first time
-        (WARN_ON_ONCE(err && !kvm->vm_bugged) in __TDX_BUG_ON). Returns whether `err` is an error."""
-        if not err:
-            return False
-        if not self.world.get(K_VM_BUGGED):
-            yield from self.kvm_bug_on(True, f"SEAMCALL {leaf} failed: {r}")
-        return True
+        """TDX_BUG_ON: a SEAMCALL error marks the VM bugged, with a warning only the first time
+        (WARN_ON_ONCE(err && !kvm->vm_bugged) in __TDX_BUG_ON, as KVM_BUG_ON), and prints
+        "SEAMCALL <leaf> failed: <status>". Returns whether `err` is an error."""
+        ret = yield from self.kvm_bug_on(bool(err), f"SEAMCALL {leaf} failed: {r}")
+        return ret
 
     # -- kvm_x86_ops.set_external_spte: one hook for every mirror change ------------------------------------------
     def set_external_spte(self, gfn: int, old: int, new: int, level: int) -> Gen:
@@ -295,6 +292,9 @@ class TdxOps(MmuOps):
         return not (gpa >> 12) & self.gfn_direct_bits
 
     def tdx_is_sept_violation_unexpected_pending(self, exit: Any) -> bool:
+        """A PENDING-page EPT violation with no permission bits in the exit qualification: the guest touched a
+        page it never accepted. (v6.16 tests PROT_MASK and EXEC_FOR_RING3_LIN; newer trees renamed bit 6
+        EPT_VIOLATION_PROT_USER_EXEC and folded it into EPT_VIOLATION_PROT_MASK: the same bits.)"""
         eeq_type = exit.ext_qual & TDX_EXT_EXIT_QUAL_TYPE_MASK
         if eeq_type != ExtExitQualType.PENDING_EPT_VIOLATION:
             return False

@@ -116,15 +116,20 @@ def test_mr_extend_error_bugs_the_vm_upstream_only():
     assert not frames(rt, EngineStep.KVM_BUG) and not built.machine.world.peek(K_VM_DEAD)
 
 
-def test_tdx_bug_on_warns_only_the_first_time():
-    """__TDX_BUG_ON: WARN_ON_ONCE(err && !kvm->vm_bugged) - once bugged, a second SEAMCALL error adds no KVM_BUG."""
+def test_tdx_bug_on_and_kvm_bug_on_warn_only_the_first_time():
+    """__TDX_BUG_ON and KVM_BUG_ON: WARN_ON_ONCE(err && !kvm->vm_bugged) - once bugged, another SEAMCALL error or
+    KVM_BUG_ON returns true without a second KVM_BUG (red frame), and the VM keeps its first reason."""
     inject = ((SC.TDH_MR_EXTEND, 1, int(TdxStatus.TDX_OPERAND_INVALID)),)
     built, rt, _seen = _build_time(Upstream, inject, ("finalize", "destroy"))
     kvm = built.kvm
+    first = built.machine.world.peek(K_VM_BUGGED)
+    assert first.startswith("SEAMCALL TDH_MR_EXTEND failed")
 
     def again():
         r = yield from kvm.seamcall(SC.TDH_MR_EXTEND, 0x1000)
-        return (yield from kvm.tdx_bug_on(r.rax != 0, "TDH_MR_EXTEND", r))
+        a = yield from kvm.tdx_bug_on(r.rax != 0, "TDH_MR_EXTEND", r)
+        b = yield from kvm.kvm_bug_on(True, "another bug")
+        return a, b
 
     gen = again()
     steps = []
@@ -132,8 +137,9 @@ def test_tdx_bug_on_warns_only_the_first_time():
         while True:
             steps.append(next(gen))
     except StopIteration as stop:
-        assert stop.value is True
+        assert stop.value == (True, True)
     assert steps and EngineStep.KVM_BUG not in [st.kind for st in steps]
+    assert built.machine.world.peek(K_VM_BUGGED) == first
     assert len(frames(rt, EngineStep.KVM_BUG)) == 1
 
 
@@ -269,3 +275,16 @@ def test_external_spte_hooks_per_era(variant):
     leaves = [f.step.get("leaf") for f in seamcalls(rt)]
     assert leaves == [SC.TDH_MEM_SEPT_ADD] * 3 + [SC.TDH_MEM_PAGE_AUG, SC.TDH_MEM_RANGE_BLOCK, SC.TDH_MEM_TRACK,
                                                   SC.TDH_MEM_PAGE_REMOVE, SC.TDH_PHYMEM_PAGE_WBINVD]
+
+
+@pytest.mark.parametrize("variant, message", [
+    (Upstream, "SEAMCALL TDH_MR_FINALIZE failed: TDH.MR.FINALIZE = TDX_OPERAND_INVALID"),
+    (V6_16, "TDH.MR.FINALIZE failed: TDH.MR.FINALIZE = TDX_OPERAND_INVALID")])
+def test_mr_finalize_error_bugs_the_vm(variant, message):
+    """tdx_td_finalize: TDH.MR.FINALIZE failing with anything but BUSY bugs the VM (upstream TDX_BUG_ON, v6.16
+    KVM_BUG_ON + pr_tdx_error) and KVM_TDX_FINALIZE_VM returns -EIO; the TD stays not runnable."""
+    inject = ((SC.TDH_MR_FINALIZE, 1, int(TdxStatus.TDX_OPERAND_INVALID)),)
+    built, rt, seen = _build_time(variant, inject, ("finalize", "destroy"))
+    assert seen["init"] == 0 and seen["finalize"] == EIO
+    assert [f.step.get("message") for f in frames(rt, EngineStep.KVM_BUG)] == [message]
+    assert built.machine.world.peek(K_VM_BUGGED) == message
