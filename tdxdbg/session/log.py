@@ -78,8 +78,11 @@ def describe_frame(kind: Any, get: Any) -> tuple[str, bool, Category] | None:
         if get("new") == FROZEN_SPTE and get("ok"):
             return (f"freeze {get('root')} SPTE gfn {get('gfn', 0):#x} L{get('level')}", False, Category.FREEZE)
         if not get("ok"):
+            found = get("old", 0)
+            # Named, so a search for FROZEN finds the vCPU that ran into another's freeze.
+            what = f"FROZEN_SPTE {found:#x}" if found == FROZEN_SPTE else f"{found:#x}"
             return (f"cmpxchg failed on {get('root')} SPTE gfn {get('gfn', 0):#x} L{get('level')} "
-                    f"(found {get('old', 0):#x})", False, Category.NONE)
+                    f"(found {what})", False, Category.NONE)
         return None
     if kind is EngineStep.SPTE_WRITE:
         what = get("what")

@@ -20,6 +20,8 @@ import attrs
 from tdxdbg.engine.checks import make_checks
 from tdxdbg.engine.steps import EngineStep
 from tdxdbg.engine.vm import BuiltVm, VmSetup, build_vm
+from tdxdbg.hw.ept import level_size
+from tdxdbg.hw.tdx.seamcall import TdxStep
 from tdxdbg.runtime.frame import Frame, Violation, plain_locals
 from tdxdbg.runtime.runtime import Check, Runtime
 from tdxdbg.runtime.scheduler import ScheduleSpec
@@ -30,6 +32,8 @@ from tdxdbg.session import views
 from tdxdbg.session.breakpoints import Breakpoint, BreakpointError, Breakpoints, stack_names
 from tdxdbg.session.decode import SeptEntryView
 from tdxdbg.session.events import StopEvent, StopReason
+from tdxdbg.session.seamcall_view import SeamcallView, seamcall_view
+from tdxdbg.session.tdx_state import TdxStateView, tdx_state
 
 ChecksFactory = Callable[[Any], Sequence[Check]]
 
@@ -359,6 +363,41 @@ class Session:
         if pos == len(self._rt.timeline.frames):
             return tuple(self._rt.tasks[i].name for i in self._rt.runnable())
         return tuple(t.name for t in self.task_views(pos) if t.state in ("not started", "ready", "runnable"))
+
+    def tdx_state(self, position: int | None = None) -> TdxStateView:
+        """TLB epoch, vCPUs in/out of the guest, BLOCKED entries with their BLOCK epoch, mmu_lock and TDX locks."""
+        return tdx_state(self._state(position), self.context.tdr)
+
+    def seamcall_at(self, frame_index: int, position: int | None = None) -> SeamcallView | None:
+        """The SEAMCALL frame `frame_index` is part of, as far as the cursor (`position`) has seen it."""
+        pos = self._pos if position is None else position
+        frames = self._rt.timeline.frames
+        if not 0 <= frame_index < min(pos, len(frames)):
+            return None
+        task = frames.task_of(frame_index)
+        tf = self._task_frames[task]
+        seen = tf[:bisect.bisect_left(tf, pos)]
+        tables: dict[int, tuple[int, int]] = {}
+        for p in (pos, frames[frame_index].index):
+            tree = self.sept_tree(p)
+            stack = [tree] if tree is not None else []
+            while stack:
+                t = stack.pop()
+                tables.setdefault(t.pfn, (t.gpa_start, level_size(t.level)))
+                stack.extend(n.child for n in t.entries if n.child is not None)
+        return seamcall_view(self.frames, seen, frame_index, tables.get)
+
+    def last_seamcall(self, task: str, position: int | None = None, limit: int = 4096) -> SeamcallView | None:
+        """The SEAMCALL `task` is in at `position`, else the last one it made (looking back `limit` frames)."""
+        pos = self._pos if position is None else position
+        frames = self._rt.timeline.frames
+        tf = self._task_frames.get(task, [])
+        k = bisect.bisect_left(tf, pos) - 1
+        for j in range(k, max(-1, k - limit), -1):
+            kind = frames.kind_of(tf[j])
+            if kind is TdxStep.SEAMCALL or kind is TdxStep.SEAMCALL_RETURN:
+                return self.seamcall_at(tf[j], pos)
+        return None
 
     # -- breakpoints helpers ----------------------------------------------------------------------------------
     def watch_spte(self, kind: str, gfn: int, level: int = 1) -> Breakpoint | StopEvent:

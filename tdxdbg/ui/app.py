@@ -12,10 +12,10 @@ from pathlib import Path
 from typing import Any
 
 from rich.text import Text
-from textual import on, work
+from textual import events, on, work
 from textual.app import App, ComposeResult
 from textual.binding import Binding
-from textual.containers import Horizontal, Vertical
+from textual.containers import Container
 from textual.message import Message
 from textual.widgets import Footer
 
@@ -25,14 +25,22 @@ from tdxdbg.session.log import Category, EventIndex
 from tdxdbg.session.session import Session
 from tdxdbg.ui import panes
 from tdxdbg.ui.commands import DebuggerCommands
-from tdxdbg.ui.lines import LineList, Pane
+from tdxdbg.ui.lines import LineList, Pane, TextPane
 from tdxdbg.ui.loading import DEMO, Opened, open_scenario
 from tdxdbg.ui.screens import ErrorScreen, HelpScreen, PromptScreen, TaskChoiceScreen
 from tdxdbg.ui.strip import TimelineStrip
 from tdxdbg.ui.tables import Marks, TableLine, all_lines, max_width, render
+from tdxdbg.ui.variables import LocalsPane
 
 # Frames the app records ahead in the background after opening, so the timeline strip shows a whole run.
 RECORD_AHEAD = 200_000
+# The panes, in the order of their digit keys (1..8) and of the pane bar on a small terminal.
+PANES = (("tables", "page tables"), ("source", "source"), ("stack", "tasks · stack"), ("locals", "locals"),
+         ("inspector", "inspector"), ("walk", "walk · TD"), ("seamcall", "SEAMCALL"),
+         ("log", "log (Enter: go to frame)"))
+# Below this size the panes are shown one at a time (digits switch), instead of a grid that would cut them.
+NARROW_WIDTH = 120
+NARROW_HEIGHT = 36
 # Notifications the app remembers (App.notices).
 NOTICES_KEPT = 20
 
@@ -84,6 +92,11 @@ class TdxdbgApp(App[int]):
         Binding("d", "activation(1)", "Down frame", show=False, id="stack_down"),
         Binding("l", "last_write", "Last write", show=False, id="last_write"),
         Binding("slash", "search", "Search", show=False, id="search"),
+        Binding("full_stop", "any_frame(1)", "Next frame (any task)", show=False, id="next_frame_any"),
+        Binding("comma", "any_frame(-1)", "Previous frame (any task)", show=False, id="prev_frame_any"),
+        Binding("y", "copy", "Copy value", show=False, id="copy"),
+        Binding("x", "follow_frame", "Follow frame", show=False, id="follow_frame"),
+        *(Binding(str(n), f"pane({n})", f"Pane {n}", show=False, id=f"pane_{n}") for n in range(1, len(PANES) + 1)),
         Binding("r", "reload", "Reload", id="reload"),
         Binding("escape", "interrupt", "Stop run", show=False, id="interrupt"),
         Binding("question_mark", "help", "Help", id="help"),
@@ -109,6 +122,11 @@ class TdxdbgApp(App[int]):
         self.table_lines: list[TableLine] = []
         self.search_text = ""
         self._progress_frames = 0
+        self.narrow = False
+        self.shown_pane = "tables"
+        self._pinned: tuple[str, int, int] | None = None     # the page-table selection the user made
+        self._pinned_missing = False
+        self.selected_call: int | None = None                # a SEAMCALL frame picked in the log
         self.notices: list[str] = []      # the latest notifications, newest last (tests read them)
         self._header_state: tuple | None = None
         self._queued: list[Callable[[], None]] = []
@@ -118,27 +136,53 @@ class TdxdbgApp(App[int]):
     # -- layout ------------------------------------------------------------------------------------------
     def compose(self) -> ComposeResult:
         yield Pane(id="header")
-        with Horizontal(id="top"):
+        yield Pane(id="panebar")
+        with Container(id="main"):
             yield LineList(id="tables")
-            with Vertical(id="middle"):
-                yield Pane(id="walk")
-                yield Pane(id="inspector")
-            with Vertical(id="right"):
-                yield Pane(id="stack")
-                yield Pane(id="source")
+            yield TextPane(id="source")
+            yield TextPane(id="stack")
+            yield LocalsPane(id="locals")
+            yield TextPane(id="inspector")
+            yield TextPane(id="walk")
+            yield TextPane(id="seamcall")
         yield LineList(id="log")
         yield TimelineStrip(id="timeline")
         yield Pane(id="status")
         yield Footer()
 
     def on_mount(self) -> None:
-        self.query_one("#tables").border_title = "page tables"
-        self.query_one("#walk").border_title = "walk"
-        self.query_one("#inspector").border_title = "inspector"
-        self.query_one("#stack").border_title = "tasks · stack · locals"
-        self.query_one("#source").border_title = "source"
-        self.query_one("#log").border_title = "callbacks · SEAMCALLs · faults (Enter: go to frame)"
+        for n, (pane_id, title) in enumerate(PANES, 1):
+            self.query_one(f"#{pane_id}").border_title = f"{n} {title}"
+        self._apply_layout(self.size.width, self.size.height)
         self.load(self.spec)
+
+    # -- layout: a grid of panes, or one pane at a time on a small terminal ---------------------------------------
+    def on_resize(self, event: events.Resize) -> None:
+        self._apply_layout(event.size.width, event.size.height)
+
+    def _apply_layout(self, width: int, height: int) -> None:
+        narrow = width < NARROW_WIDTH or height < NARROW_HEIGHT
+        for wid in ("#main", "#log", "#panebar"):
+            self.query_one(wid).set_class(narrow, "-narrow")
+        self.narrow = narrow
+        self._show_pane(self.shown_pane, focus=False)
+
+    def _show_pane(self, pane_id: str, focus: bool = True) -> None:
+        self.shown_pane = pane_id
+        for wid, _title in PANES:
+            if wid != "log":
+                self.query_one(f"#{wid}").set_class(wid == pane_id, "-shown")
+        bar = Text(no_wrap=True, overflow="ellipsis")
+        for n, (wid, title) in enumerate(PANES, 1):
+            bar.append(f" {n} {title.split(' ')[0]} ", style="bold reverse" if wid == pane_id else "grey62")
+        self.query_one("#panebar", Pane).update(bar)
+        if focus:
+            self.query_one(f"#{pane_id}").focus()
+
+    def action_pane(self, n: int) -> None:
+        """Digit keys: show (on a small terminal) and focus pane `n` (PANES)."""
+        if 1 <= n <= len(PANES):
+            self._show_pane(PANES[n - 1][0])
 
     def check_action(self, action: str, parameters: tuple[object, ...]) -> bool | None:
         """The app's priority keys (tab) belong to the prompt or list when a modal screen is open."""
@@ -171,7 +215,7 @@ class TdxdbgApp(App[int]):
         self.record_ahead_worker()
 
     def focus_tables(self) -> None:
-        self.query_one("#tables", LineList).focus()
+        self._show_pane("tables")
 
     # -- refreshing ---------------------------------------------------------------------------------------------
     def refresh_all(self) -> None:
@@ -193,10 +237,14 @@ class TdxdbgApp(App[int]):
             lines = self.table_lines
             tables.set_lines(len(lines), lambda i: render(lines[i], marks), max_width(lines))
             self._auto_select(tables, marks)
-            self.query_one("#walk", Pane).update(panes.walk_text(path, task))
+            walk = panes.walk_text(path, task)
+            walk.append("\n")
+            walk.append_text(panes.td_state_text(s.tdx_state(), self._sept_gpas()))
+            self.query_one("#walk", TextPane).update(walk)
             self._refresh_inspector()
             self._refresh_stack(view.tasks, task)
             self._refresh_log()
+            self._refresh_seamcall()
             strip = self.query_one("#timeline", TimelineStrip)
             strip.update_from(self.event_index, s.position, len(s.frames), self.bookmarks, self.breakpoint_hits)
             self.query_one("#status", Pane).update(Text(self.status_text, style="grey70"))
@@ -244,7 +292,16 @@ class TdxdbgApp(App[int]):
         return Marks(iter_key, changed, frozen_by)
 
     def _auto_select(self, tables: LineList, marks: Marks) -> None:
-        """Put the table cursor on what this frame is about: an entry it changed, else the iterator's."""
+        """Keep the user's selection on its entry (by root, gfn and level); without one, put the cursor on what
+        this frame is about: an entry it changed, else the iterator's."""
+        self._pinned_missing = False
+        if self._pinned is not None:
+            for i, line in enumerate(self.table_lines):
+                if line.key is not None and (line.kind, line.gfn, line.level) == self._pinned:
+                    tables.move_to(i)
+                    return
+            self._pinned_missing = True
+            return
         for want in (marks.changed, {marks.iter_key}):
             for i, line in enumerate(self.table_lines):
                 if line.key is not None and line.key in want:
@@ -259,34 +316,80 @@ class TdxdbgApp(App[int]):
 
     def _refresh_inspector(self) -> None:
         s = self.session
+        assert s is not None
+        inspector = self.query_one("#inspector", TextPane)
+        if self._pinned_missing and self._pinned is not None:
+            kind, gfn, level = self._pinned
+            sept = s.sept_entry_at(gfn << 12, level - 1) if kind in ("sept", "mirror") else None
+            inspector.update(panes.inspector_text(None, sept, None, pinned=self._pinned))
+            return
         line = self._selected_line()
         sept = None
         last = None
-        if s is not None and line is not None and line.key is not None:
+        if line is not None and line.key is not None:
             if line.key[0] == "sept" or line.kind == "mirror":
                 sept = s.sept_entry_at(line.gfn << 12, line.level - 1)
             last = s.last_write(line.key)
-        self.query_one("#inspector", Pane).update(panes.inspector_text(line, sept, last))
+        inspector.update(panes.inspector_text(line, sept, last))
 
     def _refresh_stack(self, tasks: Any, task: str | None) -> None:
+        s = self.session
+        assert s is not None
         tv = next((x for x in tasks if x.name == task), None)
         depth = len(tv.stack) if tv is not None else 0
         act = panes.clamp_activation(self.activation, depth)
-        self.query_one("#stack", Pane).update(panes.stack_text(tasks, task, act, self.relative_lines))
+        text = panes.stack_text(tasks, task, act, self.relative_lines)
+        stack_at = 0
+        stack = self.query_one("#stack", TextPane)
+        stack.update(text)
+        source = self.query_one("#source", TextPane)
+        locals_pane = self.query_one("#locals", LocalsPane)
         if tv is not None and tv.stack:
             a = tv.stack[act]
-            self.query_one("#source", Pane).update(panes.source_text(a.filename, a.line, a.qualname,
-                                                                     self.relative_lines))
+            lines = text.plain.splitlines()
+            head = next((i for i in range(stack_at, len(lines)) if lines[i].startswith("call stack")), 0)
+            stack.move_to(head + 1 + act)     # scrolls the selected activation into view
+            src = panes.source_text(a.filename, a.line, a.qualname, self.relative_lines)
+            source.update(src)
+            source.move_to(next((i for i, ln in enumerate(src.plain.splitlines()) if ln.startswith("→")), 0))
+            title = Text(f"locals of {a.function} (Enter expands, y copies)", style="bold")
+            locals_pane.show(title, (task or "", str(act), a.qualname), a.locals)
         else:
-            self.query_one("#source", Pane).update(panes.source_text(None, None))
+            source.update(panes.source_text(None, None))
+            locals_pane.show(Text("(no activation)", style="grey50"), (), ())
+
+    def _sept_gpas(self) -> dict[tuple[int, int], int]:
+        """(S-EPT table pfn, index) -> GPA of every S-EPT entry on screen (to name BLOCKED entries)."""
+        out: dict[tuple[int, int], int] = {}
+        for line in self.table_lines:
+            if line.kind == "sept" and line.key is not None:
+                out[(line.key[1], line.key[2])] = line.gfn << 12
+        return out
+
+    def _refresh_seamcall(self) -> None:
+        s = self.session
+        assert s is not None
+        view = None
+        if self.selected_call is not None:
+            view = s.seamcall_at(self.selected_call)
+        if view is None and s.current_task is not None:
+            view = s.last_seamcall(s.current_task)
+        self.query_one("#seamcall", TextPane).update(panes.seamcall_text(view))
 
     def _refresh_log(self) -> None:
         log = self.query_one("#log", LineList)
         entries = self.event_index.entries
+        s = self.session
+        current = None
+        if s is not None and s.frame is not None:
+            current = self.event_index.entry_at_or_before(s.frame.index)
+        here = s.frame.index if s is not None and s.frame is not None else -1
 
         def line(i: int) -> Text:
             e = entries[i]
-            t = Text()
+            t = Text(no_wrap=True, overflow="ellipsis")
+            # ► marks the log line of the frame at the cursor (or the last one before it): visible without colour.
+            t.append("►" if i == current and e.frame == here else "▸" if i == current else " ", style="bold yellow")
             t.append(f"{e.frame:7d} ", style="grey50")
             t.append(f"{e.task:<7} ", style="magenta")
             style = "bold red" if e.error else {Category.SEAMCALL: "yellow", Category.FREEZE: "cyan",
@@ -294,12 +397,11 @@ class TdxdbgApp(App[int]):
             t.append(e.text, style=style)
             return t
 
-        log.set_lines(len(entries), line, 160)
-        s = self.session
-        if s is not None and s.frame is not None:
-            at = self.event_index.entry_at_or_before(s.frame.index)
-            if at is not None:
-                log.move_to(at)
+        # No horizontal scrolling: a scrollbar row would hide the last line; long lines end in an ellipsis and
+        # y copies the whole line.
+        log.set_lines(len(entries), line, 0)
+        if current is not None:
+            log.move_to(current)
 
     # -- running commands ------------------------------------------------------------------------------------
     # A long command runs in a worker thread. The busy state (`_run_label`) is set here, on the UI thread, before
@@ -439,6 +541,12 @@ class TdxdbgApp(App[int]):
     @guarded
     def action_reverse_step(self) -> None:
         self.run_command(lambda: self.session.reverse_step())
+
+    @guarded
+    def action_any_frame(self, delta: int) -> None:
+        """. / , : one frame forward or back, whichever task runs it."""
+        s = self.session
+        self.run_command(s.step_frame if delta > 0 else s.reverse_step_frame)
 
     @guarded
     def action_reverse_continue(self) -> None:
@@ -662,8 +770,47 @@ class TdxdbgApp(App[int]):
 
     @on(LineList.Moved, "#tables")
     def _table_moved(self, message: LineList.Moved) -> None:
+        """The user moved the page-table cursor: that entry stays selected while stepping."""
+        line = self._selected_line()
+        if line is not None and line.key is not None:
+            self._pinned = (line.kind, line.gfn, line.level)
+        self._pinned_missing = False
         if self.session is not None and not self._run_label:   # after a run, RunDone refreshes it
             self._refresh_inspector()
+
+    @on(LineList.Moved, "#log")
+    def _log_moved(self, message: LineList.Moved) -> None:
+        """A SEAMCALL line picked in the log shows in the SEAMCALL pane."""
+        entries = self.event_index.entries
+        if 0 <= message.index < len(entries) and entries[message.index].category in (Category.SEAMCALL,
+                                                                                     Category.ERROR):
+            self.selected_call = entries[message.index].frame
+            if self.session is not None and not self._run_label:
+                self._refresh_seamcall()
+
+    def action_follow_frame(self) -> None:
+        """x: the page-table cursor follows what each frame changes again (drops the kept selection)."""
+        self._pinned = None
+        self.selected_call = None
+        self.refresh_all()
+
+    def action_copy(self) -> None:
+        """y: copy the value (locals) or line under the cursor of the focused pane to the clipboard."""
+        w = self.focused
+        text = None
+        if isinstance(w, LocalsPane):
+            text = w.value_at_cursor()
+        elif isinstance(w, LineList):
+            text = w.line_text(w.cursor).strip()
+            if w.id == "tables":
+                line = self._selected_line()
+                if line is not None and line.key is not None:
+                    text = f"{line.value:#018x}" if line.kind != "sept" else text
+        if not text:
+            self.notify("nothing to copy here: focus a pane (1-8) and put the cursor on a value", severity="warning")
+            return
+        self.copy_to_clipboard(text)
+        self.notify(f"copied: {text[:60]}{'…' if len(text) > 60 else ''}")
 
     @on(TimelineStrip.Seek)
     def _seek(self, message: TimelineStrip.Seek) -> None:

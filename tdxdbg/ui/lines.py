@@ -51,6 +51,10 @@ class LineList(ScrollView, can_focus=True):
     class Moved(_LineMessage):
         """The cursor moved to a line."""
 
+    # Draw the cursor row underlined when the list does not have focus (the log and the page tables: the row is
+    # the current entry); text panes show their cursor only while focused.
+    mark_unfocused = True
+
     def __init__(self, *, name: str | None = None, id: str | None = None, classes: str | None = None) -> None:
         super().__init__(name=name, id=id, classes=classes)
         self._count = 0
@@ -61,7 +65,11 @@ class LineList(ScrollView, can_focus=True):
         self._count = count
         self._line = line
         self._width = max(width, self._width if keep_cursor else 0)
-        self.virtual_size = Size(max(self._width, self.size.width), count)
+        size = Size(max(self._width, self.size.width), count)
+        if size != self.virtual_size:
+            self.virtual_size = size
+            # Scrolling is clamped to the scrollbars' last layout: scroll to the cursor again after the next one.
+            self.call_after_refresh(self.scroll_to_cursor)
         if not keep_cursor or self.cursor >= count:
             self.cursor = max(0, count - 1) if count and self.cursor >= count else 0
         self.refresh()
@@ -80,7 +88,7 @@ class LineList(ScrollView, can_focus=True):
         if i == self.cursor and self.has_focus:
             text = text.copy()
             text.stylize(CURSOR_STYLE)
-        elif i == self.cursor:
+        elif i == self.cursor and self.mark_unfocused:
             text = text.copy()
             text.stylize(Style(underline=True))
         # Every segment gets a style: Textual's monochrome filter (NO_COLOR) reads the colour of each one.
@@ -93,17 +101,20 @@ class LineList(ScrollView, can_focus=True):
         self.refresh()
 
     def scroll_to_cursor(self) -> None:
-        height = self.size.height or 1
+        # The region lines are drawn in: without a horizontal scrollbar's row (it would hide the cursor row).
+        height = self.scrollable_content_region.height or 1
         top = self.scroll_offset.y
+        # immediate: a deferred scroll would land after the next refresh, at a time that depends on load.
         if self.cursor < top:
-            self.scroll_to(y=self.cursor, animate=False)
+            self.scroll_to(y=self.cursor, animate=False, immediate=True)
         elif self.cursor >= top + height:
-            self.scroll_to(y=self.cursor - height + 1, animate=False)
+            self.scroll_to(y=self.cursor - height + 1, animate=False, immediate=True)
 
     def move_to(self, index: int, notify: bool = False) -> None:
         if self._count == 0:
             return
         self.cursor = max(0, min(index, self._count - 1))
+        self.scroll_to_cursor()
         if notify:
             self.post_message(self.Moved(self, self.cursor))
 
@@ -120,11 +131,45 @@ class LineList(ScrollView, can_focus=True):
         if self._count:
             self.post_message(self.Chosen(self, self.cursor))
 
+    def line_text(self, index: int) -> str:
+        """The plain text of line `index` ("" outside the list)."""
+        return self._line(index).plain if 0 <= index < self._count else ""
+
+    def on_resize(self) -> None:
+        """Keep the cursor row in view at any size (the log's current line must stay visible)."""
+        self.call_after_refresh(self.scroll_to_cursor)
+
     def on_focus(self) -> None:
         self.refresh()
 
     def on_blur(self) -> None:
         self.refresh()
+
+
+class TextPane(LineList):
+    """A pane of rich Text that can be focused, scrolled both ways and copied from (`y` copies the cursor line);
+    the text is split into lines drawn with the line API, so nothing is cut: what does not fit scrolls."""
+
+    mark_unfocused = False
+
+    def __init__(self, *, id: str | None = None) -> None:
+        super().__init__(id=id)
+        self._content = Text("")
+        self._lines: list[Text] = []
+
+    @property
+    def content(self) -> Text:
+        return self._content
+
+    def update(self, content: Text) -> None:
+        self._content = content
+        lines = content.split("\n", allow_blank=True)
+        if lines and not lines[-1].plain:
+            lines.pop()
+        self._lines = lines
+        width = max((ln.cell_len for ln in lines), default=0)
+        self._width = 0
+        self.set_lines(len(lines), lambda i: self._lines[i], width)
 
 
 class Pane(Widget):

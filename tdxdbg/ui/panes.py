@@ -3,7 +3,6 @@ so they are tested without a terminal."""
 
 from __future__ import annotations
 
-import enum
 import linecache
 import re
 from pathlib import Path
@@ -15,8 +14,6 @@ from tdxdbg.session.decode import decode_spte, describe_spte
 from tdxdbg.session.views import ActivationView, TaskView
 
 ENGINE_ROOT = Path(__file__).resolve().parent.parent
-# Activations listed in the stack pane (innermost first); the rest are summarised.
-STACK_SHOWN = 7
 
 
 def header_text(title: str, variant: str, position: int, total: int, task: str | None, vm_state: str,
@@ -54,9 +51,46 @@ def walk_text(path: tuple[Any, ...], task: str | None) -> Text:
     return t
 
 
-def inspector_text(line: Any, sept: Any, last_write: int | None) -> Text:
-    """The selected SPTE bit by bit, beside the S-EPT entry for the same GPA."""
+# SPTE bits shown by name when set and as dots when clear, so they read without colour; three rows that fit the
+# inspector at 160 columns: the EPT permission and type bits, KVM's software bits, the page frame.
+BIT_ROWS = (("R", "W", "X", "IPAT", "PS", "A", "D"),
+            ("MMU-present", "host-writable", "MMU-writable", "suppress-#VE"))
+
+
+def spte_bits_text(value: int) -> Text:
+    bits = decode_spte(value)
+    by_name = {f.name: f for f in bits.fields}
+    t = Text()
+    for row in BIT_ROWS:
+        t.append("  ")
+        for name in row:
+            on = bool(by_name[name].value)
+            t.append(name if on else "·" * len(name), style="bold green" if on else "grey42")
+            t.append(" ")
+        t.append("\n")
+    mt = by_name["memtype"]
+    t.append(f"  memtype={mt.value} ({mt.meaning})  pfn={bits.pfn:#x}\n")
+    return t
+
+
+def inspector_text(line: Any, sept: Any, last_write: int | None, pinned: Any = None) -> Text:
+    """The selected SPTE bit by bit, beside the S-EPT entry for the same GPA. `pinned` (kind, gfn, level) is a
+    selection whose entry no longer exists at this frame: shown as FREE at its GPA."""
     t = Text(no_wrap=True, overflow="ellipsis")
+    if pinned is not None:
+        kind, gfn, level = pinned
+        if kind == "sept":
+            t.append(f"S-EPT entry gpa {gfn << 12:#x} TDX level {level - 1}\n", style="bold")
+            t.append("  FREE: not in the S-EPT at this frame (removed, or not added yet)\n", style="bold")
+        else:
+            t.append(f"{kind} SPTE gfn {gfn:#x} L{level}\n", style="bold")
+            t.append("  not present: its page table is not in this root at this frame\n", style="bold")
+        if sept is not None:
+            t.append(f"S-EPT for gpa {sept.gpa:#x}: {sept.state.name} L{sept.level}\n")
+        if last_write is not None:
+            t.append(f"  last written by frame {last_write} (l: go there)\n", style="grey70")
+        t.append("  (selection kept on this GPA; move the cursor to select another)\n", style="grey50")
+        return t
     if line is None or line.key is None:
         t.append("Inspector\n", style="bold")
         t.append("  select an entry in the page tables (up/down)", style="grey50")
@@ -71,13 +105,7 @@ def inspector_text(line: Any, sept: Any, last_write: int | None) -> Text:
         return t
     bits = decode_spte(line.value)
     t.append(f"SPTE {line.value:#018x}  gfn {line.gfn:#x} L{line.level}\n", style="bold")
-    row = Text("  ")
-    for f in bits.fields:
-        on = bool(f.value)
-        label = f"{f.name}={f.value:#x}" if f.name in ("memtype", "pfn") else f.name
-        row.append(label + " ", style="bold green" if on else "grey42")
-    t.append_text(row)
-    t.append("\n")
+    t.append_text(spte_bits_text(line.value))
     t.append(f"  {bits.summary}\n", style="grey70")
     if sept is not None:
         t.append(f"S-EPT for gpa {sept.gpa:#x}: ", style="bold")
@@ -86,6 +114,80 @@ def inspector_text(line: Any, sept: Any, last_write: int | None) -> Text:
         t.append("S-EPT for this gpa: FREE / not reached\n", style="grey50")
     if last_write is not None:
         t.append(f"  last written by frame {last_write} (l: go there)\n", style="grey70")
+    return t
+
+
+def td_state_text(st: Any, blocked_gpa: dict[tuple[int, int], int]) -> Text:
+    """TLB epoch, vCPUs, BLOCKED entries with their BLOCK epoch, mmu_lock and TDX locks (a TdxStateView)."""
+    t = Text(no_wrap=True)
+    t.append("TD ", style="bold")
+    t.append(f"TLB epoch {st.td_epoch}", style="bold yellow")
+    t.append(f" (in guest: {st.refcount[0]} even, {st.refcount[1]} odd)\n", style="grey62")
+    for v in st.vcpus:
+        where = f"in guest, epoch {v.epoch}" if v.in_guest else "outside the guest"
+        t.append(f"  vCPU{v.index} ", style="bold")
+        t.append(where + "\n", style="green" if v.in_guest else "grey70")
+    if st.mmu_lock_writer:
+        lock = f"write {st.mmu_lock_writer}"
+    elif st.mmu_lock_readers:
+        lock = f"read {', '.join(st.mmu_lock_readers)}"
+    else:
+        lock = "free"
+    t.append("  mmu_lock ", style="bold")
+    t.append(lock + "\n", style="bold red" if st.mmu_lock_writer else "")
+    t.append("  TDX locks", style="bold")
+    t.append(" none held\n" if not st.locks else "\n")
+    for x in st.locks:
+        t.append(f"    {x.name}: {x.holders}\n")
+    for b in st.blocked:
+        gpa = blocked_gpa.get((b.table, b.index))
+        where = f"gpa {gpa:#x}" if gpa is not None else f"{b.table:#x}[{b.index}]"
+        t.append(f"  {b.state.name} ", style="red")
+        t.append(f"{where} page {b.pfn:#x} BLOCK epoch {b.bepoch} ")
+        t.append("tracked\n" if b.tracked else "not tracked yet\n",
+                 style="green" if b.tracked else "yellow")
+    return t
+
+
+def seamcall_text(v: Any) -> Text:
+    """The SEAMCALL panel for a SeamcallView (or None)."""
+    t = Text(no_wrap=True)
+    if v is None:
+        t.append("SEAMCALL\n", style="bold")
+        t.append("  the followed task has made no SEAMCALL yet (e / E: next / previous one)", style="grey50")
+        return t
+    t.append(f"{v.leaf.dotted}", style="bold yellow")
+    t.append(f" by {v.task}, frame {v.entry_frame}", style="grey70")
+    t.append(f" -> {v.return_frame}" if v.return_frame is not None else " (still in the module)", style="grey70")
+    t.append("  [injected]\n" if v.injected else "\n", style="bold red")
+    t.append("in  ", style="bold")
+    t.append(f"RAX {int(v.leaf):#x} leaf {v.leaf.dotted}\n")
+    for r in v.inputs:
+        t.append(f"    {r.name:<3} {r.value:#018x} ", style="cyan")
+        t.append(r.meaning, style="grey70")
+        t.append(f": {r.decoded}\n" if r.decoded else "\n")
+    if v.locks:
+        t.append("    locks " + ", ".join(f"{n} {'excl' if x else 'shared'}" for n, x in v.locks) + "\n",
+                 style="grey62")
+    if v.status is not None:
+        st = v.status
+        t.append("out ", style="bold")
+        t.append(f"RAX {st.rax:#018x} ", style="cyan")
+        t.append(st.name, style="bold red" if st.error else "bold green")
+        t.append("\n")
+        t.append(f"    class {st.status_class:#04x}  error {int(st.error)}  non-recoverable {int(st.non_recoverable)}"
+                 + (f"  operand {st.operand}" if st.operand else f"  details {st.details:#x}") + "\n",
+                 style="grey70")
+        for r in v.outputs:
+            t.append(f"    {r.name:<3} {r.value:#018x} ", style="cyan")
+            t.append(r.meaning + "\n", style="grey70")
+    t.append("S-EPT touched\n" if v.sept_changes else "S-EPT: no entry changed\n", style="bold")
+    for c in v.sept_changes:
+        where = f"gpa {c.gpa:#x}" if c.gpa is not None else f"{c.table:#x}[{c.index}]"
+        t.append(f"    {where}: ")
+        t.append(f"{c.before.state.name} {c.before.pfn:#x}", style="grey70")
+        t.append(" -> ")
+        t.append(f"{c.after.state.name} {c.after.pfn:#x}\n", style="bold")
     return t
 
 
@@ -109,34 +211,11 @@ def stack_text(tasks: tuple[TaskView, ...], selected: str | None, activation: in
         return t
     t.append("call stack (innermost last; u/d to move)\n", style="bold")
     sel = clamp_activation(activation, len(tv.stack))
-    # Show the innermost activations (and the selected one): outer ones are the vCPU loop and rarely matter.
-    first = max(0, min(sel, len(tv.stack) - STACK_SHOWN))
-    if first:
-        t.append(f"  … {first} outer frames\n", style="grey50")
     for i, a in enumerate(tv.stack):
-        if i < first:
-            continue
         style = "reverse" if i == sel else ""
         t.append(f"  {a.function} ", style=style + " bold" if style else "bold")
         t.append(f"{where(a, relative)}\n", style=style or "grey62")
-    a = tv.stack[sel]
-    t.append(f"locals of {a.function}\n", style="bold")
-    if not a.locals:
-        t.append("  (none recorded)\n", style="grey50")
-    for name, value in a.locals[:14]:
-        t.append(f"  {name} = ", style="cyan")
-        t.append(local_value_text(value)[:70] + "\n")
     return t
-
-
-def local_value_text(value: Any) -> str:
-    """A local's value as the locals pane shows it: enum members by name (a leaf, a level, a state), other
-    ints in hex (addresses, gfns, SPTEs), anything else by its repr."""
-    if isinstance(value, enum.Enum):
-        return f"{type(value).__name__}.{value.name}"
-    if isinstance(value, int) and not isinstance(value, bool):
-        return f"{value:#x}"
-    return repr(value)
 
 
 def _def_line(filename: str, line: int, name: str) -> tuple[int, int]:

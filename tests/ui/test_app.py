@@ -14,7 +14,6 @@ from tdxdbg.hw.tdx.leaves import Seamcall
 from tdxdbg.hw.tdx.seamcall import TdxStep
 from tdxdbg.scenario.loader import scenarios_dir
 from tdxdbg.ui.app import TdxdbgApp
-from tdxdbg.ui.lines import Pane
 from tdxdbg.ui.screens import ErrorScreen
 
 SIZE = (160, 48)
@@ -22,7 +21,7 @@ SIZE = (160, 48)
 
 def pane(app: TdxdbgApp, selector: str) -> str:
     widget = app.query_one(selector)
-    if isinstance(widget, Pane):
+    if hasattr(widget, "content"):
         return widget.content.plain
     tables = app.query_one("#tables")
     return "\n".join(tables._line(i).plain for i in range(tables.count))
@@ -183,9 +182,10 @@ def test_next_seamcall_and_log_enter_go_to_frames() -> None:
             f = app.session.frame
             assert f.step.kind is TdxStep.SEAMCALL_RETURN and f.step.get("leaf") is Seamcall.TDH_MEM_SEPT_ADD
             stack = pane(app, "#stack")
-            assert "seamcall module.py:" in stack and "locals of seamcall" in stack
-            assert "leaf = Seamcall.TDH_MEM_SEPT_ADD" in stack
-            assert f"rcx = {f.step.get('gpa') | f.step.get('level'):#x}" in stack
+            variables = pane(app, "#locals")
+            assert "seamcall module.py:" in stack and "locals of seamcall" in variables
+            assert "leaf = Seamcall.TDH_MEM_SEPT_ADD" in variables
+            assert f"rcx = {f.step.get('gpa') | f.step.get('level'):#x}" in variables
             log = app.query_one("#log")
             log.focus()
             entry = app.event_index.entries[0]

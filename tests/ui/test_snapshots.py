@@ -1,4 +1,5 @@
-"""Screens of the debugger at fixed frames of shipped scenarios, at 120x40 and 200x60 (pytest-textual-snapshot;
+"""Screens of the debugger at fixed frames of shipped scenarios, at 80x24 (one pane at a time), 120x40 and 200x60
+(pytest-textual-snapshot;
 the SVGs under __snapshots__ are the reviewed reference: update them with --snapshot-update after review).
 
 The app numbers source lines from their function's `def` (relative_lines): the stack shows `file.py +N` and the
@@ -35,7 +36,7 @@ CASES = {
 }
 
 
-@pytest.mark.parametrize("size", [(120, 40), (200, 60)], ids=["120x40", "200x60"])
+@pytest.mark.parametrize("size", [(80, 24), (120, 40), (200, 60)], ids=["80x24", "120x40", "200x60"])
 @pytest.mark.parametrize("case", sorted(CASES))
 def test_main_screen(snap_compare, case: str, size: tuple[int, int]) -> None:
     scenario, where = CASES[case]
