@@ -5,6 +5,7 @@ kernel-tdp-mmu.md §1.5, §6)."""
 from __future__ import annotations
 
 import bisect
+from collections.abc import Iterator
 from typing import Any, NamedTuple
 
 from tdxdbg.engine.kvm import KvmBase
@@ -37,6 +38,20 @@ def hva_split_key(slot_id: int, chunk: int) -> tuple:
     """Set while a chunk of a slot's userspace backing is mapped with 4K pages (a partial MADV_DONTNEED split
     its THP)."""
     return ("hva.split", slot_id, chunk)
+
+
+# Which 2 MiB chunks (gfn // HUGE_2M) of a slot hold pages, as a sorted tuple: the index that lets truncation
+# and discards visit what is populated instead of every page of the range. The kernel's page cache is an
+# xarray that truncate_inode_pages_range() walks entry by entry, skipping holes, and the mm walks only the
+# populated page tables of a VMA: a terabyte memslot with one page costs one page of work, not 2^28.
+def gmem_chunks_key(slot_id: int) -> tuple:
+    """The chunks of a slot's guest_memfd that may hold pages."""
+    return ("gmem.chunks", slot_id)
+
+
+def hva_chunks_key(slot_id: int) -> tuple:
+    """The chunks of a slot's userspace backing that are populated."""
+    return ("hva.chunks", slot_id)
 
 
 class Memslot(NamedTuple):
@@ -146,6 +161,30 @@ class GmemOps(KvmBase):
                 merged.append((a, b))
         self.world.set(K_ATTRS, tuple(merged))
 
+    # -- which chunks are populated -------------------------------------------------------------------------
+    def populated_chunk(self, index_key: tuple, chunk: int) -> None:
+        """Note that `chunk` holds pages (kept sorted)."""
+        chunks = self.world.get(index_key, ())
+        i = bisect.bisect_left(chunks, chunk)
+        if i == len(chunks) or chunks[i] != chunk:
+            self.world.set(index_key, (*chunks[:i], chunk, *chunks[i:]))
+
+    def populated_chunks_in(self, index_key: tuple, lo: int, hi: int) -> tuple[int, ...]:
+        """The populated chunks that overlap gfns [lo, hi)."""
+        if lo >= hi:
+            return ()
+        chunks = self.world.get(index_key, ())
+        return chunks[bisect.bisect_left(chunks, lo // HUGE_2M):bisect.bisect_right(chunks, (hi - 1) // HUGE_2M)]
+
+    def forget_chunks(self, index_key: tuple, gone: tuple[int, ...]) -> None:
+        if gone:
+            self.world.set(index_key, tuple(c for c in self.world.get(index_key, ()) if c not in set(gone)))
+
+    def gmem_gfns_in(self, slot: Memslot, lo: int, hi: int) -> Iterator[int]:
+        """The gfns of [lo, hi) that may have a guest_memfd page: those of the populated chunks only."""
+        for chunk in self.populated_chunks_in(gmem_chunks_key(slot.id), lo, hi):
+            yield from range(max(lo, chunk * HUGE_2M), min(hi, (chunk + 1) * HUGE_2M))
+
     # -- backing memory --------------------------------------------------------------------------------------
     def kvm_gmem_get_pfn(self, slot: Memslot, gfn: int) -> int:
         """guest_memfd: the file's page for this gfn, allocated (zeroed) on first use."""
@@ -154,6 +193,7 @@ class GmemOps(KvmBase):
         if pfn is None:
             pfn = self.memory.alloc("gmem")
             self.world.set(key, pfn)
+            self.populated_chunk(gmem_chunks_key(slot.id), gfn // HUGE_2M)
         return pfn
 
     def hva_to_pfn(self, slot: Memslot, gfn: int) -> tuple[int, int]:
@@ -169,10 +209,12 @@ class GmemOps(KvmBase):
             if pfn is None:
                 pfn = self.memory.alloc("hva")
                 w.set(page, pfn)
+                self.populated_chunk(hva_chunks_key(slot.id), chunk)
             return pfn, PG_LEVEL_4K
         if base is None:
             base = self.memory.alloc_contiguous(HUGE_2M, "hva", align=HUGE_2M)
             w.set(key, base)
+            self.populated_chunk(hva_chunks_key(slot.id), chunk)
         return base + gfn % HUGE_2M, self.host_mapping_level(slot, gfn)
 
     def host_mapping_level(self, slot: Memslot, gfn: int) -> int:

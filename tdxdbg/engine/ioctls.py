@@ -11,8 +11,10 @@ from tdxdbg.engine.gmem import (
     K_INVALIDATE,
     K_MEMSLOTS,
     Memslot,
+    gmem_chunks_key,
     gmem_pfn_key,
     hva_chunk_key,
+    hva_chunks_key,
     hva_page_key,
     hva_split_key,
 )
@@ -151,12 +153,16 @@ class IoctlOps(TdxOps):
             if not slot.guest_memfd:
                 continue
             lo, hi = max(start, slot.base_gfn), min(end, slot.base_gfn + slot.npages)
-            for gfn in range(lo, hi):
+            for gfn in self.gmem_gfns_in(slot, lo, hi):
                 key = gmem_pfn_key(slot.id, gfn)
                 pfn = w.get(key)
                 if pfn is not None:
                     w.delete(key)
                     self.memory.free(pfn)
+            # Chunks wholly inside the range are empty now; partly covered ones may still hold pages.
+            self.forget_chunks(gmem_chunks_key(slot.id), tuple(
+                c for c in self.populated_chunks_in(gmem_chunks_key(slot.id), lo, hi)
+                if lo <= c * HUGE_2M and (c + 1) * HUGE_2M <= hi))
 
     # -- mmu notifier on the shared backing -----------------------------------------------------------------
     def kvm_mmu_notifier_invalidate_range_start(self, start: int, end: int) -> Gen:
@@ -186,7 +192,8 @@ class IoctlOps(TdxOps):
             lo, hi = max(start, slot.base_gfn), min(end, slot.base_gfn + slot.npages)
             if lo >= hi:
                 continue
-            for chunk in range(lo // HUGE_2M, (hi - 1) // HUGE_2M + 1):
+            chunks = self.populated_chunks_in(hva_chunks_key(slot.id), lo, hi)
+            for chunk in chunks:
                 first = chunk * HUGE_2M
                 c_lo, c_hi = max(lo, first), min(hi, first + HUGE_2M)
                 whole = c_lo == first and c_hi == first + HUGE_2M
@@ -211,6 +218,9 @@ class IoctlOps(TdxOps):
                 if whole:
                     # Nothing of the chunk is left: the next touch may get a THP again.
                     w.delete(hva_split_key(slot.id, chunk))
+            # Chunks wholly inside the range hold nothing now; partly covered ones keep their other pages.
+            self.forget_chunks(hva_chunks_key(slot.id), tuple(
+                c for c in chunks if lo <= c * HUGE_2M and (c + 1) * HUGE_2M <= hi))
 
     def _free_backing_page(self, pfn: int) -> None:
         if self.page_pinned(pfn):

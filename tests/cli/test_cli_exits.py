@@ -7,9 +7,11 @@ from __future__ import annotations
 import io
 import json
 import os
+import signal
 import subprocess
 import sys
 import textwrap
+import time
 from pathlib import Path
 
 import pytest
@@ -155,3 +157,29 @@ def test_user_text_is_never_rich_markup(tmp_path: Path, monkeypatch: pytest.Monk
         assert lines[0] == "s: [/] [bold]x[/bold] [red"
         assert lines[1].startswith("variant " + ("v[b]/mine.py:Mine" if len(args) == 2
                                                  else f"{tmp_path}/v[b]/mine.py:Mine") + " · schedule")
+
+
+def test_ctrl_c_during_a_long_run_is_a_message_not_a_traceback(tmp_path: Path) -> None:
+    """SIGINT while `tdxdbg run` works through a long run: exit 130 and one line. The variant file marks when
+    the scenario has been loaded, so the signal arrives inside the run, not during start-up."""
+    marker = tmp_path / "loaded"
+    (tmp_path / "mark.py").write_text(f"open({str(marker)!r}, 'w').close()\n" + VARIANT)
+    # KVM_PRE_FAULT_MEMORY of 1 GiB, page by page: far more frames than the time the test waits.
+    (tmp_path / "long.toml").write_text(SCENARIO.format(variant="mark.py:Mine").replace(
+        'size = "2M"', 'size = "4G"').replace('[[0, "2M"]]', '[[0, "4G"]]').replace(
+        "[[vcpu]]", '[[host]]\nprogram = ["finalize", "prefault 0 1G"]\n[[vcpu]]'))
+    proc = subprocess.Popen([PYTHON, "-m", "tdxdbg.cli", "run", "long.toml"], cwd=tmp_path, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        for _ in range(600):
+            if marker.exists() or proc.poll() is not None:
+                break
+            time.sleep(0.1)
+        assert marker.exists() and proc.poll() is None
+        time.sleep(1.0)
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    assert (proc.returncode, err) == (130, "tdxdbg: interrupted\n")
+    assert out == ""
