@@ -198,6 +198,8 @@ class Checker:
         self.kvm = kvm
         self.tdr: int = kvm.tdr
         self.gfn_direct_bits: int = kvm.gfn_direct_bits
+        # Eras whose KVM_TDX_INIT_MEM_REGION premaps (v6.16): a present mirror leaf may wait for its PAGE.ADD.
+        self.premaps: bool = bool(getattr(kvm, "tdx_premaps_init_mem_region", False))
         # Who maps each pfn: present SPTEs of KVM page tables by (table, index), non-FREE S-EPT entries by key.
         self.sptes = PfnRefs()
         self.sept_entries = PfnRefs()
@@ -383,9 +385,11 @@ class Checker:
         tdx_level = level - 1
         reached, _table, _idx, entry = walk_sept(world.peek, cfg, gfn << 12, tdx_level)
         state = entry.state
-        if leaf and state is SeptState.FREE and world.peek(K_TD_STATE) is not TdState.TD_STATE_RUNNABLE:
-            # Before finalize a mirror leaf is premapped (tdx_mem_page_record_premap_cnt): the page reaches the
-            # S-EPT only with the TDH.MEM.PAGE.ADD that KVM_TDX_INIT_MEM_REGION issues right after.
+        if (self.premaps and leaf and state is SeptState.FREE
+                and world.peek(K_TD_STATE) is not TdState.TD_STATE_RUNNABLE):
+            # v6.16: before finalize a mirror leaf is premapped (tdx_mem_page_record_premap_cnt): the page reaches
+            # the S-EPT only with the TDH.MEM.PAGE.ADD that KVM_TDX_INIT_MEM_REGION issues right after. Newer
+            # trees PAGE.ADD while the leaf is frozen, so there a FREE entry is a violation like any other.
             return
         if reached != tdx_level:
             out.append(Violation(MIRROR_PRESENT_WITHOUT_SEPT, f"{where} present but the S-EPT walk stops at "
@@ -600,7 +604,7 @@ class Checker:
             return None
         if leaf in _RETRY_ONCE and base == _BUSY:
             return "BUSY again on the retry with vCPUs kept out" if retried else None
-        if (leaf is Seamcall.TDH_MEM_RANGE_BLOCK
+        if (self.premaps and leaf is Seamcall.TDH_MEM_RANGE_BLOCK
                 and rax == TdxStatus.TDX_EPT_ENTRY_STATE_INCORRECT | OperandId.RCX):
             op = world.peek(("tdx.op_state", entry.rdx >> 12))
             if op is not None and not op.tlb_tracking_required:

@@ -65,6 +65,10 @@ def tdx_operand_busy(err: int) -> bool:
 class TdxOps(MmuOps):
     """The TDX side of kvm_x86_ops and the TDX exit handlers."""
 
+    # Whether KVM_TDX_INIT_MEM_REGION premaps mirror leaves before their TDH.MEM.PAGE.ADD (kvm_tdx->nr_premapped,
+    # v6.16); the invariant checks allow a FREE S-EPT leaf under a present mirror SPTE before finalize only then.
+    tdx_premaps_init_mem_region = False
+
     # Override points a patch typically changes: the external-SPT hooks (set_external_spte ->
     # tdx_sept_set_private_spte -> tdx_sept_map_nonleaf_spte / tdx_sept_map_leaf_spte (tdx_mem_page_aug,
     # tdx_mem_page_add) / tdx_sept_remove_leaf_spte (BLOCK, tdx_track, REMOVE, WBINVD), free_external_spt),

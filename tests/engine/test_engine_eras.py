@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 from engine_helpers import frames, ret_pfs, run, seamcall_return, seamcalls, setup, step_until
 
+from tdxdbg.engine.checks import make_checks
 from tdxdbg.engine.kvm import K_NR_PREMAPPED, K_VM_BUGGED, K_VM_DEAD
 from tdxdbg.engine.steps import EngineStep
 from tdxdbg.engine.variants.upstream import Upstream
@@ -288,3 +289,26 @@ def test_mr_finalize_error_bugs_the_vm(variant, message):
     assert seen["init"] == 0 and seen["finalize"] == EIO
     assert [f.step.get("message") for f in frames(rt, EngineStep.KVM_BUG)] == [message]
     assert built.machine.world.peek(K_VM_BUGGED) == message
+
+
+# -- the invariant checks know the era: a premapped leaf is legal in v6.16 only -------------------------------------
+def _violations_of_build(variant: type) -> list[str]:
+    def host(kvm):
+        yield from kvm.kvm_tdx_init_mem_region(kvm.vcpus[0], 0x0, 0x1000)
+        yield from kvm.tdx_td_finalize()
+
+    built = build_vm(setup(lambda: guest.read_value(0x0), host_programs=(host,), runnable=False, variant=variant))
+    rt = Runtime(built.machine.world, built.tasks, ScheduleSpec(), checks=make_checks(built.kvm))
+    assert rt.run(max_frames=50_000) is StopReason.DONE
+    return sorted({f"{v.invariant}: {v.message.rpartition(' present but ')[2]}"
+                   for f in rt.timeline.frames for v in f.violations})
+
+
+def test_premapped_leaf_is_legal_only_in_v6_16():
+    """v6.16 publishes the mirror leaf before TDH.MEM.PAGE.ADD (tdx_mem_page_record_premap_cnt): the checks allow a
+    present mirror leaf over a FREE S-EPT entry before finalize. Upstream PAGE.ADDs while the leaf is frozen, so a
+    variant that publishes first (no-freeze, built on upstream) is caught at build time too."""
+    assert _violations_of_build(V6_16) == []
+    assert _violations_of_build(Upstream) == []
+    # The leaf published over a FREE S-EPT entry (the tables published before SEPT.ADD are caught in any era).
+    assert "mirror-present-without-sept: the S-EPT entry is FREE" in _violations_of_build(load_variant("no-freeze"))

@@ -54,6 +54,7 @@ from tdxdbg.runtime.step import Step
 class V6_16(Upstream):
     name = "v6.16"
     description = "Linux v6.16: premapped KVM_TDX_INIT_MEM_REGION, KVM_BUG_ON, no memslot bail in the local retry."
+    tdx_premaps_init_mem_region = True
 
     # -- kvm_main.c ------------------------------------------------------------------------------------------
     def kvm_ioctls_refused(self) -> bool:
