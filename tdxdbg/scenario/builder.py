@@ -15,20 +15,11 @@ from tdxdbg.engine.vm import VmSetup, load_variant
 from tdxdbg.hw import guest
 from tdxdbg.hw.ept import Gpaw, Level
 from tdxdbg.hw.tdx.leaves import Seamcall
+from tdxdbg.hw.tdx.seamcall import LEAVES, Arg, Reg
 from tdxdbg.runtime.step import Step
 from tdxdbg.scenario.model import Op, Scenario
 
-# Leaves whose RDX is the TDR and RCX is GPA|level.
-GPA_LEAVES = {Seamcall.TDH_MEM_SEPT_ADD, Seamcall.TDH_MEM_PAGE_AUG, Seamcall.TDH_MEM_PAGE_ADD,
-              Seamcall.TDH_MEM_RANGE_BLOCK, Seamcall.TDH_MEM_RANGE_UNBLOCK, Seamcall.TDH_MEM_PAGE_REMOVE,
-              Seamcall.TDH_MEM_SEPT_REMOVE, Seamcall.TDH_MEM_PAGE_PROMOTE, Seamcall.TDH_MEM_PAGE_DEMOTE,
-              Seamcall.TDH_MEM_SEPT_RD, Seamcall.TDH_MR_EXTEND, Seamcall.TDH_MEM_RD, Seamcall.TDH_MEM_WR}
-# Leaves whose RCX is the TDR.
-TDR_LEAVES = {Seamcall.TDH_MEM_TRACK, Seamcall.TDH_MR_FINALIZE, Seamcall.TDH_MNG_VPFLUSHDONE,
-              Seamcall.TDH_MNG_KEY_FREEID}
-# Leaves that take a new page in R8 (PAGE.ADD also a source page in R9).
-PAGE_LEAVES = {Seamcall.TDH_MEM_SEPT_ADD, Seamcall.TDH_MEM_PAGE_AUG, Seamcall.TDH_MEM_PAGE_ADD,
-               Seamcall.TDH_MEM_PAGE_DEMOTE}
+PAGES_PER_2M = 512
 
 
 def guest_program(ops: tuple[Op, ...]) -> guest.GuestGen:
@@ -112,26 +103,37 @@ def host_op(kvm: Any, op: Op) -> Generator[Step, None, Any]:
 
 
 def raw_seamcall(kvm: Any, op: Op) -> Generator[Step, None, Any]:
-    """The playground: the operands as written, pages from the allocator where the leaf takes one."""
+    """The playground: the registers as the leaf's handler declares them (LeafInfo), from the numbers written,
+    the TD's TDR and vCPU 0's TDVPR, and pages from the allocator where the leaf takes one."""
     leaf = Seamcall[op.leaf]
-    tdr_pa = kvm.tdr << 12
-    rcx, rdx, r8, r9 = op.gpa | op.level, tdr_pa, 0, 0
-    if leaf is Seamcall.TDH_MR_EXTEND:
-        rcx = op.gpa
-    if leaf in TDR_LEAVES:
-        rcx, rdx = tdr_pa, 0
-    elif leaf is Seamcall.TDH_VP_FLUSH:
-        rcx, rdx = (kvm.vcpus[0].hw.tdvpr << 12 if kvm.vcpus else op.gpa), 0
-    elif leaf not in GPA_LEAVES:
-        rcx, rdx = op.gpa, 0
-    if leaf in PAGE_LEAVES:
-        if leaf is Seamcall.TDH_MEM_PAGE_AUG and op.level == 1:
-            r8 = kvm.memory.alloc_contiguous(512, "vmm:raw-seamcall", align=512) << 12
+    info = LEAVES[leaf]
+    given = iter(op.args)
+    regs = {reg: 0 for reg in Reg}
+    level = 0
+    for o in info.operands:
+        n = len(o.arg.user_words)
+        values = [next(given, 0) for _ in range(n)]
+        arg = o.arg
+        if arg in (Arg.PAGE_INFO, Arg.PAGE_RANGE):
+            gpa, level = values
+            regs[o.reg] = gpa | level
+        elif arg in (Arg.GPA, Arg.PA, Arg.VALUE):
+            regs[o.reg] = values[0]
+        elif arg is Arg.TDR:
+            regs[o.reg] = kvm.tdr << 12
+        elif arg is Arg.TDVPR:
+            regs[o.reg] = kvm.vcpus[0].hw.tdvpr << 12 if kvm.vcpus else 0
+        elif arg is Arg.NEW_PAGE_AT_LEVEL and level == 1:
+            # A 2M page: 512 contiguous, 2M-aligned 4K pages (the module refuses larger levels before
+            # looking at the page, so no larger allocation is made for them).
+            regs[o.reg] = kvm.memory.alloc_contiguous(PAGES_PER_2M, "vmm:raw-seamcall", align=PAGES_PER_2M) << 12
+        elif arg in (Arg.NEW_PAGE, Arg.NEW_PAGE_AT_LEVEL):
+            regs[o.reg] = kvm.memory.alloc("vmm:raw-seamcall") << 12
+        elif arg is Arg.SOURCE_PAGE:
+            regs[o.reg] = kvm.memory.alloc("vmm:raw-seamcall-source") << 12
         else:
-            r8 = kvm.memory.alloc("vmm:raw-seamcall") << 12
-        if leaf is Seamcall.TDH_MEM_PAGE_ADD:
-            r9 = kvm.memory.alloc("vmm:raw-seamcall-source") << 12
-    return (yield from kvm.tdx_module.seamcall(leaf, rcx, rdx, r8, r9))
+            raise AssertionError(arg)
+    return (yield from kvm.tdx_module.seamcall(leaf, regs[Reg.RCX], regs[Reg.RDX], regs[Reg.R8], regs[Reg.R9]))
 
 
 def build_setup(scenario: Scenario, base_dir: Path | None = None) -> VmSetup:

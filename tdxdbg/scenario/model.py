@@ -65,6 +65,7 @@ class Op:
     slot: int = 0                 # delete_memslot, dirty_log
     on: bool = False              # dirty_log on|off
     leaf: str = ""                # seamcall: the leaf's enum name (TDH_MEM_SEPT_ADD)
+    args: tuple[int, ...] = ()    # seamcall: the numbers given, in the order of the leaf's declared operands
 
 
 @attrs.frozen

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import re
 
-from tdxdbg.hw.tdx.leaves import Seamcall
+from tdxdbg.hw.tdx.module import TdxModule  # noqa: F401  (registers the leaf handlers and their operands)
+from tdxdbg.hw.tdx.seamcall import HANDLERS, LEAVES, parse_leaf
 from tdxdbg.scenario.model import Op
 
 MAX_U64 = (1 << 64) - 1
@@ -38,7 +39,7 @@ HOST_SYNTAX = {
     "init_mem_region": "init_mem_region GPA SIZE",
     "finalize": "finalize",
     "destroy": "destroy",
-    "seamcall": "seamcall LEAF [GPA [LEVEL]]",
+    "seamcall": "seamcall LEAF [OPERANDS]",
 }
 
 
@@ -196,13 +197,20 @@ def parse_host_op(text: str) -> Op:
     if name in ("finalize", "destroy"):
         _arity(name, args, 0, 0, syn)
         return Op(name, t)
-    # seamcall LEAF [GPA [LEVEL]]
-    _arity(name, args, 1, 3, syn)
+    # seamcall LEAF [OPERANDS]: the operands the leaf's handler declares (tdxdbg/hw/tdx/seamcall.py LeafInfo)
+    if not args:
+        raise OpError(f"expected `{syn[name]}`, found {shown(t)}")
     try:
-        leaf = Seamcall.parse(args[0])
+        leaf = parse_leaf(args[0])
     except ValueError:
-        raise OpError(f"unknown SEAMCALL leaf {shown(args[0])}: expected a leaf name like TDH.MEM.SEPT.ADD or "
-                      "TDH.MEM.PAGE.AUG") from None
-    gpa = parse_u64(args[1], "a GPA") if len(args) > 1 else 0
-    level = parse_level(args[2]) if len(args) > 2 else 0
-    return Op("seamcall", t, gpa=gpa, level=level, leaf=leaf.name)
+        raise OpError(f"unknown SEAMCALL leaf {shown(args[0])}: expected a leaf the emulated TDX module implements, "
+                      "like TDH.MEM.SEPT.ADD or TDH.MEM.PAGE.AUG") from None
+    if leaf not in HANDLERS:
+        raise OpError(f"{leaf.dotted} cannot be issued as a raw SEAMCALL: a vCPU's KVM_RUN enters the TD")
+    info = LEAVES[leaf]
+    words = info.user_words
+    if len(args) - 1 > len(words):
+        raise OpError(f"expected `{info.syntax}`, found {shown(t)}")
+    values = tuple(parse_level(text) if word == "LEVEL" else parse_u64(text, f"a {word}")
+                   for word, text in zip(words, args[1:], strict=False))
+    return Op("seamcall", t, leaf=leaf.name, args=values)

@@ -17,12 +17,11 @@ from tdxdbg.engine.mmu_page import sp_key
 from tdxdbg.engine.spte import is_last_spte, is_shadow_present_pte, spte_to_pfn
 from tdxdbg.engine.steps import EngineStep
 from tdxdbg.hw.tdx.leaves import Seamcall
-from tdxdbg.hw.tdx.seamcall import SeamcallEntry, SeamcallReturn, TdxStep
+from tdxdbg.hw.tdx.seamcall import Arg, Reg, SeamcallEntry, SeamcallReturn, TdxStep, leaf_info
 from tdxdbg.hw.tdx.sept import FREE_ENTRY, SeptState
 from tdxdbg.hw.tdx.status import status_name
 from tdxdbg.runtime.frame import Frame
 from tdxdbg.runtime.step import StepKind
-from tdxdbg.scenario.builder import PAGE_LEAVES
 
 FORMAT = "tdxdbg-trace/1"
 
@@ -120,7 +119,7 @@ def collect(frames: Sequence[Frame], final: Any, kvm: Any, stop: str) -> Facts:
             p = step.payload
             if isinstance(p, SeamcallReturn) and p.leaf is not Seamcall.TDH_VP_ENTER:
                 entry = pending.pop(f.task, None)
-                hpa = entry.r8 if entry is not None and p.leaf in PAGE_LEAVES else None
+                hpa = entry.r8 if entry is not None and _takes_page_in_r8(p.leaf) else None
                 seamcalls.append(SeamcallRec(f.index, f.task, p.leaf.dotted, p.gpa, p.level, hpa, p.rax,
                                              bool(p.injected)))
         elif kind is EngineStep.EXIT:
@@ -146,6 +145,12 @@ def collect(frames: Sequence[Frame], final: Any, kvm: Any, stop: str) -> Facts:
     return Facts(len(frames), stop, tuple(seamcalls), tuple(faults), tuple(reads), tuple(violations),
                  tuple(panics), tuple(errors), tuple(bugs), mirror, direct, sept_entries(kvm, w),
                  bool(w.peek(("kvm.vm_dead",))), final.tasks)
+
+
+def _takes_page_in_r8(leaf: Seamcall) -> bool:
+    """The JSON's `hpa`: the page the leaf's declaration says the VMM hands over in R8."""
+    info = leaf_info(leaf)
+    return info is not None and info.register_of(Arg.NEW_PAGE, Arg.NEW_PAGE_AT_LEVEL) is Reg.R8
 
 
 # -- final state views -------------------------------------------------------------------------------------------

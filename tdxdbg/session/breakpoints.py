@@ -16,7 +16,7 @@ import attrs
 from tdxdbg.engine.spte import is_last_spte, is_shadow_present_pte, kvm_pages_per_hpage
 from tdxdbg.engine.steps import EngineStep, HookCall, SpteChange
 from tdxdbg.hw.tdx.leaves import Seamcall
-from tdxdbg.hw.tdx.seamcall import SeamcallEntry, SeamcallReturn, TdxStep
+from tdxdbg.hw.tdx.seamcall import SeamcallEntry, SeamcallReturn, TdxStep, leaf_info, parse_leaf
 from tdxdbg.hw.tdx.status import describe, is_error, parse_status, status_name
 from tdxdbg.runtime.frame import Frame
 
@@ -117,10 +117,6 @@ def _line_matcher(name: str, line: int) -> Matcher:
     return match
 
 
-# Leaves that map or unmap a page: a huge-level call of these covers every gfn of the range.
-_PAGE_LEAVES = frozenset({Seamcall.TDH_MEM_PAGE_AUG, Seamcall.TDH_MEM_PAGE_ADD, Seamcall.TDH_MEM_PAGE_REMOVE,
-                          Seamcall.TDH_MEM_RANGE_BLOCK, Seamcall.TDH_MEM_RANGE_UNBLOCK,
-                          Seamcall.TDH_MEM_PAGE_DEMOTE, Seamcall.TDH_MEM_PAGE_PROMOTE})
 _PAGE_HOOKS = frozenset({"set_external_spte", "remove_external_spte", "remove_external_spte_hook"})
 
 
@@ -135,7 +131,9 @@ def step_gfn_range(step: Any, gfn_mask: int) -> tuple[int, int] | None:
         return start, start + (kvm_pages_per_hpage(level) if huge else 1)
     if t is SeamcallEntry or t is SeamcallReturn:
         start = (p.gpa >> 12) & gfn_mask
-        n = kvm_pages_per_hpage(p.level + 1) if p.leaf in _PAGE_LEAVES else 1
+        # A leaf declared with a page operand (Arg.PAGE_RANGE): a huge-level call covers every gfn of the range.
+        info = leaf_info(p.leaf)
+        n = kvm_pages_per_hpage(p.level + 1) if info is not None and info.maps_range else 1
         return start, start + n
     if t is HookCall:
         start = p.gfn & gfn_mask
@@ -296,9 +294,9 @@ class Breakpoints:
         when the status is an error / has that name (e.g. "TDX_OPERAND_BUSY" or "TDX_OPERAND_BUSY|SEPT_TREE")."""
         if isinstance(leaf, str):
             try:
-                leaf = Seamcall.parse(leaf)
-            except (KeyError, ValueError) as exc:
-                raise BreakpointError(f"unknown SEAMCALL leaf {leaf!r}") from exc
+                leaf = parse_leaf(leaf)
+            except ValueError as exc:
+                raise BreakpointError(str(exc)) from None
         if status:
             try:
                 parse_status(status.upper())

@@ -14,7 +14,7 @@ from typing import Any, NamedTuple
 from tdxdbg.engine.spte import FROZEN_SPTE
 from tdxdbg.engine.steps import EngineStep, SpteWrite
 from tdxdbg.hw.tdx.leaves import Seamcall, Tdcall
-from tdxdbg.hw.tdx.seamcall import TdxStep
+from tdxdbg.hw.tdx.seamcall import SeamcallEntry, TdxStep, leaf_info
 from tdxdbg.hw.tdx.status import describe, is_error
 from tdxdbg.runtime.step import Step, StepKind
 
@@ -44,17 +44,30 @@ def _leaf_name(leaf: Any) -> str:
     return str(leaf)
 
 
-def describe_frame(kind: Any, get: Any) -> tuple[str, bool, Category] | None:
+def seamcall_text(leaf: Seamcall, entry: SeamcallEntry | None, ret: Any) -> str:
+    """`TDH.MEM.PAGE.AUG(gpa=0x1000, level=0) = TDX_SUCCESS`: the operands the leaf's handler declares, from
+    the registers it was called with (`entry`), then the status, then on success the outputs it declares."""
+    info = leaf_info(leaf)
+    rax = int(ret.rax or 0)
+    operands = (f"gpa={ret.gpa:#x}, level={ret.level}" if info is None or entry is None
+                else info.shown_operands(entry))
+    text = f"{_leaf_name(leaf)}({operands}) = {describe(rax)}"
+    if info is not None and info.returns and not is_error(rax):
+        text += f" -> {info.shown_returns(ret)}"
+    return text
+
+
+def describe_frame(kind: Any, get: Any, entry: SeamcallEntry | None = None) -> tuple[str, bool, Category] | None:
     """(log text, is error, category) for a frame worth a log line, or None. `get(name, default=None)` reads a
-    field of the step's payload (Step.get)."""
+    field of the step's payload (Step.get); for a SEAMCALL_RETURN, `entry` is the task's SEAMCALL entry it
+    returns from (its input registers)."""
     if kind is TdxStep.SEAMCALL_RETURN:
         leaf = get("leaf")
         if leaf is Seamcall.TDH_VP_ENTER:
             return None
         rax = get("rax") or 0
         err = is_error(rax)
-        gpa, level = get("gpa", 0), get("level", 0)
-        text = f"{_leaf_name(leaf)}(gpa={gpa:#x}, level={level}) = {describe(rax)}"
+        text = seamcall_text(leaf, entry, _Regs(get))
         if get("injected"):
             text += "  [injected]"
         return text, err, Category.ERROR if err else Category.SEAMCALL
@@ -105,6 +118,18 @@ def describe_frame(kind: Any, get: Any) -> tuple[str, bool, Category] | None:
     return None
 
 
+class _Regs:
+    """A SEAMCALL_RETURN payload's fields by attribute (rax, rcx, ..., gpa, level), read through `get`."""
+
+    __slots__ = ("_get",)
+
+    def __init__(self, get: Any) -> None:
+        self._get = get
+
+    def __getattr__(self, name: str) -> Any:
+        return self._get(name, 0)
+
+
 class EventIndex:
     """Log entries and per-frame categories, extended as frames are recorded."""
 
@@ -112,6 +137,7 @@ class EventIndex:
         self.entries: list[LogEntry] = []
         self.categories = bytearray()
         self.entry_frames = array("q")
+        self._calls: dict[str, SeamcallEntry] = {}    # each task's SEAMCALL in flight (its input registers)
 
     def reset(self) -> None:
         self.__init__()
@@ -124,9 +150,16 @@ class EventIndex:
         if n < start:        # the timeline was forked shorter: start over
             self.reset()
             start = 0
+        calls = self._calls
         for i in range(start, n):
             kind = frames.kind_of(i)
-            found = describe_frame(kind, Step(kind, frames.payload_of(i)).get)
+            payload = frames.payload_of(i)
+            entry = None
+            if kind is TdxStep.SEAMCALL:
+                calls[frames.task_of(i)] = payload
+            elif kind is TdxStep.SEAMCALL_RETURN:
+                entry = calls.pop(frames.task_of(i), None)
+            found = describe_frame(kind, Step(kind, payload).get, entry)
             violations = frames.violations_of(i)
             if found is None and not violations:
                 self.categories.append(Category.NONE)

@@ -114,7 +114,21 @@ def test_unknown_host_operation(tmp_path: Path) -> None:
 def test_unknown_leaf(tmp_path: Path) -> None:
     text = BASE.replace('"punch_hole 0x1000 4K"', '"seamcall TDH.MEM.FOO 0x1000"')
     assert one(tmp_path, text) == ("FILE:21: host[0].program[0]: unknown SEAMCALL leaf 'TDH.MEM.FOO': expected a leaf "
-                                   "name like TDH.MEM.SEPT.ADD or TDH.MEM.PAGE.AUG")
+                                   "the emulated TDX module implements, like TDH.MEM.SEPT.ADD or TDH.MEM.PAGE.AUG")
+
+
+def test_raw_seamcall_takes_the_operands_its_leaf_declares(tmp_path: Path) -> None:
+    """The operands of a `seamcall` op come from the leaf's declaration (LeafInfo): TDH.MEM.TRACK takes none
+    (the VMM gives the TDR), TDH.MEM.PAGE.AUG a GPA and a LEVEL."""
+    text = BASE.replace('"punch_hole 0x1000 4K"', '"seamcall TDH.MEM.TRACK 0x1000"')
+    assert one(tmp_path, text) == ("FILE:21: host[0].program[0]: expected `seamcall TDH.MEM.TRACK`, found "
+                                   "'seamcall TDH.MEM.TRACK 0x1000'")
+    text = BASE.replace('"punch_hole 0x1000 4K"', '"seamcall TDH.MEM.PAGE.AUG 0x1000 0 7"')
+    assert one(tmp_path, text) == ("FILE:21: host[0].program[0]: expected `seamcall TDH.MEM.PAGE.AUG [GPA [LEVEL]]`, "
+                                   "found 'seamcall TDH.MEM.PAGE.AUG 0x1000 0 7'")
+    text = BASE.replace('"punch_hole 0x1000 4K"', '"seamcall TDH.VP.ENTER"')
+    assert one(tmp_path, text) == ("FILE:21: host[0].program[0]: TDH.VP.ENTER cannot be issued as a raw SEAMCALL: a "
+                                   "vCPU's KVM_RUN enters the TD")
 
 
 def test_unknown_leaf_in_inject(tmp_path: Path) -> None:

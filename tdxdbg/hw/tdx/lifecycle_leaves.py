@@ -12,7 +12,17 @@ from tdxdbg.hw.tdx import epoch
 from tdxdbg.hw.tdx.leaves import Seamcall
 from tdxdbg.hw.tdx.locks import LockMode, pamt_lock_key, tdr_lock_key
 from tdxdbg.hw.tdx.pamt import PageType, Pamt, get_pamt, set_pamt
-from tdxdbg.hw.tdx.seamcall import Call, SeamcallResult, handler, success
+from tdxdbg.hw.tdx.seamcall import (
+    TDR_RCX,
+    Arg,
+    Call,
+    Operand,
+    Output,
+    Reg,
+    SeamcallResult,
+    handler,
+    success,
+)
 from tdxdbg.hw.tdx.status import OperandId, TdxStatus
 from tdxdbg.hw.tdx.td import (
     KEYID_MASK,
@@ -45,7 +55,7 @@ def _tdr_of(m: TdxModule, c: Call, tdr_pa: int) -> int | None:
     return tdr
 
 
-@handler(Seamcall.TDH_MEM_TRACK)
+@handler(Seamcall.TDH_MEM_TRACK, (TDR_RCX,))
 class MemTrack:
     """Advance TD_EPOCH once nobody from the previous epoch is still in the guest."""
 
@@ -67,7 +77,7 @@ class MemTrack:
         return success(c)
 
 
-@handler(Seamcall.TDH_MR_FINALIZE)
+@handler(Seamcall.TDH_MR_FINALIZE, (TDR_RCX,))
 class MrFinalize:
     """End the build: the TD becomes RUNNABLE and PAGE.ADD is no longer allowed."""
 
@@ -84,7 +94,7 @@ class MrFinalize:
         return success(c)
 
 
-@handler(Seamcall.TDH_VP_FLUSH)
+@handler(Seamcall.TDH_VP_FLUSH, (Operand("tdvpr", Reg.RCX, Arg.TDVPR),))
 class VpFlush:
     """Flush a vCPU's TLB and caches and dissociate it from its logical processor."""
 
@@ -114,7 +124,7 @@ def _vcpus_of(m: TdxModule, tdr: int) -> list[VcpuState]:
     return [v for k, v in m.world.items() if isinstance(k, tuple) and k[0] == "tdx.vcpu" and v.tdr == tdr]
 
 
-@handler(Seamcall.TDH_MNG_VPFLUSHDONE)
+@handler(Seamcall.TDH_MNG_VPFLUSHDONE, (TDR_RCX,))
 class VpFlushDone:
     """All vCPUs flushed: the TD moves to TD_BLOCKED and can never run again."""
 
@@ -139,7 +149,7 @@ class VpFlushDone:
         return success(c)
 
 
-@handler(Seamcall.TDH_PHYMEM_CACHE_WB)
+@handler(Seamcall.TDH_PHYMEM_CACHE_WB, (Operand("resume", Reg.RCX, Arg.VALUE),))
 class CacheWb:
     """Write back the cache lines of every HKID being released (RCX: 0 = start, 1 = resume)."""
 
@@ -162,7 +172,7 @@ class CacheWb:
         return success(c)
 
 
-@handler(Seamcall.TDH_MNG_KEY_FREEID)
+@handler(Seamcall.TDH_MNG_KEY_FREEID, (TDR_RCX,))
 class KeyFreeId:
     """Release the TD's HKID after VPFLUSHDONE and CACHE.WB: the TD moves to TD_TEARDOWN."""
 
@@ -186,7 +196,8 @@ class KeyFreeId:
         return success(c)
 
 
-@handler(Seamcall.TDH_PHYMEM_PAGE_RECLAIM)
+@handler(Seamcall.TDH_PHYMEM_PAGE_RECLAIM, (Operand("hpa", Reg.RCX, Arg.PA),),
+         returns=(Output("page_type", Reg.RCX), Output("owner", Reg.RDX), Output("size", Reg.R8)))
 class PageReclaim:
     """Take a page back from a torn-down TD. RCX = page type, RDX = owner TDR PA, R8 = size level."""
 
@@ -224,7 +235,7 @@ class PageReclaim:
         return success(c, *out)
 
 
-@handler(Seamcall.TDH_PHYMEM_PAGE_WBINVD)
+@handler(Seamcall.TDH_PHYMEM_PAGE_WBINVD, (Operand("hpa", Reg.RCX, Arg.PA),))
 class PageWbinvd:
     """Write back and invalidate a removed page's cache lines under the TD's key (RCX = keyed HPA)."""
 

@@ -180,14 +180,166 @@ class Handler:
         return f"Handler({self.prepare.__qualname__.rsplit('.', 1)[0]})"
 
 
+class Reg(enum.Enum):
+    """A SEAMCALL register operand or output."""
+
+    RCX = "rcx"
+    RDX = "rdx"
+    R8 = "r8"
+    R9 = "r9"
+
+
+class Arg(enum.Enum):
+    """What an operand is: how a scenario's `seamcall` op gives it (or the VMM fills it in) and how it is shown.
+
+    PAGE_INFO and PAGE_RANGE are page_info_api_input_t (GPA | level in one register): a scenario gives
+    `GPA [LEVEL]`, the log shows `gpa=..., level=...`. PAGE_RANGE names a page (or huge page), so a call at a
+    huge level is about every gfn of its range; PAGE_INFO names one S-EPT entry (a table's, for SEPT.ADD)."""
+
+    PAGE_INFO = "page_info"
+    PAGE_RANGE = "page_range"
+    GPA = "gpa"                  # a GPA alone (TDH.MR.EXTEND's 256-byte chunk): `GPA`
+    PA = "pa"                    # a host physical address the scenario gives: `PA`
+    VALUE = "value"              # a number the scenario gives, shown in hex
+    TDR = "tdr"                  # the TD's TDR PA: the VMM fills it in
+    TDVPR = "tdvpr"              # vCPU 0's TDVPR PA: the VMM fills it in
+    NEW_PAGE = "new_page"        # a 4K page the VMM allocates for the module (not shown)
+    NEW_PAGE_AT_LEVEL = "new_page_at_level"  # ... of the PAGE_RANGE level's size (PAGE.AUG at 2M)
+    SOURCE_PAGE = "source_page"  # a page the VMM allocates and the module copies from (not shown)
+
+    @property
+    def user_words(self) -> tuple[str, ...]:
+        """The words a scenario's `seamcall` op gives for this operand (each optional, 0 when left out; VALUE
+        is spelled with the operand's name)."""
+        return {Arg.PAGE_INFO: ("GPA", "LEVEL"), Arg.PAGE_RANGE: ("GPA", "LEVEL"), Arg.GPA: ("GPA",),
+                Arg.PA: ("PA",), Arg.VALUE: ("VALUE",)}.get(self, ())
+
+
+_PAGE_INFO_ARGS = (Arg.PAGE_INFO, Arg.PAGE_RANGE)
+# page_info_api_input_t: GPA in bits 51:12, level in bits 2:0.
+PAGE_INFO_LEVEL_MASK = 0x7
+
+
+@attrs.frozen
+class Operand:
+    """One input register of a leaf: its name in the log, the register, what it is, and whether the log line
+    shows it (a page the VMM allocated, or the TDR beside a GPA, is left out: one TD per scenario)."""
+
+    name: str
+    reg: Reg
+    arg: Arg
+    shown: bool = True
+
+
+@attrs.frozen
+class Output:
+    """One output register a leaf returns on success, with its name in the log."""
+
+    name: str
+    reg: Reg
+
+
+@attrs.frozen
+class LeafInfo:
+    """A leaf as declared on its handler: operands and outputs. Scenario `seamcall` ops, breakpoints, the log
+    line and the JSON trace are derived from this."""
+
+    leaf: Seamcall
+    operands: tuple[Operand, ...]
+    returns: tuple[Output, ...] = ()
+
+    @property
+    def syntax(self) -> str:
+        """The scenario op: `seamcall TDH.MEM.PAGE.AUG [GPA [LEVEL]]`."""
+        words = self.user_words
+        tail = "".join(f" [{w}" for w in words) + "]" * len(words)
+        return f"seamcall {self.leaf.dotted}{tail}"
+
+    @property
+    def user_words(self) -> tuple[str, ...]:
+        """The numbers a scenario's `seamcall` op gives, in order (LEVEL: 0-7 or 4K/2M/1G)."""
+        return tuple(o.name.upper() if o.arg is Arg.VALUE else w for o in self.operands for w in o.arg.user_words)
+
+    @property
+    def maps_range(self) -> bool:
+        """A call at a huge level is about every gfn of the range (its operand is a page, not an entry)."""
+        return any(o.arg is Arg.PAGE_RANGE for o in self.operands)
+
+    def register_of(self, *args: Arg) -> Reg | None:
+        """The register of the first operand of one of these kinds, or None."""
+        return next((o.reg for o in self.operands if o.arg in args), None)
+
+    def shown_operands(self, regs: Any) -> str:
+        """`gpa=0x1000, level=0` / `tdr=0x10000000`: the operands the leaf has, from its input registers
+        (`regs.rcx` ...)."""
+        parts = []
+        for o in self.operands:
+            if not o.shown:
+                continue
+            v = getattr(regs, o.reg.value)
+            if o.arg in _PAGE_INFO_ARGS:
+                parts.append(f"gpa={v & ~0xFFF & ((1 << 52) - 1):#x}, level={v & PAGE_INFO_LEVEL_MASK}")
+            else:
+                parts.append(f"{o.name}={v:#x}")
+        return ", ".join(parts)
+
+    def shown_returns(self, regs: Any) -> str:
+        return ", ".join(f"{r.name}={getattr(regs, r.reg.value):#x}" for r in self.returns)
+
+
 HANDLERS: dict[Seamcall, Handler] = {}
+LEAVES: dict[Seamcall, LeafInfo] = {}
 
 
-def handler(leaf: Seamcall) -> Callable[[type], type]:
-    """Register a class with `prepare` and `execute` static methods as the handler of `leaf`."""
+def handler(leaf: Seamcall, operands: tuple[Operand, ...], returns: tuple[Output, ...] = ()) -> Callable[[type],
+                                                                                                          type]:
+    """Register a class with `prepare` and `execute` static methods as the handler of `leaf`, with the
+    leaf's operands and outputs: the one place a leaf is declared."""
 
     def register(cls: type) -> type:
         HANDLERS[leaf] = Handler(cls.prepare, cls.execute)
+        LEAVES[leaf] = LeafInfo(leaf, operands, returns)
         return cls
 
     return register
+
+
+def declare(leaf: Seamcall, operands: tuple[Operand, ...], returns: tuple[Output, ...] = ()) -> None:
+    """Declare a leaf the module does not dispatch (TDH.VP.ENTER is the TD vCPU's, tdxdbg/hw/cpu.py): it can be
+    a breakpoint and has a log line, but a scenario cannot issue it as a raw SEAMCALL."""
+    LEAVES[leaf] = LeafInfo(leaf, operands, returns)
+
+
+def unregister(leaf: Seamcall) -> None:
+    """Forget a leaf's handler and declaration (a leaf registered by a test or a plugin)."""
+    HANDLERS.pop(leaf, None)
+    LEAVES.pop(leaf, None)
+
+
+def leaf_info(leaf: Seamcall) -> LeafInfo | None:
+    return LEAVES.get(leaf)
+
+
+def parse_leaf(text: str) -> Seamcall:
+    """A leaf the emulated module implements, by its name (TDH.MEM.PAGE.AUG, any case, dots or underscores).
+    Raises ValueError naming the implemented leaves."""
+    try:
+        leaf = Seamcall.parse(text)
+    except ValueError:
+        leaf = None
+    if leaf is None or leaf not in LEAVES:
+        known = ", ".join(sorted(x.dotted for x in LEAVES))
+        raise ValueError(f"unknown SEAMCALL leaf {text!r}: expected one the emulated TDX module implements "
+                         f"({known})")
+    return leaf
+
+
+# Operands most leaves share, named once.
+PAGE_INFO_RCX = Operand("gpa", Reg.RCX, Arg.PAGE_INFO)
+PAGE_RANGE_RCX = Operand("gpa", Reg.RCX, Arg.PAGE_RANGE)
+TDR_RDX = Operand("tdr", Reg.RDX, Arg.TDR, shown=False)
+TDR_RCX = Operand("tdr", Reg.RCX, Arg.TDR)
+NEW_PAGE_R8 = Operand("hpa", Reg.R8, Arg.NEW_PAGE, shown=False)
+
+# TDH.VP.ENTER: RCX = the vCPU's TDVPR (entered by TdVcpu.enter in tdxdbg/hw/cpu.py).
+declare(Seamcall.TDH_VP_ENTER, (Operand("tdvpr", Reg.RCX, Arg.TDVPR),))

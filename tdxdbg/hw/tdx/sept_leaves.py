@@ -18,7 +18,20 @@ from tdxdbg.hw.tdx import epoch
 from tdxdbg.hw.tdx.leaves import Seamcall
 from tdxdbg.hw.tdx.locks import LockMode, entry_lock_key, host_acquire_entry, pamt_lock_key
 from tdxdbg.hw.tdx.pamt import PageType, Pamt, get_pamt, set_pamt
-from tdxdbg.hw.tdx.seamcall import Call, SeamcallResult, handler, success
+from tdxdbg.hw.tdx.seamcall import (
+    NEW_PAGE_R8,
+    PAGE_INFO_RCX,
+    PAGE_RANGE_RCX,
+    TDR_RDX,
+    Arg,
+    Call,
+    Operand,
+    Output,
+    Reg,
+    SeamcallResult,
+    handler,
+    success,
+)
 from tdxdbg.hw.tdx.sept import ALLOWED_STATES, BLOCKED_FORM, FREE_ENTRY, UNBLOCKED_FORM, SeptEntry, SeptState
 from tdxdbg.hw.tdx.status import OperandId, TdxStatus
 from tdxdbg.hw.tdx.td import KEYID_MASK, OpState, add_chldcnt, get_config
@@ -87,7 +100,7 @@ def _block_and_track(m: TdxModule, c: Call, bepoch_pfn: int,
     return None
 
 
-@handler(Seamcall.TDH_MEM_SEPT_ADD)
+@handler(Seamcall.TDH_MEM_SEPT_ADD, (PAGE_INFO_RCX, TDR_RDX, NEW_PAGE_R8))
 class SeptAdd:
     """Link a new S-EPT page under the entry at c.level (transition T1)."""
 
@@ -111,7 +124,8 @@ class SeptAdd:
         return success(c)
 
 
-@handler(Seamcall.TDH_MEM_PAGE_AUG)
+@handler(Seamcall.TDH_MEM_PAGE_AUG,
+         (PAGE_RANGE_RCX, TDR_RDX, Operand("hpa", Reg.R8, Arg.NEW_PAGE_AT_LEVEL, shown=False)))
 class PageAug:
     """Add a PENDING page at 4K or 2M for the guest to accept (transition T2)."""
 
@@ -133,7 +147,8 @@ class PageAug:
         return success(c)
 
 
-@handler(Seamcall.TDH_MEM_PAGE_ADD)
+@handler(Seamcall.TDH_MEM_PAGE_ADD,
+         (PAGE_RANGE_RCX, TDR_RDX, NEW_PAGE_R8, Operand("source", Reg.R9, Arg.SOURCE_PAGE, shown=False)))
 class PageAdd:
     """Build time: copy a source page into a new private page, MAPPED, and measure it (transition T3)."""
 
@@ -167,7 +182,7 @@ def extend_mrtd(m: TdxModule, tdr: int, data: bytes) -> None:
     m.world.set(key, hashlib.sha384(old + data).digest())
 
 
-@handler(Seamcall.TDH_MR_EXTEND)
+@handler(Seamcall.TDH_MR_EXTEND, (Operand("gpa", Reg.RCX, Arg.GPA), TDR_RDX))
 class MrExtend:
     """Build time: extend MRTD with a 256-byte chunk of a MAPPED page."""
 
@@ -195,7 +210,7 @@ class MrExtend:
         return success(c)
 
 
-@handler(Seamcall.TDH_MEM_RANGE_BLOCK)
+@handler(Seamcall.TDH_MEM_RANGE_BLOCK, (PAGE_RANGE_RCX, TDR_RDX))
 class RangeBlock:
     """Clear RWX of a leaf or non-leaf entry and stamp BEPOCH (transitions T5-T7)."""
 
@@ -219,7 +234,7 @@ class RangeBlock:
         return success(c)
 
 
-@handler(Seamcall.TDH_MEM_RANGE_UNBLOCK)
+@handler(Seamcall.TDH_MEM_RANGE_UNBLOCK, (PAGE_RANGE_RCX, TDR_RDX))
 class RangeUnblock:
     """Restore a blocked entry once its block is TLB-tracked (transition T8)."""
 
@@ -239,7 +254,7 @@ class RangeUnblock:
         return success(c)
 
 
-@handler(Seamcall.TDH_MEM_PAGE_REMOVE)
+@handler(Seamcall.TDH_MEM_PAGE_REMOVE, (PAGE_RANGE_RCX, TDR_RDX), returns=(Output("hpa", Reg.RCX),))
 class PageRemove:
     """Remove a leaf and hand its page back to the host (transition T9); RCX returns the page's HPA."""
 
@@ -271,7 +286,7 @@ def _children(m: TdxModule, table: int) -> list[SeptEntry]:
     return [get(("sept", table, i), FREE_ENTRY) for i in range(PT_ENTRIES)]
 
 
-@handler(Seamcall.TDH_MEM_SEPT_REMOVE)
+@handler(Seamcall.TDH_MEM_SEPT_REMOVE, (PAGE_INFO_RCX, TDR_RDX), returns=(Output("hpa", Reg.RCX),))
 class SeptRemove:
     """Unlink an empty S-EPT page (transition T10); RCX returns the page's HPA. Upstream KVM never calls it."""
 
@@ -293,7 +308,7 @@ class SeptRemove:
         return success(c, rcx=e.pfn << PAGE_SHIFT)
 
 
-@handler(Seamcall.TDH_MEM_PAGE_PROMOTE)
+@handler(Seamcall.TDH_MEM_PAGE_PROMOTE, (PAGE_RANGE_RCX, TDR_RDX), returns=(Output("hpa", Reg.RCX),))
 class PagePromote:
     """Merge 512 same-state, contiguous leaves into one larger leaf (transition T12)."""
 
@@ -332,7 +347,7 @@ class PagePromote:
         return success(c, rcx=e.pfn << PAGE_SHIFT)
 
 
-@handler(Seamcall.TDH_MEM_PAGE_DEMOTE)
+@handler(Seamcall.TDH_MEM_PAGE_DEMOTE, (PAGE_RANGE_RCX, TDR_RDX, NEW_PAGE_R8))
 class PageDemote:
     """Split a leaf into a new S-EPT page of 512 smaller leaves of the unblocked state (transition T11)."""
 
@@ -363,7 +378,8 @@ class PageDemote:
         return success(c)
 
 
-@handler(Seamcall.TDH_MEM_SEPT_RD)
+@handler(Seamcall.TDH_MEM_SEPT_RD, (PAGE_INFO_RCX, TDR_RDX),
+         returns=(Output("entry", Reg.RCX), Output("info", Reg.RDX)))
 class SeptRd:
     """Read an S-EPT entry: RCX = architectural entry, RDX = level and state."""
 
