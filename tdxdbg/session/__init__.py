@@ -6,7 +6,7 @@ Also re-exports the few engine and hardware names the UI shows (the UI reaches t
 from tdxdbg.engine.spte import FROZEN_SPTE, describe_spte
 from tdxdbg.hw.tdx.leaves import Seamcall
 from tdxdbg.hw.tdx.sept import SeptState
-from tdxdbg.session.breakpoints import Breakpoint, BreakpointError, BreakpointKind, Breakpoints
+from tdxdbg.session.breakpoints import Breakpoint, BreakpointError, BreakpointKind, Breakpoints, GfnWatch
 from tdxdbg.session.decode import SeptEntryView, SpteBits, decode_sept, decode_spte
 from tdxdbg.session.events import StopEvent, StopReason
 from tdxdbg.session.session import ForkRecord, Session, TaskInfo
@@ -18,6 +18,7 @@ __all__ = [
     "BreakpointKind",
     "Breakpoints",
     "ForkRecord",
+    "GfnWatch",
     "Seamcall",
     "SeptEntryView",
     "SeptState",

@@ -13,12 +13,27 @@ from typing import Any
 
 import attrs
 
-from tdxdbg.engine.spte import is_last_spte, is_shadow_present_pte, kvm_pages_per_hpage
+from tdxdbg.engine.spte import (
+    FROZEN_SPTE,
+    VMX_EPT_ACCESS_BIT,
+    VMX_EPT_DIRTY_BIT,
+    is_last_spte,
+    is_shadow_present_pte,
+    kvm_pages_per_hpage,
+)
 from tdxdbg.engine.steps import EngineStep, HookCall, SpteChange
 from tdxdbg.hw.tdx.leaves import Seamcall
 from tdxdbg.hw.tdx.seamcall import SeamcallEntry, SeamcallReturn, TdxStep, leaf_info, parse_leaf
 from tdxdbg.hw.tdx.status import describe, is_error, parse_status, status_name
 from tdxdbg.runtime.frame import Frame
+
+
+class GfnWatch(enum.Enum):
+    """When a gfn breakpoint stops."""
+
+    ANY = "any"            # any frame about the gfn (SPTE, walk, hook, SEAMCALL, fault, guest access, gmem)
+    WRITES = "writes"      # a frame that writes an SPTE or S-EPT entry mapping the gfn
+    STATE = "state"        # a frame that changes such an entry's state (present/frozen/leaf; S-EPT state)
 
 
 class BreakpointKind(enum.Enum):
@@ -52,6 +67,7 @@ class Breakpoint:
     level: int | None = None
     ret_pf: str | None = None
     invariant: str | None = None
+    watch: GfnWatch = GfnWatch.ANY     # gfn breakpoints: when they stop
 
 
 Matcher = Callable[[Frame, Frame | None], bool]
@@ -166,6 +182,37 @@ def _gfn_matcher(gfn: int, gfn_mask: int) -> Matcher:
     return match
 
 
+# The accessed and dirty bits change as the CPU uses a mapping; a state-change watch ignores them.
+ACCESS_DIRTY_BITS = VMX_EPT_ACCESS_BIT | VMX_EPT_DIRTY_BIT
+
+
+def _spte_state(value: int) -> tuple[bool, bool, int]:
+    """What a state-change watch compares: present, frozen, and the rest of the value but accessed/dirty."""
+    return is_shadow_present_pte(value), value == FROZEN_SPTE, value & ~ACCESS_DIRTY_BITS
+
+
+def _gfn_write_matcher(gfn: int, gfn_mask: int, state_only: bool) -> Matcher:
+    """Frames that write (or, with `state_only`, change the state of) an SPTE or S-EPT entry mapping `gfn`."""
+    gfn &= gfn_mask
+
+    def match(frame: Frame, prev: Frame | None) -> bool:
+        if not frame.effects:
+            return False
+        r = step_gfn_range(frame.step, gfn_mask)
+        if r is None or not r[0] <= gfn < r[1]:
+            return False
+        p = frame.step.payload
+        if type(p) is SpteChange:
+            if not p.ok or frame.step.kind not in (EngineStep.SPTE_CMPXCHG, EngineStep.SPTE_WRITE):
+                return False
+            return not state_only or _spte_state(p.old) != _spte_state(p.new)
+        return any(type(k) is tuple and k and k[0] == "sept"
+                   and (not state_only or getattr(old, "state", None) != getattr(new, "state", None))
+                   for k, old, new in frame.effects)
+
+    return match
+
+
 def _seamcall_matcher(leaf: Seamcall | None, errors_only: bool, status: str | None) -> Matcher:
     if not errors_only and status is None:
         def match(frame: Frame, prev: Frame | None) -> bool:
@@ -257,6 +304,10 @@ class Breakpoints:
 
     # -- adding ---------------------------------------------------------------------------------------------
     def _add(self, matcher: Matcher, **fields: Any) -> Breakpoint:
+        for old in self._bps.values():
+            if old.description == fields.get("description") and old.task == fields.get("task"):
+                raise BreakpointError(f"breakpoint {old.id} is already {old.description}"
+                                      + ("" if old.enabled else " (disabled: enable it)"))
         bp = Breakpoint(id=self._next_id, **fields)
         self._next_id += 1
         self._bps[bp.id] = bp
@@ -280,13 +331,19 @@ class Breakpoints:
         return self._add(_line_matcher(function, line), kind=BreakpointKind.FUNCTION_LINE, function=function,
                          line=line, task=task, description=f"{function}:{line}")
 
-    def add_gfn(self, gfn: int, task: str | None = None) -> Breakpoint:
+    def add_gfn(self, gfn: int, task: str | None = None, watch: GfnWatch = GfnWatch.ANY) -> Breakpoint:
         """Stop on a frame whose step is about `gfn` (SPTE, walk, hook, SEAMCALL, fault, guest access) or that
-        looks up its guest_memfd page. The shared bit is ignored, so both aliases match."""
+        looks up its guest_memfd page; with `watch`, only on a write of an entry mapping it, or only on a change
+        of such an entry's state. The shared bit is ignored, so both aliases match."""
         if gfn < 0:
             raise BreakpointError(f"bad gfn {gfn}")
-        return self._add(_gfn_matcher(gfn, self._gfn_mask), kind=BreakpointKind.GFN, gfn=gfn, task=task,
-                         description=f"gfn {gfn:#x}")
+        if watch is GfnWatch.ANY:
+            matcher = _gfn_matcher(gfn, self._gfn_mask)
+        else:
+            matcher = _gfn_write_matcher(gfn, self._gfn_mask, watch is GfnWatch.STATE)
+        what = {GfnWatch.ANY: "", GfnWatch.WRITES: " writes", GfnWatch.STATE: " state changes"}[watch]
+        return self._add(matcher, kind=BreakpointKind.GFN, gfn=gfn, task=task, watch=watch,
+                         description=f"gfn {gfn:#x}{what}")
 
     def add_seamcall(self, leaf: Seamcall | str | None = None, errors_only: bool = False,
                      status: str | None = None, task: str | None = None) -> Breakpoint:

@@ -7,6 +7,7 @@ runs (continue, reverse-continue, recording ahead) go to a worker thread that th
 from __future__ import annotations
 
 import functools
+import re
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -14,20 +15,26 @@ from typing import Any
 from rich.text import Text
 from textual import events, on, work
 from textual.app import App, ComposeResult
-from textual.binding import Binding
 from textual.containers import Container
 from textual.message import Message
 from textual.widgets import Footer
 
-from tdxdbg.session import FROZEN_SPTE
+from tdxdbg.session import FROZEN_SPTE, BreakpointError, GfnWatch
 from tdxdbg.session.events import StopEvent, StopReason
 from tdxdbg.session.log import Category, EventIndex
 from tdxdbg.session.session import Session
 from tdxdbg.ui import panes
-from tdxdbg.ui.commands import DebuggerCommands
+from tdxdbg.ui.commands import COMMANDS, DebuggerCommands, bindings
 from tdxdbg.ui.lines import LineList, Pane, TextPane
 from tdxdbg.ui.loading import DEMO, Opened, open_scenario
-from tdxdbg.ui.screens import ErrorScreen, HelpScreen, PromptScreen, TaskChoiceScreen
+from tdxdbg.ui.screens import (
+    BreakpointsScreen,
+    ErrorScreen,
+    HelpScreen,
+    PromptScreen,
+    SearchScreen,
+    TaskChoiceScreen,
+)
 from tdxdbg.ui.strip import TimelineStrip
 from tdxdbg.ui.tables import Marks, TableLine, all_lines, max_width, render
 from tdxdbg.ui.variables import LocalsPane
@@ -41,6 +48,8 @@ PANES = (("tables", "page tables"), ("source", "source"), ("stack", "tasks · st
 # Below this size the panes are shown one at a time (digits switch), instead of a grid that would cut them.
 NARROW_WIDTH = 120
 NARROW_HEIGHT = 36
+# Searches remembered for the search prompt's history.
+SEARCH_HISTORY = 50
 # Notifications the app remembers (App.notices).
 NOTICES_KEPT = 20
 
@@ -64,44 +73,7 @@ class TdxdbgApp(App[int]):
     ENABLE_COMMAND_PALETTE = True
     COMMANDS = App.COMMANDS | {DebuggerCommands}
 
-    BINDINGS = [
-        Binding("s", "step_into", "Step", id="step_into"),
-        Binding("n", "step_over", "Over", id="step_over"),
-        Binding("o", "step_out", "Out", id="step_out"),
-        Binding("c", "continue", "Continue", id="continue"),
-        Binding("S", "reverse_step", "Back", id="reverse_step"),
-        Binding("C", "reverse_continue", "Rev-cont", id="reverse_continue"),
-        Binding("g", "goto", "Go to", id="goto"),
-        Binding("f", "next_event('fault', True)", "Next fault", show=False, id="next_fault"),
-        Binding("F", "next_event('fault', False)", "Prev fault", show=False, id="prev_fault"),
-        Binding("e", "next_event('seamcall', True)", "Next SEAMCALL", show=False, id="next_seamcall"),
-        Binding("E", "next_event('seamcall', False)", "Prev SEAMCALL", show=False, id="prev_seamcall"),
-        Binding("z", "next_event('freeze', True)", "Next freeze", show=False, id="next_freeze"),
-        Binding("Z", "next_event('freeze', False)", "Prev freeze", show=False, id="prev_freeze"),
-        Binding("v", "next_event('violation', True)", "Next violation", show=False, id="next_violation"),
-        Binding("V", "next_event('violation', False)", "Prev violation", show=False, id="prev_violation"),
-        Binding("t", "choose_task", "Run task", id="choose_task"),
-        Binding("b", "break_function", "Break fn", id="break_function"),
-        Binding("B", "break_seamcall", "Break SEAMCALL", show=False, id="break_seamcall"),
-        Binding("w", "watch_gfn", "Watch gfn", show=False, id="watch_gfn"),
-        Binding("m", "bookmark", "Mark", show=False, id="bookmark"),
-        # tab follows the next task (README); priority, so the focus chain does not take it (shift+tab still
-        # moves focus between panes).
-        Binding("tab", "switch_task", "Task", priority=True, id="switch_task"),
-        Binding("u", "activation(-1)", "Up frame", show=False, id="stack_up"),
-        Binding("d", "activation(1)", "Down frame", show=False, id="stack_down"),
-        Binding("l", "last_write", "Last write", show=False, id="last_write"),
-        Binding("slash", "search", "Search", show=False, id="search"),
-        Binding("full_stop", "any_frame(1)", "Next frame (any task)", show=False, id="next_frame_any"),
-        Binding("comma", "any_frame(-1)", "Previous frame (any task)", show=False, id="prev_frame_any"),
-        Binding("y", "copy", "Copy value", show=False, id="copy"),
-        Binding("x", "follow_frame", "Follow frame", show=False, id="follow_frame"),
-        *(Binding(str(n), f"pane({n})", f"Pane {n}", show=False, id=f"pane_{n}") for n in range(1, len(PANES) + 1)),
-        Binding("r", "reload", "Reload", id="reload"),
-        Binding("escape", "interrupt", "Stop run", show=False, id="interrupt"),
-        Binding("question_mark", "help", "Help", id="help"),
-        Binding("q", "quit", "Quit", id="quit"),
-    ]
+    BINDINGS = bindings()
 
     def __init__(self, spec: str = DEMO, variant: str | None = None, schedule: str | None = None,
                  record_ahead: int = RECORD_AHEAD, relative_lines: bool = False) -> None:
@@ -121,6 +93,9 @@ class TdxdbgApp(App[int]):
         self.activation = -1
         self.table_lines: list[TableLine] = []
         self.search_text = ""
+        self.search_regex = False
+        self.search_case = False
+        self.search_history: list[str] = []
         self._progress_frames = 0
         self.narrow = False
         self.shown_pane = "tables"
@@ -209,7 +184,12 @@ class TdxdbgApp(App[int]):
         self.breakpoint_hits.clear()
         self.activation = -1
         if keep_position:
-            self.session.goto(min(keep_position, len(self.session.frames)))
+            # Back to the same frame when the (edited) scenario still reaches it: goto runs the new timeline that
+            # far; a shorter run stops at its end, and says so.
+            ev = self.session.goto(keep_position)
+            if self.session.position < keep_position:
+                self.notify(f"the reloaded scenario ends before frame {keep_position - 1}: at its end ({ev})",
+                            severity="warning")
         self.refresh_all()
         self.focus_tables()
         self.record_ahead_worker()
@@ -657,13 +637,14 @@ class TdxdbgApp(App[int]):
             if value is None:
                 return
             try:
-                gfn = parse_number(value, "gfn")
+                gfn, watch = parse_gfn_watch(value)
             except ValueError as exc:
                 self.notify(str(exc), severity="error")
                 return
-            self.add_gfn_breakpoint(gfn)
+            self.add_gfn_breakpoint(gfn, watch)
 
-        self.push_screen(PromptScreen("Watch gfn", "gfn, e.g. 0x1 (the shared bit is ignored)"), done)
+        self.push_screen(PromptScreen("Watch gfn", "GFN [writes|state]  e.g. 0x1, or 0x1 writes (the shared bit is "
+                                      "ignored)"), done)
 
     @guarded
     def action_bookmark(self) -> None:
@@ -694,25 +675,68 @@ class TdxdbgApp(App[int]):
         self.goto_frame(i)
 
     def action_search(self) -> None:
-        def done(value: str | None) -> None:
-            if not value:
+        def done(value: tuple[str, bool, bool] | None) -> None:
+            if value is None:
                 return
-            self.search_text = value
-            self._search_next()
+            text, regex, case = value
+            if not text.strip():
+                self.notify("type something to search for", severity="error")
+                return
+            self.search_regex, self.search_case = regex, case
+            if text in self.search_history:
+                self.search_history.remove(text)
+            self.search_history.append(text)
+            del self.search_history[:-SEARCH_HISTORY]
+            self.search_text = text
+            self.action_search_next(1)
 
-        self.push_screen(PromptScreen("Search the log", "text, e.g. PAGE.AUG or BUSY"), done)
+        self.push_screen(SearchScreen(self.search_history, self.search_regex, self.search_case), done)
 
-    def _search_next(self) -> None:
+    def _search_pattern(self) -> re.Pattern[str] | None:
+        flags = 0 if self.search_case else re.IGNORECASE
+        try:
+            return re.compile(self.search_text if self.search_regex else re.escape(self.search_text), flags)
+        except re.error as exc:
+            self.notify(f"not a regular expression: {exc}", severity="error")
+            return None
+
+    def action_search_next(self, direction: int) -> None:
+        """] / [ : the next / previous log line matching the search, wrapping around; goes to its frame."""
+        if not self.search_text:
+            self.notify("no search yet: / searches the log", severity="warning")
+            return
+        pattern = self._search_pattern()
+        if pattern is None:
+            return
         log = self.query_one("#log", LineList)
         entries = self.event_index.entries
-        needle = self.search_text.lower()
         n = len(entries)
-        for k in range(1, n + 1):
-            i = (log.cursor + k) % n
-            if needle in entries[i].text.lower():
-                self.goto_frame(entries[i].frame)
-                return
-        self.notify(f"{self.search_text!r} not found in the log")
+        matches = [i for i in range(n) if pattern.search(entries[i].text)]
+        if not matches:
+            self.notify(f"{self.search_text!r} not found in the log")
+            return
+        if direction > 0:
+            at = next((i for i in matches if i > log.cursor), matches[0])
+        else:
+            at = next((i for i in reversed(matches) if i < log.cursor), matches[-1])
+        self.notify(f"match {matches.index(at) + 1} of {len(matches)}: frame {entries[at].frame}")
+        log.move_to(at)
+        self.goto_frame(entries[at].frame)
+
+    @guarded
+    def action_breakpoints(self) -> None:
+        self.push_screen(BreakpointsScreen(self.session.breakpoints, self.add_breakpoint_text),
+                         lambda _=None: self.refresh_all())
+
+    def add_breakpoint_text(self, text: str) -> str:
+        """Add the breakpoint typed as text (the manager's `a`); returns what happened, as a message."""
+        if self.session is None or self._run_label:
+            return "a run owns the session: try again when it stops"
+        try:
+            bp = parse_breakpoint(text, self.session.breakpoints)
+        except (ValueError, BreakpointError) as exc:
+            return str(exc)
+        return f"breakpoint {bp.id}: {bp.description}"
 
     def action_reload(self) -> None:
         if self._busy(self.action_reload):
@@ -748,8 +772,8 @@ class TdxdbgApp(App[int]):
     def add_violation_breakpoint(self, name: str | None) -> None:
         self._added(lambda: self.session.breakpoints.add_violation(name))
 
-    def add_gfn_breakpoint(self, gfn: int) -> None:
-        self._added(lambda: self.session.breakpoints.add_gfn(gfn))
+    def add_gfn_breakpoint(self, gfn: int, watch: GfnWatch = GfnWatch.ANY) -> None:
+        self._added(lambda: self.session.breakpoints.add_gfn(gfn, watch=watch))
 
     @guarded
     def choose_task_named(self, name: str) -> None:
@@ -760,7 +784,7 @@ class TdxdbgApp(App[int]):
         self.exit(2 if self.session is None else 0)
 
     def action_help(self) -> None:
-        self.push_screen(HelpScreen(self.BINDINGS))
+        self.push_screen(HelpScreen(COMMANDS))
 
     # -- widget messages -------------------------------------------------------------------------------------
     @on(LineList.Chosen, "#log")
@@ -842,3 +866,42 @@ def parse_seamcall_breakpoint(text: str) -> tuple[str | None, bool, str | None]:
     rest = words[1] if len(words) > 1 else ""
     errors = rest.lower() == "error"
     return leaf, errors, rest if rest and not errors else None
+
+
+def parse_gfn_watch(text: str) -> tuple[int, GfnWatch]:
+    """`GFN [writes|state]` -> (gfn, when it stops)."""
+    words = text.split()
+    if not words or len(words) > 2:
+        raise ValueError("type a gfn, optionally followed by writes or state (e.g. 0x1 writes)")
+    gfn = parse_number(words[0], "gfn")
+    if len(words) == 1:
+        return gfn, GfnWatch.ANY
+    try:
+        return gfn, GfnWatch(words[1].lower())
+    except ValueError:
+        raise ValueError(f"after the gfn: writes or state, not {words[1][:30]!r}") from None
+
+
+def parse_breakpoint(text: str, bps: Any) -> Any:
+    """A breakpoint typed in the manager: `gfn 0x1 [writes|state]`, `seamcall LEAF [error|STATUS]`,
+    `function NAME`, `ret_pf NAME` or `violation [NAME]`; added to `bps`."""
+    words = text.split()
+    kinds = "gfn, seamcall, function, ret_pf or violation"
+    if not words:
+        raise ValueError(f"type a breakpoint: {kinds}, then its argument")
+    kind, rest = words[0].lower(), " ".join(words[1:])
+    if kind == "gfn":
+        gfn, watch = parse_gfn_watch(rest)
+        return bps.add_gfn(gfn, watch=watch)
+    if kind == "seamcall":
+        leaf, errors, status = parse_seamcall_breakpoint(rest)
+        return bps.add_seamcall(leaf, errors_only=errors, status=status)
+    if kind in ("function", "ret_pf") and len(words) != 2:
+        raise ValueError(f"{kind} takes one name")
+    if kind == "function":
+        return bps.add_function(words[1])
+    if kind == "ret_pf":
+        return bps.add_ret_pf(words[1])
+    if kind == "violation" and len(words) <= 2:
+        return bps.add_violation(words[1] if len(words) == 2 else None)
+    raise ValueError(f"unknown breakpoint {words[0][:30]!r}: {kinds}")

@@ -4,9 +4,11 @@
 
 from __future__ import annotations
 
+import re
 from functools import partial
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
+from textual.binding import Binding
 from textual.command import DiscoveryHit, Hit, Hits, Provider
 
 from tdxdbg.session import Seamcall
@@ -14,30 +16,83 @@ from tdxdbg.session import Seamcall
 if TYPE_CHECKING:
     from tdxdbg.ui.app import TdxdbgApp
 
-STATIC_COMMANDS = [
-    ("step: into", "step_into", "next frame of the followed task"),
-    ("step: over", "step_over", "run until the followed task is back at this depth"),
-    ("step: out", "step_out", "run until the followed task returns from this function"),
-    ("run: continue", "continue", "run to the next breakpoint, violation or the end"),
-    ("run: reverse step", "reverse_step", "previous frame of the followed task"),
-    ("run: reverse continue", "reverse_continue", "back to the previous breakpoint hit"),
-    ("frame: go to…", "goto", "jump to a frame number"),
-    ("frame: next fault", "next_event('fault', True)", ""),
-    ("frame: previous fault", "next_event('fault', False)", ""),
-    ("frame: next SEAMCALL", "next_event('seamcall', True)", ""),
-    ("frame: next freeze", "next_event('freeze', True)", ""),
-    ("frame: next violation", "next_event('violation', True)", ""),
-    ("frame: last write of the selected entry", "last_write", ""),
-    ("task: choose the task that runs next", "choose_task", "forks the timeline when not at the end"),
-    ("task: follow the next task", "switch_task", ""),
-    ("break: on the current function", "break_function", ""),
-    ("break: on a SEAMCALL leaf or status…", "break_seamcall", ""),
-    ("watch: a gfn…", "watch_gfn", ""),
-    ("mark: toggle a bookmark here", "bookmark", ""),
-    ("log: search…", "search", ""),
-    ("scenario: reload", "reload", "re-read the scenario file"),
-    ("help: keys", "help", ""),
-]
+class Command(NamedTuple):
+    """One debugger command: its key (Textual's key name), action, footer label, palette name and help."""
+
+    key: str
+    action: str
+    label: str
+    palette: str = ""        # "" keeps it out of the palette (pane digits)
+    help: str = ""
+    show: bool = False       # in the footer
+    priority: bool = False
+
+
+# The one table of commands: the app's key bindings, the palette and the help screen are all made from it.
+COMMANDS: tuple[Command, ...] = (
+    Command("s", "step_into", "Step", "step: into", "next frame of the followed task", show=True),
+    Command("n", "step_over", "Over", "step: over", "run until the followed task is back at this depth", show=True),
+    Command("o", "step_out", "Out", "step: out", "run until the followed task returns from this function",
+            show=True),
+    Command("S", "reverse_step", "Back", "step: back", "previous frame of the followed task", show=True),
+    Command("full_stop", "any_frame(1)", "Next frame", "step: next frame of any task", "whichever task runs it"),
+    Command("comma", "any_frame(-1)", "Prev frame", "step: previous frame of any task", ""),
+    Command("c", "continue", "Continue", "run: continue", "to the next breakpoint, violation or the end",
+            show=True),
+    Command("C", "reverse_continue", "Rev-cont", "run: reverse continue", "back to the previous breakpoint hit",
+            show=True),
+    Command("escape", "interrupt", "Stop run", "run: stop the running command", ""),
+    Command("g", "goto", "Go to", "frame: go to…", "a frame number", show=True),
+    Command("f", "next_event('fault', True)", "Next fault", "frame: next fault", ""),
+    Command("F", "next_event('fault', False)", "Prev fault", "frame: previous fault", ""),
+    Command("e", "next_event('seamcall', True)", "Next SEAMCALL", "frame: next SEAMCALL", ""),
+    Command("E", "next_event('seamcall', False)", "Prev SEAMCALL", "frame: previous SEAMCALL", ""),
+    Command("z", "next_event('freeze', True)", "Next freeze", "frame: next freeze", ""),
+    Command("Z", "next_event('freeze', False)", "Prev freeze", "frame: previous freeze", ""),
+    Command("v", "next_event('violation', True)", "Next violation", "frame: next violation", ""),
+    Command("V", "next_event('violation', False)", "Prev violation", "frame: previous violation", ""),
+    Command("l", "last_write", "Last write", "frame: last write of the selected entry", ""),
+    Command("m", "bookmark", "Mark", "frame: toggle a bookmark here", ""),
+    Command("tab", "switch_task", "Task", "task: follow the next task", "", show=True, priority=True),
+    Command("t", "choose_task", "Run task", "task: choose the task that runs next here",
+            "keeps the old future as a branch when not at the end", show=True),
+    Command("u", "activation(-1)", "Up frame", "stack: up (outer activation)", ""),
+    Command("d", "activation(1)", "Down frame", "stack: down (inner activation)", ""),
+    Command("b", "break_function", "Break fn", "break: on the current function", "", show=True),
+    Command("B", "break_seamcall", "Break SEAMCALL", "break: on a SEAMCALL leaf or status…", ""),
+    Command("w", "watch_gfn", "Watch gfn", "watch: a gfn…", "any frame, writes only, or state changes"),
+    Command("k", "breakpoints", "Breakpoints", "break: manage breakpoints", "list, enable/disable, delete, add"),
+    Command("slash", "search", "Search", "log: search…", "text or regex, case (toolong-style)"),
+    Command("right_square_bracket", "search_next(1)", "Next match", "log: next match", ""),
+    Command("left_square_bracket", "search_next(-1)", "Prev match", "log: previous match", ""),
+    Command("y", "copy", "Copy", "copy: the value or line under the cursor", "to the clipboard"),
+    Command("x", "follow_frame", "Follow frame", "tables: follow each frame's changes again",
+            "drop the kept page-table selection"),
+    *(Command(str(n), f"pane({n})", f"Pane {n}") for n in range(1, 9)),
+    Command("r", "reload", "Reload", "scenario: reload", "re-read the scenario file, keep the frame", show=True),
+    Command("question_mark", "help", "Help", "help: keys", "", show=True),
+    Command("q", "quit", "Quit", "quit", "", show=True),
+)
+
+# How keys are typed (Textual names some keys by the character's name).
+KEY_AS_TYPED = {"slash": "/", "question_mark": "?", "full_stop": ".", "comma": ",", "escape": "Esc",
+                "right_square_bracket": "]", "left_square_bracket": "[", "tab": "Tab"}
+
+
+def key_as_typed(key: str) -> str:
+    return KEY_AS_TYPED.get(key, key)
+
+
+def binding_id(action: str) -> str:
+    """A keymap id for an action: `next_event('fault', False)` -> `next_event_fault_back`."""
+    action = action.replace("(-1)", "_back").replace(", False)", "_back").replace(", True)", "")
+    return re.sub(r"_+", "_", re.sub(r"\W+", "_", action)).strip("_")
+
+
+def bindings() -> list[Binding]:
+    return [Binding(c.key, c.action, c.label, show=c.show, priority=c.priority, id=binding_id(c.action),
+                    key_display=key_as_typed(c.key))
+            for c in COMMANDS]
 
 
 class DebuggerCommands(Provider):
@@ -46,15 +101,20 @@ class DebuggerCommands(Provider):
         return self.app  # type: ignore[return-value]
 
     async def discover(self) -> Hits:
-        for name, action, help_text in STATIC_COMMANDS:
-            yield DiscoveryHit(name, partial(self.dbg.run_action, action), help=help_text)
+        for c in COMMANDS:
+            if c.palette:
+                yield DiscoveryHit(f"{c.palette}  ({key_as_typed(c.key)})", partial(self.dbg.run_action, c.action),
+                                   help=c.help)
 
     async def search(self, query: str) -> Hits:
         matcher = self.matcher(query)
-        for name, action, help_text in STATIC_COMMANDS:
+        for c in COMMANDS:
+            if not c.palette:
+                continue
+            name = f"{c.palette}  ({key_as_typed(c.key)})"
             score = matcher.match(name)
             if score > 0:
-                yield Hit(score, matcher.highlight(name), partial(self.dbg.run_action, action), help=help_text)
+                yield Hit(score, matcher.highlight(name), partial(self.dbg.run_action, c.action), help=c.help)
         for hit in self._parameterised(query.strip()):
             yield hit
 

@@ -8,6 +8,7 @@ from collections.abc import Callable
 from rich.segment import Segment
 from rich.style import Style
 from rich.text import Text
+from textual import events
 from textual.binding import Binding
 from textual.geometry import Size
 from textual.message import Message
@@ -134,6 +135,18 @@ class LineList(ScrollView, can_focus=True):
     def line_text(self, index: int) -> str:
         """The plain text of line `index` ("" outside the list)."""
         return self._line(index).plain if 0 <= index < self._count else ""
+
+    def on_click(self, event: events.Click) -> None:
+        """A click selects the row under the mouse (Moved); a double click also chooses it (Chosen)."""
+        offset = event.get_content_offset(self)
+        if offset is None or not self._count:
+            return
+        index = self.scroll_offset.y + offset.y
+        if 0 <= index < self._count:
+            self.focus()
+            self.move_to(index, notify=True)
+            if event.chain >= 2:
+                self.post_message(self.Chosen(self, index))
 
     def on_resize(self) -> None:
         """Keep the cursor row in view at any size (the log's current line must stay visible)."""

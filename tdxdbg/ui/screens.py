@@ -32,6 +32,128 @@ class PromptScreen(ModalScreen[str | None]):
         self.dismiss(None)
 
 
+class SearchScreen(ModalScreen["tuple[str, bool, bool] | None"]):
+    """The log search prompt (toolong's model): up/down recall earlier searches, ctrl+r toggles a regular
+    expression, ctrl+t case sensitivity. Dismisses with (text, regex, case sensitive)."""
+
+    BINDINGS = [Binding("escape", "cancel", "Cancel", id="search.cancel"),
+                Binding("up", "history(-1)", "Older", id="search.older"),
+                Binding("down", "history(1)", "Newer", id="search.newer"),
+                Binding("ctrl+r", "toggle('regex')", "Regex", id="search.regex"),
+                Binding("ctrl+t", "toggle('case')", "Case", id="search.case")]
+
+    def __init__(self, history: list[str], regex: bool, case: bool) -> None:
+        super().__init__()
+        self.history = history
+        self.at = len(history)
+        self.regex = regex
+        self.case = case
+
+    def compose(self) -> ComposeResult:
+        with Vertical(id="prompt"):
+            yield Static(Text("Search the log", style="bold"))
+            yield Input(placeholder="text, e.g. PAGE.AUG or FROZEN_SPTE", id="prompt-input")
+            yield Static(self._options(), id="search-options")
+
+    def _options(self) -> Text:
+        return Text(f"regex {'on' if self.regex else 'off'} (ctrl+r) · "
+                    f"{'case sensitive' if self.case else 'any case'} (ctrl+t) · up/down: history · "
+                    "] / [ next / previous match", style="grey62")
+
+    def action_toggle(self, what: str) -> None:
+        setattr(self, what, not getattr(self, what))
+        self.query_one("#search-options", Static).update(self._options())
+
+    def action_history(self, delta: int) -> None:
+        if not self.history:
+            return
+        self.at = max(0, min(len(self.history), self.at + delta))
+        field = self.query_one(Input)
+        field.value = self.history[self.at] if self.at < len(self.history) else ""
+        field.cursor_position = len(field.value)
+
+    def on_input_submitted(self, event: Input.Submitted) -> None:
+        self.dismiss((event.value, self.regex, self.case))
+
+    def action_cancel(self) -> None:
+        self.dismiss(None)
+
+
+class BreakpointsScreen(ModalScreen[None]):
+    """The breakpoint manager: every breakpoint with its hits; space enables/disables, delete removes, a adds
+    one typed as `gfn 0x1 writes`, `seamcall TDH.MEM.PAGE.AUG error`, `function kvm_tdp_mmu_map`,
+    `ret_pf RET_PF_RETRY` or `violation [name]`."""
+
+    BINDINGS = [Binding("escape,k,q", "close", "Close", id="bps.close"),
+                Binding("space", "toggle", "Enable/disable", id="bps.toggle"),
+                Binding("delete,backspace,x", "delete", "Delete", id="bps.delete"),
+                Binding("a", "add", "Add", id="bps.add")]
+
+    def __init__(self, breakpoints: Any, add: Any) -> None:
+        super().__init__()
+        self.breakpoints = breakpoints
+        self.add = add
+
+    def compose(self) -> ComposeResult:
+        with Vertical(id="bps"):
+            yield Static(Text("Breakpoints  (space: enable/disable · delete: remove · a: add · Esc: close)",
+                              style="bold"))
+            yield OptionList(id="bps-list")
+            yield Static(id="bps-message")
+
+    def on_mount(self) -> None:
+        self.refresh_list()
+
+    def refresh_list(self, keep: int | None = None) -> None:
+        lst = self.query_one(OptionList)
+        at = lst.highlighted if keep is None else keep
+        lst.clear_options()
+        bps = list(self.breakpoints)
+        for bp in bps:
+            lst.add_option(Text(f"[{'x' if bp.enabled else ' '}] {bp.id:3d}  {bp.description}"
+                                + (f"  (task {bp.task})" if bp.task else "") + f"  hits {bp.hits}"))
+        if not bps:
+            lst.add_option(Text("(no breakpoints: a adds one, or b / B / w in the debugger)", style="grey50"))
+        if bps:
+            lst.highlighted = min(at or 0, len(bps) - 1)
+
+    def _selected(self) -> Any:
+        bps = list(self.breakpoints)
+        i = self.query_one(OptionList).highlighted
+        return bps[i] if i is not None and 0 <= i < len(bps) else None
+
+    def say(self, text: str) -> None:
+        self.query_one("#bps-message", Static).update(Text(text, style="yellow"))
+
+    def action_toggle(self) -> None:
+        bp = self._selected()
+        if bp is not None:
+            self.breakpoints.enable(bp.id, not bp.enabled)
+            self.say(f"breakpoint {bp.id} {'disabled' if bp.enabled else 'enabled'}")
+            self.refresh_list()
+
+    def action_delete(self) -> None:
+        bp = self._selected()
+        if bp is not None:
+            self.breakpoints.delete(bp.id)
+            self.say(f"breakpoint {bp.id} deleted")
+            self.refresh_list()
+
+    def action_add(self) -> None:
+        def done(value: str | None) -> None:
+            if value is None:
+                return
+            message = self.add(value)
+            self.say(message)
+            self.refresh_list(keep=len(list(self.breakpoints)) - 1)
+
+        self.app.push_screen(PromptScreen("Add a breakpoint", "gfn 0x1 [writes|state] · seamcall LEAF [error|STATUS]"
+                                          " · function NAME · ret_pf NAME · violation [NAME]"), done)
+
+    def action_close(self) -> None:
+        self.dismiss(None)
+
+
 class TaskChoiceScreen(ModalScreen[str | None]):
     """Pick the task that runs the next step here; if the cursor is in the past this forks the timeline."""
 
@@ -56,20 +178,26 @@ class TaskChoiceScreen(ModalScreen[str | None]):
 class HelpScreen(ModalScreen[None]):
     BINDINGS = [Binding("escape,question_mark,q", "close", "Close", id="help.close")]
 
-    def __init__(self, bindings: list[Binding]) -> None:
+    def __init__(self, commands: Any) -> None:
         super().__init__()
-        self.bindings = bindings
+        self.commands = commands
 
     def compose(self) -> ComposeResult:
+        from tdxdbg.ui.commands import key_as_typed
+
         t = Text()
         t.append("tdxdbg keys\n\n", style="bold")
-        for b in self.bindings:
-            t.append(f"  {b.key:<14}", style="bold cyan")
-            t.append(f"{b.description:<18}", style="")
-            t.append(f"{b.id}\n", style="grey50")
-        t.append("\n  In the page tables and the log: up/down/pgup/pgdn, Enter on a log line goes to its frame.\n")
-        t.append("  Click the timeline strip to seek. Ctrl+P opens the command palette.\n")
-        t.append("  Key ids can be remapped with a keymap (Textual App.set_keymap).\n", style="grey50")
+        for c in self.commands:
+            if not c.palette:
+                continue
+            t.append(f"  {key_as_typed(c.key):<8}", style="bold cyan")
+            t.append(f"{c.palette:<44}")
+            t.append(f"{c.help}\n", style="grey50")
+        t.append("  1 … 8   focus a pane (on a small terminal: show it)\n", style="")
+        t.append("\n  In a pane: up/down/pgup/pgdn/home/end, left/right scroll; Enter on a log line goes to its\n")
+        t.append("  frame, on a local expands it. Click a row to select it, the timeline strip to seek.\n")
+        t.append("  Ctrl+P opens the command palette (every command above, and `frame: go to 42`,\n")
+        t.append("  `break: on TDH.MEM.PAGE.AUG error`, `watch: gfn 0x1 writes`, `task: run vcpu1`).\n")
         with VerticalScroll(id="help"):
             yield Static(t)
 
