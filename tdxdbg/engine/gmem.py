@@ -14,6 +14,9 @@ from tdxdbg.engine.steps import EngineStep
 from tdxdbg.runtime.step import Step
 
 K_MEMSLOTS = ("kvm.memslots",)
+# kvm_memslots->generation: +1 per kvm_swap_active_memslots (kvm_arch_nr_memslot_as_ids is 1 for a VM with
+# private memory), so +1 per memslot created and +2 per memslot deleted (invalidate, then delete).
+K_MEMSLOTS_GEN = ("kvm.memslots_generation",)
 K_ATTRS = ("kvm.private_ranges",)
 K_INVALIDATE = ("kvm.mmu_invalidate",)
 HUGE_2M = kvm_pages_per_hpage(PgLevel.PG_LEVEL_2M)
@@ -92,6 +95,11 @@ class GmemOps(KvmBase):
     def add_memslot(self, slot: Memslot) -> None:
         """KVM_SET_USER_MEMORY_REGION2 (create), at set-up."""
         self.world.set(K_MEMSLOTS, tuple(sorted((*self.memslots(), slot), key=lambda s: s.base_gfn)))
+        self.world.set(K_MEMSLOTS_GEN, self.kvm_memslots_generation() + 1)
+
+    def kvm_memslots_generation(self) -> int:
+        """kvm_vcpu_memslots(vcpu)->generation, as make_mmio_spte reads it."""
+        return self.world.get(K_MEMSLOTS_GEN, 0)
 
     def kvm_vcpu_gfn_to_memslot(self, gfn: int) -> Memslot | None:
         for slot in self.world.get(K_MEMSLOTS, ()):

@@ -10,6 +10,7 @@ from tdxdbg.engine.gmem import (
     HUGE_2M,
     K_INVALIDATE,
     K_MEMSLOTS,
+    K_MEMSLOTS_GEN,
     Memslot,
     gmem_chunks_key,
     gmem_pfn_key,
@@ -19,11 +20,11 @@ from tdxdbg.engine.gmem import (
     hva_split_key,
 )
 from tdxdbg.engine.kvm import K_DESTROYING, K_MN_ACTIVE_INVALIDATE_COUNT, K_PRE_FAULT_ALLOWED, K_VM_BUGGED, Gen
-from tdxdbg.engine.mmu import EIO, PFERR_GUEST_FINAL_MASK, PFERR_PRIVATE_ACCESS, PFERR_WRITE_MASK
+from tdxdbg.engine.mmu import EIO, PFERR_GUEST_FINAL_MASK, PFERR_PRIVATE_ACCESS
 from tdxdbg.engine.mmu_page import AttrFilter, RootTypes
-from tdxdbg.engine.spte import PG_LEVEL_4K, PgLevel, gfn_round_for_level, kvm_pages_per_hpage
+from tdxdbg.engine.spte import PAGE_SHIFT, PG_LEVEL_4K, PgLevel, gfn_round_for_level, kvm_pages_per_hpage
 from tdxdbg.engine.steps import EngineStep
-from tdxdbg.engine.tdx import EINVAL, TdxOps
+from tdxdbg.engine.tdx import EINVAL, EOPNOTSUPP, TdxOps
 from tdxdbg.runtime.step import Step
 
 
@@ -257,6 +258,9 @@ class IoctlOps(TdxOps):
         self.world.set(K_MEMSLOTS, slots)
         yield Step(EngineStep.HOST_OP, {"op": what, "slot": slot_id})
         yield from self.synchronize_srcu_expedited()
+        # The new generation (kvm_arch_memslots_updated); the model leaves out the in-progress bit 63 it carries
+        # until here, which make_mmio_spte masks off anyway.
+        self.world.set(K_MEMSLOTS_GEN, self.kvm_memslots_generation() + 1)
 
     def kvm_arch_flush_shadow_memslot(self, slot: Memslot) -> Gen:
         """kvm_arch_flush_shadow_memslot -> kvm_mmu_zap_memslot for a TD (no KVM_X86_QUIRK_SLOT_ZAP_ALL)."""
@@ -290,28 +294,48 @@ class IoctlOps(TdxOps):
         return 0
 
     # -- pre-faulting and build time -----------------------------------------------------------------------
-    def kvm_arch_vcpu_pre_fault_memory(self, vcpu: Any, gpa: int, size: int) -> Gen:
-        """KVM_PRE_FAULT_MEMORY: map each page through the fault path as a private or shared write."""
+    def kvm_vcpu_pre_fault_memory(self, vcpu: Any, gpa: int, size: int) -> Gen:
+        """KVM_PRE_FAULT_MEMORY (kvm_vcpu_pre_fault_memory, kvm_main.c): under kvm->srcu, map the range one
+        mapping at a time. Returns 0 once at least one page was mapped, else the first error."""
         yield Step(EngineStep.HOST_OP, {"op": "KVM_PRE_FAULT_MEMORY", "gpa": gpa, "size": size})
         if not self.world.get(K_PRE_FAULT_ALLOWED):
             yield Step(EngineStep.WARN, {"message": "KVM_PRE_FAULT_MEMORY before finalize: -EOPNOTSUPP"})
-            return EINVAL
-        # kvm_vcpu_pre_fault_memory (kvm_main.c) holds kvm->srcu for reading across the whole range.
+            return EOPNOTSUPP
         self.srcu_read_lock()
-        r = yield from self._pre_fault_range(vcpu, gpa, size)
+        full_size = size
+        r = 0
+        while size:
+            r = yield from self.kvm_arch_vcpu_pre_fault_memory(vcpu, gpa, size)
+            if r < 0:
+                break
+            size -= r
+            gpa += r
         self.srcu_read_unlock()
-        return r
+        return r if full_size == size else 0
 
-    def _pre_fault_range(self, vcpu: Any, gpa: int, size: int) -> Gen:
-        yield from self.kvm_mmu_load(vcpu)
-        for page in range(gpa, gpa + size, 4096):
-            err = PFERR_WRITE_MASK | PFERR_GUEST_FINAL_MASK
-            if self.tdx_is_private_gpa(page):
-                err |= PFERR_PRIVATE_ACCESS
-            r = yield from self.kvm_tdp_map_page(vcpu, page, err)
-            if isinstance(r, int) and r < 0:
-                return r
-        return 0
+    def kvm_arch_vcpu_pre_fault_memory(self, vcpu: Any, gpa: int, size: int) -> Gen:
+        """kvm_arch_vcpu_pre_fault_memory (mmu.c): private or shared is decided by the memory attributes, not by
+        the GPA (userspace passes GPAs without the shared bit; an alias is -EINVAL); the error code is
+        PFERR_GUEST_FINAL (+ PRIVATE), never WRITE. Returns how many bytes the mapping made covers."""
+        if (gpa >> PAGE_SHIFT) & self.gfn_direct_bits:
+            # kvm_is_gfn_alias
+            return EINVAL
+        yield from self.kvm_mmu_load(vcpu)     # kvm_mmu_reload
+        error_code = PFERR_GUEST_FINAL_MASK
+        direct_bits = 0
+        if self.kvm_mem_is_private(gpa >> PAGE_SHIFT):
+            error_code |= PFERR_PRIVATE_ACCESS
+        else:
+            direct_bits = self.gfn_direct_bits << PAGE_SHIFT
+        level = [PG_LEVEL_4K]
+        r = yield from self.kvm_tdp_map_page(vcpu, gpa | direct_bits, error_code, level)
+        if r < 0:
+            return r
+        # "If the mapping that covers range->gpa can use a huge page, it may start below it or end after
+        # range->gpa + range->size."
+        hpage = kvm_pages_per_hpage(level[0]) << PAGE_SHIFT
+        end = (gpa & ~(hpage - 1)) + hpage
+        return min(size, end - gpa)
 
     def kvm_tdx_init_mem_region(self, vcpu: Any, gpa: int, size: int, measure: bool = True) -> Gen:
         """KVM_TDX_INIT_MEM_REGION (tdx_vcpu_init_mem_region): populate private pages from a source buffer,

@@ -38,6 +38,7 @@ PFERR_PRIVATE_ACCESS = 1 << 49
 
 EFAULT = -errno.EFAULT
 EIO = -errno.EIO
+EAGAIN = -errno.EAGAIN
 # KVM_PFN_ERR_FAULT / KVM_PFN_NOSLOT stand-ins: never valid host pfns.
 KVM_PFN_ERR_FAULT = -1
 KVM_PFN_NOSLOT = -2
@@ -74,8 +75,9 @@ class KvmPageFault:
 
     def __repr__(self) -> str:
         slot = self.slot.id if self.slot is not None else None
-        return (f"kvm_page_fault(addr={self.addr:#x}, gfn={self.gfn:#x}, private={self.is_private}, "
-                f"write={self.write}, goal_level={self.goal_level}, slot={slot}, pfn={self.pfn:#x})")
+        return (f"kvm_page_fault(addr={self.addr:#x}, error_code={self.error_code:#x}, gfn={self.gfn:#x}, "
+                f"private={self.is_private}, write={self.write}, prefetch={self.prefetch}, "
+                f"goal_level={self.goal_level}, slot={slot}, pfn={self.pfn:#x})")
 
 
 class MmuOps(TdpMmuOps):
@@ -107,8 +109,10 @@ class MmuOps(TdpMmuOps):
         # now hitting the MMIO SPTE (SUPPRESS_VE clear) as a #VE, and asks for MMIO through TDVMCALL.
         return r
 
-    def kvm_mmu_do_page_fault(self, vcpu: Any, gpa: int, err: int, prefetch: bool) -> Gen:
-        """Build struct kvm_page_fault; gfn has the direct (shared) bits stripped: memslots don't know them."""
+    def kvm_mmu_do_page_fault(self, vcpu: Any, gpa: int, err: int, prefetch: bool,
+                              level: list[int] | None = None) -> Gen:
+        """Build struct kvm_page_fault; gfn has the direct (shared) bits stripped: memslots don't know them.
+        `level` (the kernel's `u8 *level`) receives fault.goal_level."""
         fault = KvmPageFault(
             addr=gpa, error_code=err, prefetch=prefetch,
             exec=bool(err & PFERR_FETCH_MASK), write=bool(err & PFERR_WRITE_MASK),
@@ -119,6 +123,8 @@ class MmuOps(TdpMmuOps):
         fault.gfn = (gpa >> 12) & ~self.gfn_direct_bits
         fault.slot = self.kvm_vcpu_gfn_to_memslot(fault.gfn)
         r = yield from self.kvm_tdp_page_fault(vcpu, fault)
+        if level is not None:
+            level[:] = [fault.goal_level]
         ret = yield from self.record_ret_pf(vcpu, fault, r)
         return ret
 
@@ -210,7 +216,7 @@ class MmuOps(TdpMmuOps):
         # A memslot being deleted or moved: retry until its SPTEs are zapped (checked after the no-slot case).
         if slot.invalid:
             yield Step(EngineStep.FAULTIN, FaultinInfo(gfn=fault.gfn, result="memslot being deleted"))
-            return RetPf.RET_PF_RETRY
+            return self.kvm_faultin_invalid_slot(fault)
         if self.mmu_invalidate_retry_gfn_unsafe(fault.mmu_seq, fault.gfn):
             yield Step(EngineStep.FAULTIN, FaultinInfo(gfn=fault.gfn, result="invalidation in progress"))
             return RetPf.RET_PF_RETRY
@@ -229,6 +235,12 @@ class MmuOps(TdpMmuOps):
         if self.mmu_invalidate_retry_gfn_unsafe(fault.mmu_seq, fault.gfn):
             return RetPf.RET_PF_RETRY
         return RetPf.RET_PF_CONTINUE
+
+    def kvm_faultin_invalid_slot(self, fault: KvmPageFault) -> Any:
+        """kvm_mmu_faultin_pfn on a KVM_MEMSLOT_INVALID slot: retry, but "Punt the error to userspace if this
+        is a prefault, as KVM's prefaulting ABI doesn't need provide the same forward progress guarantees as
+        KVM_RUN" (-EAGAIN, v6.18)."""
+        return EAGAIN if fault.prefetch else RetPf.RET_PF_RETRY
 
     def faultin_attributes_mismatch(self, fault: KvmPageFault) -> bool:
         """The access's privateness disagrees with the gfn's memory attributes: userspace must convert."""

@@ -85,6 +85,41 @@ ACC_ALL = ACC_EXEC_MASK | ACC_WRITE_MASK | ACC_USER_MASK
 # The TDP MMU's "MMIO" SPTE for a TD: `tdx_vm_init` sets the per-VM MMIO value to 0, so a gfn with no memslot
 # maps to an entry with RWX = 0 and SUPPRESS_VE clear, which the TD takes as #VE.
 TDX_MMIO_SPTE_VALUE = 0
+# MMIO SPTEs carry the memslot generation they were made in (spte.h): generation bits 0-7 in SPTE bits 3-10,
+# bits 8-18 in SPTE bits 52-62 (bit 11 is SPTE_MMU_PRESENT_MASK, bit 63 SUPPRESS_VE).
+MMIO_SPTE_GEN_LOW_START = 3
+MMIO_SPTE_GEN_LOW_END = 10
+MMIO_SPTE_GEN_HIGH_START = 52
+MMIO_SPTE_GEN_HIGH_END = 62
+MMIO_SPTE_GEN_LOW_MASK = ((1 << (MMIO_SPTE_GEN_LOW_END + 1)) - 1) & ~((1 << MMIO_SPTE_GEN_LOW_START) - 1)
+MMIO_SPTE_GEN_HIGH_MASK = ((1 << (MMIO_SPTE_GEN_HIGH_END + 1)) - 1) & ~((1 << MMIO_SPTE_GEN_HIGH_START) - 1)
+MMIO_SPTE_GEN_LOW_BITS = MMIO_SPTE_GEN_LOW_END - MMIO_SPTE_GEN_LOW_START + 1
+MMIO_SPTE_GEN_HIGH_BITS = MMIO_SPTE_GEN_HIGH_END - MMIO_SPTE_GEN_HIGH_START + 1
+MMIO_SPTE_GEN_LOW_SHIFT = MMIO_SPTE_GEN_LOW_START
+MMIO_SPTE_GEN_HIGH_SHIFT = MMIO_SPTE_GEN_HIGH_START - MMIO_SPTE_GEN_LOW_BITS
+MMIO_SPTE_GEN_MASK = (1 << (MMIO_SPTE_GEN_LOW_BITS + MMIO_SPTE_GEN_HIGH_BITS)) - 1
+# shadow_mmio_access_mask is 0 with EPT (kvm_mmu_set_ept_masks); shadow_nonpresent_or_rsvd_mask is 0 on CPUs
+# without L1TF, which every TDX-capable CPU is.
+shadow_mmio_access_mask = 0
+
+
+def generation_mmio_spte_mask(gen: int) -> int:
+    """generation_mmio_spte_mask (spte.h): the memslot generation spread over the two MMIO generation fields."""
+    gen &= MMIO_SPTE_GEN_MASK
+    return ((gen << MMIO_SPTE_GEN_LOW_SHIFT) & MMIO_SPTE_GEN_LOW_MASK) | (
+        (gen << MMIO_SPTE_GEN_HIGH_SHIFT) & MMIO_SPTE_GEN_HIGH_MASK)
+
+
+def make_mmio_spte(gfn: int, generation: int, mmio_value: int = TDX_MMIO_SPTE_VALUE, access: int = ACC_ALL) -> int:
+    """make_mmio_spte (spte.c): generation bits | the VM's shadow_mmio_value | access & shadow_mmio_access_mask |
+    the gpa. For a TD mmio_value is 0, so RWX and SUPPRESS_VE are clear: the CPU raises #VE on access."""
+    return generation_mmio_spte_mask(generation) | mmio_value | (access & shadow_mmio_access_mask) | (gfn << PAGE_SHIFT)
+
+
+def get_mmio_spte_generation(spte: int) -> int:
+    """get_mmio_spte_generation (spte.h)."""
+    return ((spte & MMIO_SPTE_GEN_LOW_MASK) >> MMIO_SPTE_GEN_LOW_SHIFT) | (
+        (spte & MMIO_SPTE_GEN_HIGH_MASK) >> MMIO_SPTE_GEN_HIGH_SHIFT)
 
 
 def is_shadow_present_pte(spte: int) -> bool:

@@ -30,7 +30,6 @@ from tdxdbg.engine.spte import (
     PT_WRITABLE_MASK,
     SHADOW_NONPRESENT_VALUE,
     SPTE_ENT_PER_PAGE,
-    TDX_MMIO_SPTE_VALUE,
     TDX_SHARED_MEMTYPE,
     is_frozen_spte,
     is_large_pte,
@@ -39,6 +38,7 @@ from tdxdbg.engine.spte import (
     is_shadow_present_pte,
     kvm_pages_per_hpage,
     leaf_spte_change_needs_tlb_flush,
+    make_mmio_spte,
     make_nonleaf_spte,
     make_spte,
     shadow_accessed_mask,
@@ -350,7 +350,7 @@ class TdpMmuOps(GmemOps):
             return RetPf.RET_PF_SPURIOUS
         wrprot = False
         if fault.slot is None:
-            new = TDX_MMIO_SPTE_VALUE
+            new = make_mmio_spte(it.gfn, self.kvm_memslots_generation())
         else:
             wrprot = fault.wrprot
             new = make_spte(it.level, fault.pfn, ACC_ALL, fault.prefetch, fault.map_writable,

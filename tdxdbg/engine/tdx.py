@@ -27,6 +27,7 @@ from tdxdbg.engine.mmu import (
     PFERR_GUEST_PAGE_MASK,
     PFERR_PRESENT_MASK,
     PFERR_PRIVATE_ACCESS,
+    PFERR_USER_MASK,
     PFERR_WRITE_MASK,
     MmuOps,
 )
@@ -42,13 +43,17 @@ from tdxdbg.runtime.step import Step
 
 EBUSY = -errno.EBUSY
 EINVAL = -errno.EINVAL
+EOPNOTSUPP = -errno.EOPNOTSUPP
+ENOENT = -errno.ENOENT
 # EPT_VIOLATION_* exit-qualification bits KVM tests (vmx.h).
 EPT_VIOLATION_ACC_READ = int(ExitQual.READ)
 EPT_VIOLATION_ACC_WRITE = int(ExitQual.WRITE)
 EPT_VIOLATION_ACC_INSTR = int(ExitQual.FETCH)
 EPT_VIOLATION_PROT_MASK = int(ExitQual.GPA_READABLE | ExitQual.GPA_WRITABLE | ExitQual.GPA_EXECUTABLE)
 EPT_VIOLATION_EXEC_FOR_RING3_LIN = int(ExitQual.GPA_EXEC_USER)
+EPT_VIOLATION_GVA_IS_VALID = int(ExitQual.GLA_VALID)
 EPT_VIOLATION_GVA_TRANSLATED = int(ExitQual.GLA_TRANSLATED)
+EPT_VIOLATION_GVA_USER = int(ExitQual.USER)
 TDX_EXT_EXIT_QUAL_TYPE_MASK = 0xF
 # TDX_EXTENDMR_CHUNKSIZE: TDH.MR.EXTEND measures 256 bytes at a time.
 TDX_EXTENDMR_CHUNKSIZE = 256
@@ -340,17 +345,22 @@ class TdxOps(MmuOps):
         return ret
 
     def vmx_handle_ept_violation(self, vcpu: Any, gpa: int, exit_qual: int) -> Gen:
-        """__vmx_handle_ept_violation (vmx/common.h): exit qualification to page-fault error code."""
-        error_code = 0
-        if exit_qual & EPT_VIOLATION_ACC_READ:
-            error_code |= 0  # reads carry no PFERR bit
-        if exit_qual & EPT_VIOLATION_ACC_WRITE:
-            error_code |= PFERR_WRITE_MASK
+        """__vmx_handle_ept_violation (vmx/common.h, kvm-x86): exit qualification to page-fault error code. No
+        bit for a read; PRESENT when the GPA had any of R/W/X (user-exec only counts with MBEC, which a TD
+        lacks); GUEST_FINAL (+ USER for a user-mode linear address) or GUEST_PAGE only when the GVA is valid.
+        TDX passes EPT_VIOLATION_ACC_WRITE alone for private GPAs, so those carry WRITE and PRIVATE only."""
+        error_code = PFERR_WRITE_MASK if exit_qual & EPT_VIOLATION_ACC_WRITE else 0
         if exit_qual & EPT_VIOLATION_ACC_INSTR:
             error_code |= PFERR_FETCH_MASK
         if exit_qual & EPT_VIOLATION_PROT_MASK:
             error_code |= PFERR_PRESENT_MASK
-        error_code |= PFERR_GUEST_FINAL_MASK if exit_qual & EPT_VIOLATION_GVA_TRANSLATED else PFERR_GUEST_PAGE_MASK
+        if exit_qual & EPT_VIOLATION_GVA_IS_VALID:
+            if exit_qual & EPT_VIOLATION_GVA_TRANSLATED:
+                error_code |= PFERR_GUEST_FINAL_MASK
+                if exit_qual & EPT_VIOLATION_GVA_USER:
+                    error_code |= PFERR_USER_MASK
+            else:
+                error_code |= PFERR_GUEST_PAGE_MASK
         if self.tdx_is_private_gpa(gpa):
             error_code |= PFERR_PRIVATE_ACCESS
         ret = yield from self.kvm_mmu_page_fault(vcpu, gpa, error_code)
@@ -379,12 +389,25 @@ class TdxOps(MmuOps):
                 return EIO
         return 0
 
-    def kvm_tdp_map_page(self, vcpu: Any, gpa: int, error_code: int) -> Gen:
-        """Map one page through the normal fault path, retrying RET_PF_RETRY (KVM_PRE_FAULT_MEMORY, populate)."""
+    def kvm_tdp_map_page(self, vcpu: Any, gpa: int, error_code: int, level: list[int] | None = None) -> Gen:
+        """kvm_tdp_map_page / kvm_tdp_prefault_page (mmu.c): a prefetch fault (Accessed clear in the leaf),
+        retried while RET_PF_RETRY unless the VM is dead (KVM_REQ_VM_DEAD: -EIO). Returns 0 when mapped (FIXED,
+        SPURIOUS, WRITE_PROTECTED), -ENOENT for an MMIO gfn (RET_PF_EMULATE), else a negative errno (-EIO for a
+        RET_PF value that cannot be: "could not fix page fault during prefault")."""
         while True:
-            r = yield from self.kvm_mmu_do_page_fault(vcpu, gpa, error_code, prefetch=False)
-            if r is not RetPf.RET_PF_RETRY or self.vm_dead:
-                return r
+            if self.vm_dead:
+                return EIO
+            r = yield from self.kvm_mmu_do_page_fault(vcpu, gpa, error_code, prefetch=True, level=level)
+            if r is not RetPf.RET_PF_RETRY:
+                break
+        if isinstance(r, int):
+            return r
+        if r in (RetPf.RET_PF_FIXED, RetPf.RET_PF_SPURIOUS, RetPf.RET_PF_WRITE_PROTECTED):
+            return 0
+        if r is RetPf.RET_PF_EMULATE:
+            return ENOENT
+        yield from self.warn_on_once(True, "could not fix page fault during prefault")
+        return EIO
 
     def tdx_td_finalize(self) -> Gen:
         """KVM_TDX_FINALIZE_VM: TDH.MR.FINALIZE; BUSY is -EBUSY, any other error bugs the VM (TDX_BUG_ON)."""

@@ -58,6 +58,11 @@ from tdxdbg.runtime.step import Step
 RUN_OP_STATES = frozenset({OpState.RUNNABLE, OpState.LIVE_EXPORT, OpState.LIVE_IMPORT})
 # GLA valid + access to the final translation: what a data access that faults on its GPA reports.
 DATA_ACCESS_QUAL = ExitQual.GLA_VALID | ExitQual.GLA_TRANSLATED
+# tdx_ept_violation_exit_to_vmm (TDX module): "When exit is due to EPT violation, bits 12-7 of the exit
+# qualification are cleared to 0" and the GPA "is similar to the VMCS guest-physical address, except that bits
+# 11:0 are cleared to 0". So KVM never sees GLA_VALID or GLA_TRANSLATED for a TD.
+EXIT_QUAL_CLEARED_FOR_VMM = int(ExitQual.GLA_VALID | ExitQual.GLA_TRANSLATED | ExitQual.USER | ExitQual.WRITABLE_LA
+                                | ExitQual.NX_LA | ExitQual.NMI_UNBLOCKING)
 # Entry-permission bit each access needs.
 NEEDED = {Access.READ: EptBit.READ, Access.WRITE: EptBit.WRITE, Access.FETCH: EptBit.EXEC}
 
@@ -77,12 +82,23 @@ class TdExit:
     r12: int = 0
     r13: int = 0
     entered: bool = True
+    # Not a register: the full GPA of the faulting access, which the module keeps for its zero-step log
+    # (td_exit_epf_stepping_log runs before bits 11:0 are cleared for R8).
+    fault_gpa: int = 0
 
     @classmethod
     def of(cls, reason: ExitReason, exit_qual: int = 0, ext_qual: int = 0, gpa: int = 0, r10: int = 0,
            r11: int = 0, r12: int = 0, r13: int = 0, entered: bool = True) -> TdExit:
         """A TD exit (RAX holds the exit reason)."""
         return cls(reason, reason, exit_qual, ext_qual, gpa, r10, r11, r12, r13, entered)
+
+    @classmethod
+    def ept_exit_to_vmm(cls, reason: ExitReason, gpa: int, exit_qual: int = 0, ext_qual: int = 0,
+                        entered: bool = True) -> TdExit:
+        """tdx_ept_violation_exit_to_vmm / tdx_ept_misconfig_exit_to_vmm: an EPT exit as the host sees it, with
+        exit-qualification bits 12:7 and GPA bits 11:0 cleared."""
+        return cls(reason, reason, exit_qual & ~EXIT_QUAL_CLEARED_FOR_VMM, ext_qual, gpa & ~(PAGE_SIZE - 1),
+                   entered=entered, fault_gpa=gpa)
 
     @property
     def error(self) -> bool:
@@ -226,7 +242,7 @@ class TdVcpu:
             if faulting is not None:
                 epoch.leave(w, tdr, td_epoch)
                 return (yield from self._not_entered(
-                    TdExit.of(ExitReason.EPT_VIOLATION, gpa=faulting, entered=False), False))
+                    TdExit.ept_exit_to_vmm(ExitReason.EPT_VIOLATION, faulting, entered=False), False))
             # The filter leaves the log as it is; only forward progress at a TD exit resets it.
         w.set(key, attrs.evolve(st, associated=True, in_guest=True, vcpu_epoch=td_epoch, entry_rip=rip))
         yield Step(TdxStep.TD_ENTRY, TdEntry(self.index, td_epoch, flush, rip))
@@ -238,7 +254,7 @@ class TdVcpu:
         st = w.get(key)
         epoch.leave(w, tdr, st.vcpu_epoch)
         if exit.reason is ExitReason.EPT_VIOLATION and not exit.gpa & cfg.shared_bit:
-            st = log_epf(m, self.tdvpr, exit.gpa, w.get(self.rip_key))
+            st = log_epf(m, self.tdvpr, exit.fault_gpa, w.get(self.rip_key))
         elif (st.epf_count or st.epf_gpas) and w.get(self.rip_key) != st.entry_rip:
             # `vmexit_stepping_filter`: forward progress at any TD exit resets the zero-step log.
             st = attrs.evolve(st, epf_count=0, epf_gpas=())
@@ -344,7 +360,8 @@ class TdVcpu:
             elif insn.leaf is Tdcall.TDG_MEM_PAGE_ACCEPT:
                 result = yield from tdg_mem_page_accept(self.module, self.tdvpr, insn.rcx)
                 if isinstance(result, EptViolation):
-                    return TdExit.of(ExitReason.EPT_VIOLATION, result.exit_qual, result.ext_qual, result.gpa)
+                    return TdExit.ept_exit_to_vmm(ExitReason.EPT_VIOLATION, result.gpa, result.exit_qual,
+                                                  result.ext_qual)
                 self._complete(None, result)
             elif insn.leaf is Tdcall.TDG_VP_VMCALL:
                 # Exits to the host with the call's registers; RIP moves when the host completes it.
@@ -374,7 +391,7 @@ class TdVcpu:
         assert t.violation is not None
         v = t.violation
         exit_qual = v.exit_qual if v.ext_qual else int(qual)
-        return TdExit.of(ExitReason.EPT_VIOLATION, exit_qual, v.ext_qual, v.gpa)
+        return TdExit.ept_exit_to_vmm(ExitReason.EPT_VIOLATION, v.gpa, exit_qual, v.ext_qual)
 
     def _data(self, pfn: int, gpa: int, insn: guest.MemAccess) -> int | None:
         offset = gpa & (PAGE_SIZE - 1)
@@ -390,9 +407,8 @@ class TdVcpu:
         `qual` is the access's exit qualification."""
         mem = self.memory
         table = self.world.get(self.eptp_key)
-        page_gpa = gpa & ~(PAGE_SIZE - 1)
         if not table:
-            return TdExit.of(ExitReason.EPT_VIOLATION, int(qual), 0, page_gpa)
+            return TdExit.ept_exit_to_vmm(ExitReason.EPT_VIOLATION, gpa, int(qual))
         level = int(cfg.root_level)
         perms = int(EPT_RWX)
         while True:
@@ -401,14 +417,14 @@ class TdVcpu:
             perms &= e
             if not is_present(e):
                 if e & EptBit.SUPPRESS_VE:
-                    return TdExit.of(ExitReason.EPT_VIOLATION, int(qual), 0, page_gpa)
+                    return TdExit.ept_exit_to_vmm(ExitReason.EPT_VIOLATION, gpa, int(qual))
                 # The #VE information area reports the full faulting GPA (the guest's MMIO emulation uses it).
                 return guest.VirtualizationException(gpa, int(qual))
             leaf = level == 0 or bool(e & EptBit.PAGE_SIZE)
             if is_misconfigured(e, level, leaf):
-                return TdExit.of(ExitReason.EPT_MISCONFIG, 0, 0, gpa)
+                return TdExit.ept_exit_to_vmm(ExitReason.EPT_MISCONFIG, gpa)
             if leaf and not perms & NEEDED[access]:
-                return TdExit.of(ExitReason.EPT_VIOLATION, int(qual) | (perms << EXIT_QUAL_RWX_SHIFT), 0, page_gpa)
+                return TdExit.ept_exit_to_vmm(ExitReason.EPT_VIOLATION, gpa, int(qual) | (perms << EXIT_QUAL_RWX_SHIFT))
             # Plain ints in the World: `int | EptBit` would store an EptBit pseudo-member.
             new = e | int(EptBit.ACCESSED)
             if leaf and access is Access.WRITE:

@@ -87,7 +87,7 @@ def host_op(kvm: Any, op: Op) -> Generator[Step, None, Any]:
     if k == "prefault":
         vcpu = kvm.vcpus[0]
         return (yield from kvm.kvm_vcpu_ioctl(vcpu, "KVM_PRE_FAULT_MEMORY",
-                                              kvm.kvm_arch_vcpu_pre_fault_memory(vcpu, op.gpa, op.size)))
+                                              kvm.kvm_vcpu_pre_fault_memory(vcpu, op.gpa, op.size)))
     if k == "init_mem_region":
         vcpu = kvm.vcpus[0]
         return (yield from kvm.kvm_vcpu_ioctl(vcpu, "KVM_MEMORY_ENCRYPT_OP(KVM_TDX_INIT_MEM_REGION)",

@@ -29,6 +29,9 @@ SVE = 1 << 63
 # Data access to the final translation: GLA valid (bit 7) and GLA translated (bit 8).
 QUAL_READ = 0x181
 QUAL_WRITE = 0x182
+# ... as the host sees them: tdx_ept_violation_exit_to_vmm clears exit-qualification bits 12:7 (and GPA bits 11:0).
+VMM_QUAL_READ = 0x1
+VMM_QUAL_WRITE = 0x2
 RWX_ALLOWED = 0x38  # exit qualification bits 3-5
 
 PRIV = 0x8000_0000  # a private GPA inside the 2M region the helpers build S-EPT tables for
@@ -187,7 +190,8 @@ def test_shared_2m_leaf_translates_offsets_inside_the_2mib_page():
 @pytest.mark.parametrize(("level", "reserved_bit"), [(1, 1 << 12), (1, 1 << 20), (2, 1 << 29)])
 def test_huge_leaf_with_a_reserved_address_bit_is_an_ept_misconfiguration(level, reserved_bit):
     """SDM "EPT Misconfigurations": bits 20:12 of a 2M leaf and 29:12 of a 1G leaf are reserved. An access
-    through such a leaf exits with EPT_MISCONFIG (49) and the full GPA; nothing is read, RIP stays."""
+    through such a leaf exits with EPT_MISCONFIG (49) and the page GPA (tdx_ept_misconfig_exit_to_vmm); nothing
+    is read, RIP stays."""
     gpa = SHARED | 0x4020_0000 | 0x3_4568
     m, _tdr, ept, prog, v = shared_vcpu([insn.read(gpa)])
     base = m.memory.alloc_contiguous(512, "kvm:huge", align=512)
@@ -198,7 +202,7 @@ def test_huge_leaf_with_a_reserved_address_bit_is_an_ept_misconfiguration(level,
         ept.link(gpa, pdpte=RWX)
         m.memory.write_entry(ept.pdpt, pt_index(gpa, 2), (base << 12) | reserved_bit | PS | RWX)
     ex = enter(v)
-    assert (ex.reason, ex.rax, ex.gpa) == (ExitReason.EPT_MISCONFIG, 49, gpa)
+    assert (ex.reason, ex.rax, ex.gpa) == (ExitReason.EPT_MISCONFIG, 49, gpa & ~0xFFF)
     assert prog.results == [] and rip(v) == 0
 
 
@@ -220,7 +224,7 @@ def test_shared_non_present_entry_with_sve_exits_to_the_host():
     ex = enter(v)
     assert ex.reason is ExitReason.EPT_VIOLATION and ex.rax == 48
     assert ex.gpa == SGPA
-    assert ex.exit_qual == QUAL_WRITE
+    assert ex.exit_qual == VMM_QUAL_WRITE
     assert ex.exit_qual & RWX_ALLOWED == 0
     assert ex.ext_qual == 0
     assert prog.results == [] and rip(v) == 0
@@ -239,7 +243,7 @@ def test_shared_read_through_non_present_pde_with_sve_exits():
     ept.link(SGPA, pde=None)
     m.memory.write_entry(ept.pd, pt_index(SGPA, 1), SVE)
     ex = enter(v)
-    assert (ex.reason, ex.gpa, ex.exit_qual, ex.ext_qual) == (ExitReason.EPT_VIOLATION, SGPA, QUAL_READ, 0)
+    assert (ex.reason, ex.gpa, ex.exit_qual, ex.ext_qual) == (ExitReason.EPT_VIOLATION, SGPA, VMM_QUAL_READ, 0)
 
 
 def test_shared_non_present_entry_without_sve_is_a_ve_in_the_guest():
@@ -264,7 +268,7 @@ def test_write_to_read_only_shared_leaf_reports_readable_not_writable():
     ex = enter(v)
     assert ex.reason is ExitReason.EPT_VIOLATION
     assert ex.gpa == SGPA
-    assert ex.exit_qual == QUAL_WRITE | 0x8
+    assert ex.exit_qual == VMM_QUAL_WRITE | 0x8
     assert m.memory.read_word(data, 0) == 0
     assert rip(v) == 0
 
@@ -278,7 +282,7 @@ def test_shared_permissions_are_the_and_of_every_level():
     m.memory.write_entry(ept.pt, pt_index(SGPA, 0), (data << 12) | RWX)
     ex = enter(v)
     assert prog.results == [0]
-    assert (ex.reason, ex.gpa, ex.exit_qual) == (ExitReason.EPT_VIOLATION, SGPA, QUAL_WRITE | 0x8)
+    assert (ex.reason, ex.gpa, ex.exit_qual) == (ExitReason.EPT_VIOLATION, SGPA, VMM_QUAL_WRITE | 0x8)
 
 
 def test_shared_access_without_shared_eptp_exits():
@@ -287,7 +291,7 @@ def test_shared_access_without_shared_eptp_exits():
     prog = Recorder([insn.read(SGPA + 8)])
     v = TdVcpu(m.tdx, m.memory, tdr, 0, prog)
     ex = enter(v)
-    assert (ex.reason, ex.gpa, ex.exit_qual) == (ExitReason.EPT_VIOLATION, SGPA, QUAL_READ)
+    assert (ex.reason, ex.gpa, ex.exit_qual) == (ExitReason.EPT_VIOLATION, SGPA, VMM_QUAL_READ)
 
 
 # -- private accesses ---------------------------------------------------------------------------------------------
@@ -298,7 +302,7 @@ def test_private_access_to_free_gpa_exits_with_no_extended_qualification():
     v = TdVcpu(m.tdx, m.memory, tdr, 0, prog)
     ex = enter(v)
     assert (ex.rax, ex.reason, ex.gpa, ex.ext_qual, ex.exit_qual) == (
-        48, ExitReason.EPT_VIOLATION, PRIV, 0, QUAL_READ)
+        48, ExitReason.EPT_VIOLATION, PRIV, 0, VMM_QUAL_READ)
     # With tables present but the 4K leaf FREE: the same exit.
     add_sept_tables(m, tdr, PRIV)
     ex = enter(v)
@@ -318,7 +322,7 @@ def test_private_access_to_pending_page_with_sept_ve_disable_exits_type_6():
     assert ex.reason is ExitReason.EPT_VIOLATION
     assert ex.ext_qual & 0xF == 6 and ex.ext_qual == 6
     assert ex.exit_qual & RWX_ALLOWED == 0
-    assert ex.exit_qual == QUAL_WRITE
+    assert ex.exit_qual == VMM_QUAL_WRITE
     assert ex.gpa == PRIV
     assert prog.results == []
 
@@ -490,7 +494,8 @@ def test_tdvmcall_retry_status_reaches_the_guest():
 
 # -- zero-step mitigation --------------------------------------------------------------------------------------
 def test_seventh_private_ept_exit_at_one_rip_arms_zero_step():
-    """Private EPT-violation exits 1-6 at one RIP only count; the 7th records the GPA (epf_gpas)."""
+    """Private EPT-violation exits 1-6 at one RIP only count; the 7th records the GPA (epf_gpas): the full GPA of
+    the access (td_exit_epf_stepping_log runs before tdx_ept_violation_exit_to_vmm clears bits 11:0 for R8)."""
     m, tdr = new_td()
     prog = Recorder([insn.read(PRIV + 0x10)])
     v = TdVcpu(m.tdx, m.memory, tdr, 0, prog)
@@ -500,9 +505,9 @@ def test_seventh_private_ept_exit_at_one_rip_arms_zero_step():
         st = vstate(v)
         assert (st.epf_count, st.epf_gpas) == (n, ()), n
     ex = enter(v)
-    assert ex.reason is ExitReason.EPT_VIOLATION
-    assert vstate(v).epf_gpas == (PRIV,)
-    assert m.world.peek(("tdx.vcpu", v.tdvpr)).epf_gpas == (PRIV,)
+    assert (ex.reason, ex.gpa) == (ExitReason.EPT_VIOLATION, PRIV)
+    assert vstate(v).epf_gpas == (PRIV + 0x10,)
+    assert m.world.peek(("tdx.vcpu", v.tdvpr)).epf_gpas == (PRIV + 0x10,)
 
 
 def test_shared_ept_exits_do_not_count_for_zero_step():

@@ -78,9 +78,11 @@ def test_mixed_attributes_prevent_the_huge_leaf(shared_run):
 
 
 def test_shared_access_without_memslot_installs_mmio_spte_and_retries_the_instruction():
-    """kvm_handle_noslot_fault + make_mmio_spte: a TD's MMIO SPTE is the per-VM value 0 (SUPPRESS_VE clear),
-    RET_PF_EMULATE (2); vt_check_emulate_instruction answers X86EMUL_RETRY_INSTR for a TD, so the guest re-executes
-    and takes a #VE (it would then use TDVMCALL<MMIO>; this guest has no handler and panics). Not a KVM bug."""
+    """kvm_handle_noslot_fault + make_mmio_spte: a TD's MMIO SPTE is the memslot generation (1: one memslot
+    created, in bits 3-10) | the per-VM shadow_mmio_value 0 (RWX and SUPPRESS_VE clear) | the gpa (without the
+    shared bit: iter->gfn), RET_PF_EMULATE (2); vt_check_emulate_instruction answers X86EMUL_RETRY_INSTR for a
+    TD, so the guest re-executes and takes a #VE (it would then use TDVMCALL<MMIO>; this guest has no handler and
+    panics). Not a KVM bug."""
     mmio_gfn = 0x80000
 
     def prog():
@@ -91,7 +93,7 @@ def test_shared_access_without_memslot_installs_mmio_spte_and_retries_the_instru
     assert frames(rt, EngineStep.FAULTIN, result="no memslot: MMIO")
     assert ret_pfs(rt) == [("RET_PF_EMULATE", 2)]
     kvm = built.kvm
-    assert leaf_value(kvm, kvm.vcpus[0].direct_root, mmio_gfn, SHARED_GFN) == (1, 0)
+    assert leaf_value(kvm, kvm.vcpus[0].direct_root, mmio_gfn, SHARED_GFN) == (1, 0x8000_0008)
     assert not kvm.vm_dead
     assert rt.task("vcpu0").error == f"GuestPanic: Unexpected #VE on shared gpa {SHARED | mmio_gfn << 12:#x}"
 
@@ -137,4 +139,4 @@ def test_unaligned_2m_leaf_is_an_ept_misconfiguration_and_a_kvm_bug():
                 private_ranges=((0, 0x800),), vcpu_programs=(_offset_in_2m,), variant=NoAlign)
     _built, rt = run(s)
     bugs = frames(rt, EngineStep.KVM_BUG)
-    assert [f.step.get("message") for f in bugs] == [f"EPT misconfiguration at {SHARED | 0x0123_4010:#x}"]
+    assert [f.step.get("message") for f in bugs] == [f"EPT misconfiguration at {SHARED | 0x0123_4000:#x}"]

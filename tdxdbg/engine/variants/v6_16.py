@@ -16,7 +16,12 @@ What differs from upstream, function by function (each only where the kernel did
 - SEAMCALL errors bug the VM with KVM_BUG_ON + pr_tdx_error (no TDX_BUG_ON), and the no-vCPUs retry is open coded
   with tdx_no_vcpus_enter_start/stop in each caller (no tdh_do_no_vcpus);
 - the EPT-violation local retry loop has no bail on an invalid (being deleted) memslot;
-- every ioctl of a dead VM (kvm_vm_dead, not only a bugged one) fails with -EIO.
+- every ioctl of a dead VM (kvm_vm_dead, not only a bugged one) fails with -EIO;
+- __vmx_handle_ept_violation sets PFERR_USER for a read and tests GVA validity on the error code instead of the
+  exit qualification, so it never sets GUEST_FINAL / GUEST_PAGE (fixed by "KVM: VMX: Fix check for valid GVA on
+  an EPT violation", v6.18);
+- a prefetch fault (KVM_PRE_FAULT_MEMORY) on a memslot being deleted retries instead of returning -EAGAIN
+  ("Return -EAGAIN during prefault if userspace concurrently deletes/moves the relevant memslot", v6.18).
 
 Not modelled: the page reference (get_page / tdx_unpin) v6.16 took on each private page it mapped; nothing in
 the debugger frees a mapped guest_memfd page, so the reference changes no value shown.
@@ -27,7 +32,17 @@ from __future__ import annotations
 from typing import Any
 
 from tdxdbg.engine.kvm import K_NR_PREMAPPED, K_PRE_FAULT_ALLOWED, K_TD_STATE, K_VM_DEAD, Gen, RetPf, TdState
-from tdxdbg.engine.mmu import EIO, PFERR_GUEST_FINAL_MASK, PFERR_PRIVATE_ACCESS
+from tdxdbg.engine.mmu import (
+    EIO,
+    PFERR_FETCH_MASK,
+    PFERR_GUEST_FINAL_MASK,
+    PFERR_GUEST_PAGE_MASK,
+    PFERR_PRESENT_MASK,
+    PFERR_PRIVATE_ACCESS,
+    PFERR_USER_MASK,
+    PFERR_WRITE_MASK,
+    KvmPageFault,
+)
 from tdxdbg.engine.spte import (
     PG_LEVEL_4K,
     SHADOW_NONPRESENT_VALUE,
@@ -40,7 +55,12 @@ from tdxdbg.engine.tdx import (
     EBUSY,
     EINVAL,
     EPT_VIOLATION_ACC_INSTR,
+    EPT_VIOLATION_ACC_READ,
     EPT_VIOLATION_ACC_WRITE,
+    EPT_VIOLATION_EXEC_FOR_RING3_LIN,
+    EPT_VIOLATION_GVA_IS_VALID,
+    EPT_VIOLATION_GVA_TRANSLATED,
+    EPT_VIOLATION_PROT_MASK,
     TDX_EXTENDMR_CHUNKSIZE,
     pg_level_to_tdx_sept_level,
     tdx_operand_busy,
@@ -225,8 +245,8 @@ class V6_16(Upstream):
         TDH.MR.EXTEND it. A PAGE.ADD or MR.EXTEND error is an ioctl error, not a bugged VM."""
         gpa = gfn << 12
         ret = yield from self.kvm_tdp_map_page(vcpu, gpa, PFERR_GUEST_FINAL_MASK | PFERR_PRIVATE_ACCESS)
-        if ret is not RetPf.RET_PF_FIXED and ret is not RetPf.RET_PF_SPURIOUS:
-            return ret if isinstance(ret, int) else EIO
+        if ret < 0:
+            return ret
         r = yield from self.seamcall(Seamcall.TDH_MEM_PAGE_ADD, gpa, None, pfn << 12, src_pfn << 12)
         if is_error(r.rax):
             return EBUSY if tdx_operand_busy(r.rax) else EIO
@@ -257,6 +277,28 @@ class V6_16(Upstream):
         return 0
 
     # -- EPT violations ------------------------------------------------------------------------------------
+    def vmx_handle_ept_violation(self, vcpu: Any, gpa: int, exit_qual: int) -> Gen:
+        """__vmx_handle_ept_violation of v6.16: READ -> PFERR_USER; PRESENT from any of bits 3-6; GUEST_FINAL /
+        GUEST_PAGE only `if (error_code & EPT_VIOLATION_GVA_IS_VALID)`, a bit (7) the error code never has."""
+        error_code = PFERR_USER_MASK if exit_qual & EPT_VIOLATION_ACC_READ else 0
+        if exit_qual & EPT_VIOLATION_ACC_WRITE:
+            error_code |= PFERR_WRITE_MASK
+        if exit_qual & EPT_VIOLATION_ACC_INSTR:
+            error_code |= PFERR_FETCH_MASK
+        if exit_qual & (EPT_VIOLATION_PROT_MASK | EPT_VIOLATION_EXEC_FOR_RING3_LIN):
+            error_code |= PFERR_PRESENT_MASK
+        if error_code & EPT_VIOLATION_GVA_IS_VALID:
+            error_code |= (PFERR_GUEST_FINAL_MASK if exit_qual & EPT_VIOLATION_GVA_TRANSLATED
+                           else PFERR_GUEST_PAGE_MASK)
+        if self.tdx_is_private_gpa(gpa):
+            error_code |= PFERR_PRIVATE_ACCESS
+        ret = yield from self.kvm_mmu_page_fault(vcpu, gpa, error_code)
+        return ret
+
+    def kvm_faultin_invalid_slot(self, fault: KvmPageFault) -> Any:
+        """v6.16 kvm_mmu_faultin_pfn: RET_PF_RETRY on an invalid memslot, prefetch or not."""
+        return RetPf.RET_PF_RETRY
+
     def tdx_handle_ept_violation(self, vcpu: Any, exit: Any) -> Gen:
         """The local retry loop of v6.16: it ends on a non-RETRY result, a pending event or a dead VM, but not
         on an invalid memslot (a vCPU faulting on a slot being deleted retries until the deletion is done)."""

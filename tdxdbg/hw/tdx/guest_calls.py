@@ -151,10 +151,12 @@ def translate_private(m: TdxModule, cfg: TdConfig, gpa: int, access: ExitQual) -
     if e.state is SeptState.PENDING:
         if cfg.pending_ve_disable:
             # No "allowed" bits: KVM's check for an access before ACCEPT.
-            return PrivateTranslation(violation=EptViolation(gpa & ~0xFFF, int(access),
+            return PrivateTranslation(violation=EptViolation(gpa, int(access),
                                                              ExtExitQualType.PENDING_EPT_VIOLATION))
         return PrivateTranslation(ve=True)
-    return PrivateTranslation(violation=EptViolation(gpa & ~0xFFF, int(access)))
+    # The module reports the full faulting GPA (the VMCS guest-physical address) in R8, as it logs it for the
+    # zero-step filter.
+    return PrivateTranslation(violation=EptViolation(gpa, int(access)))
 
 
 def log_epf(m: TdxModule, tdvpr: int, gpa: int, rip: int) -> VcpuState:
