@@ -12,9 +12,10 @@ the VM is bugged, not simply marked dead", posted July 2025; the stored kvm_main
 
 Where the engine keeps an older shape: that tree's tdp_mmu.c (the callers of set_external_spte) could not be read
 at that commit. The engine calls the hook from set_external_spte_present (freeze, hook, publish) and, for a zapped
-mirror leaf, from remove_external_spte right after handle_changed_spte, as v6.16-v6.19 did; mailing-list versions
-of the series move the freeze into __tdp_mmu_set_spte_atomic and the zap call into handle_changed_spte, which
-changes no SPTE value, SEAMCALL or order shown here.
+mirror leaf, from remove_external_spte right after handle_changed_spte, as v6.16 did (read at 821655be0da7);
+the mailing-list versions of the series that combined the hooks move the freeze into __tdp_mmu_set_spte_atomic
+and the zap call into handle_changed_spte, which changes no SPTE value, SEAMCALL or order shown here, only
+the names of the TDP MMU frames on the stack.
 """
 
 from __future__ import annotations
