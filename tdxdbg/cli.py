@@ -47,9 +47,10 @@ class _UsageError(Exception):
     pass
 
 
-SUBCOMMANDS = ("run", "validate", "scenarios", "tui")
+SUBCOMMANDS = ("run", "validate", "scenarios", "tui", "serve")
 USAGE = ("tdxdbg [SCENARIO] [--variant V] [--schedule S]   (the debugger; the built-in demo without SCENARIO)\n"
-         "       tdxdbg {run,validate,scenarios,tui} ...\n"
+         "       tdxdbg serve [SCENARIO] [--host H] [--port P] (the debugger in a web browser)\n"
+         "       tdxdbg {run,validate,scenarios,tui,serve} ...\n"
          "       tdxdbg --version")
 
 
@@ -83,7 +84,23 @@ def _parser() -> _Parser:
                        help="open a scenario in the debugger (the built-in demo when none is given); "
                             "`tdxdbg tui` may be left out")
     _add_tui_options(t)
+    sv = sub.add_parser("serve", prog="tdxdbg serve",
+                        help="serve the debugger in a web browser (textual-serve; one debugger per browser tab)")
+    _add_tui_options(sv)
+    sv.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
+    sv.add_argument("--port", type=_port, default=8000, help="TCP port (default 8000)")
     return p
+
+
+def _port(text: str) -> int:
+    """--port: 1..65535."""
+    try:
+        n = int(text, 10) if len(text) <= 5 else -1
+    except ValueError:
+        n = -1
+    if not 1 <= n <= 65535:
+        raise argparse.ArgumentTypeError(f"expected a TCP port 1..65535, found {text[:20]!r}")
+    return n
 
 
 def _frames(text: str) -> int:
@@ -213,11 +230,36 @@ def _main(argv: list[str], out: IO[str], err: IO[str]) -> int:
             return _list(out)
         if ns.command == "tui":
             return _run_tui(ns.scenario, ns.variant, ns.schedule, err)
+        if ns.command == "serve":
+            return _serve(ns, out, err)
     except KeyboardInterrupt:
         print("tdxdbg: interrupted", file=err)
         return 130
     _parser().print_help(out)
     return 2
+
+
+def _serve(ns: argparse.Namespace, out: IO[str], err: IO[str]) -> int:
+    """`tdxdbg serve`: check the scenario here (bad input is exit 2 before anything listens), then serve."""
+    from tdxdbg.scenario.loader import load
+    from tdxdbg.scenario.model import ScenarioError
+    from tdxdbg.ui.loading import DEMO
+    from tdxdbg.ui.serve import serve
+
+    spec = ns.scenario or DEMO
+    try:
+        load(spec, variant=ns.variant)
+    except ScenarioError as e:
+        _print_problems(e, err)
+        return 2
+    print(f"tdxdbg: serving {spec} on http://{ns.host}:{ns.port} (Ctrl+C stops)", file=out)
+    out.flush()
+    try:
+        serve(spec, ns.variant, ns.schedule, ns.host, ns.port)
+    except OSError as e:
+        print(f"error: cannot listen on {ns.host}:{ns.port}: {e.strerror or e}", file=err)
+        return 2
+    return 0
 
 
 def _print_problems(e: object, err: IO[str]) -> None:
