@@ -5,15 +5,18 @@ All of it lives in the World, so stepping backwards restores allocations and con
 Keys:
   ("mem.next",)            next never-used pfn
   ("mem.free",)            head of the free list (LIFO: the most recently freed page is reused first)
-  ("mem.free_next", pfn)   free-list link
-  ("mem.owner", pfn)       who allocated the page (a short label), absent when free
-  ("mem.data", pfn)        contents of a data page: a dict {byte offset: 64-bit value}, copied on write;
+  free_next_key(pfn)   free-list link
+  owner_key(pfn)       who allocated the page (a short label), absent when free
+  data_key(pfn)        contents of a data page: a dict {byte offset: 64-bit value}, copied on write;
                            absent means all zeroes
-  ("pte", pfn, index)      an 8-byte entry of a page used as a page table; absent means the table's fill value
-  ("mem.fill", pfn)        the value every entry of a page-table page was initialised to (absent: 0)
+  pte_key(pfn, index)      an 8-byte entry of a page used as a page table; absent means the table's fill value
+  fill_key(pfn)        the value every entry of a page-table page was initialised to (absent: 0)
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
 
 from tdxdbg.hw.ept import ENTRY_BYTES, PAGE_SIZE, PT_ENTRIES
 from tdxdbg.runtime.world import MISSING, World
@@ -24,6 +27,35 @@ WORD_MASK = (1 << 64) - 1
 
 K_NEXT = ("mem.next",)
 K_FREE = ("mem.free",)
+PTE = "pte"             # the tag of pte_key: ("pte", table pfn, index)
+
+
+def free_next_key(pfn: int) -> tuple[str, int]:
+    return ("mem.free_next", pfn)
+
+
+def owner_key(pfn: int) -> tuple[str, int]:
+    return ("mem.owner", pfn)
+
+
+def data_key(pfn: int) -> tuple[str, int]:
+    return ("mem.data", pfn)
+
+
+def pte_key(table: int, index: int) -> tuple[str, int, int]:
+    """An entry of a page-table page (an SPTE): absent means the table's fill value."""
+    return (PTE, table, index)
+
+
+def fill_key(table: int) -> tuple[str, int]:
+    return ("mem.fill", table)
+
+
+def entry_value(get: Callable[..., Any], table: int, index: int) -> int:
+    """The entry at (table, index) read through `get` (World.get / peek, a state mapping's get): the stored
+    value, or the table's fill value when none is stored."""
+    v = get(pte_key(table, index))
+    return get(fill_key(table), 0) if v is None else v
 
 
 class OutOfMemory(Exception):
@@ -47,14 +79,14 @@ class HostMemory:
         w = self.world
         pfn = w.get(K_FREE)
         if pfn is not None:
-            w.set(K_FREE, w.get(("mem.free_next", pfn)))
-            w.delete(("mem.free_next", pfn))
+            w.set(K_FREE, w.get(free_next_key(pfn)))
+            w.delete(free_next_key(pfn))
         else:
             pfn = w.get(K_NEXT)
             if pfn >= self.limit:
                 raise OutOfMemory(f"host memory exhausted at pfn {pfn:#x}")
             w.set(K_NEXT, pfn + 1)
-        w.set(("mem.owner", pfn), owner)
+        w.set(owner_key(pfn), owner)
         return pfn
 
     def alloc_contiguous(self, count: int, owner: str, align: int = 1) -> int:
@@ -66,25 +98,25 @@ class HostMemory:
             raise OutOfMemory(f"no {count} contiguous pages left")
         w.set(K_NEXT, start + count)
         for pfn in range(start, start + count):
-            w.set(("mem.owner", pfn), owner)
+            w.set(owner_key(pfn), owner)
         return start
 
     def free(self, pfn: int) -> None:
         w = self.world
-        if w.get(("mem.owner", pfn)) is None:
+        if w.get(owner_key(pfn)) is None:
             raise ValueError(f"double free of pfn {pfn:#x}")
-        w.delete(("mem.owner", pfn))
+        w.delete(owner_key(pfn))
         self._clear(pfn)
-        w.set(("mem.free_next", pfn), w.get(K_FREE))
+        w.set(free_next_key(pfn), w.get(K_FREE))
         w.set(K_FREE, pfn)
 
     # -- data pages --------------------------------------------------------------------------------------
     def read_word(self, pfn: int, offset: int) -> int:
-        data = self.world.get(("mem.data", pfn))
+        data = self.world.get(data_key(pfn))
         return 0 if data is None else data.get(offset & (PAGE_SIZE - 1) & ~(ENTRY_BYTES - 1), 0)
 
     def write_word(self, pfn: int, offset: int, value: int) -> None:
-        key = ("mem.data", pfn)
+        key = data_key(pfn)
         data = dict(self.world.get(key) or {})
         offset = offset & (PAGE_SIZE - 1) & ~(ENTRY_BYTES - 1)
         value &= WORD_MASK
@@ -95,13 +127,13 @@ class HostMemory:
         self.world.set(key, data or None)
 
     def zero_page(self, pfn: int) -> None:
-        self.world.delete(("mem.data", pfn))
+        self.world.delete(data_key(pfn))
 
     def copy_page(self, src: int, dst: int) -> None:
-        self.world.set(("mem.data", dst), self.world.get(("mem.data", src)))
+        self.world.set(data_key(dst), self.world.get(data_key(src)))
 
     def page_data(self, pfn: int) -> dict[int, int]:
-        return dict(self.world.get(("mem.data", pfn)) or {})
+        return dict(self.world.get(data_key(pfn)) or {})
 
     # -- page-table pages -------------------------------------------------------------------------------
     def alloc_table(self, owner: str, fill: int = 0) -> int:
@@ -109,34 +141,34 @@ class HostMemory:
         SHADOW_NONPRESENT_VALUE, so a TD never sees a #VE-able zero entry)."""
         pfn = self.alloc(owner)
         if fill:
-            self.world.set(("mem.fill", pfn), fill)
+            self.world.set(fill_key(pfn), fill)
         return pfn
 
     def read_entry(self, table_pfn: int, index: int) -> int:
-        value = self.world.get(("pte", table_pfn, index))
+        value = self.world.get(pte_key(table_pfn, index))
         if value is None:
-            return self.world.peek(("mem.fill", table_pfn), 0)
+            return self.world.peek(fill_key(table_pfn), 0)
         return value
 
     def write_entry(self, table_pfn: int, index: int, value: int) -> None:
-        fill = self.world.peek(("mem.fill", table_pfn), 0)
-        self.world.set(("pte", table_pfn, index), value if value != fill else MISSING)
+        fill = self.world.peek(fill_key(table_pfn), 0)
+        self.world.set(pte_key(table_pfn, index), value if value != fill else MISSING)
 
     def table_entries(self, table_pfn: int) -> dict[int, int]:
         """Entries of a table page that differ from its fill value, unrecorded (for views)."""
         peek = self.world.peek
-        fill = peek(("mem.fill", table_pfn), 0)
+        fill = peek(fill_key(table_pfn), 0)
         out = {}
         for i in range(PT_ENTRIES):
-            v = peek(("pte", table_pfn, i))
+            v = peek(pte_key(table_pfn, i))
             if v is not None and v != fill:
                 out[i] = v
         return out
 
     def _clear(self, pfn: int) -> None:
         w = self.world
-        w.delete(("mem.data", pfn))
-        w.delete(("mem.fill", pfn))
+        w.delete(data_key(pfn))
+        w.delete(fill_key(pfn))
         for i in range(PT_ENTRIES):
-            if ("pte", pfn, i) in w:
-                w.delete(("pte", pfn, i))
+            if pte_key(pfn, i) in w:
+                w.delete(pte_key(pfn, i))

@@ -17,7 +17,7 @@ from tdxdbg.hw.tdx.leaves import Tdcall
 from tdxdbg.hw.tdx.locks import GuestLockResult, entry_lock_key, guest_acquire_entry, release_entry
 from tdxdbg.hw.tdx.module import check_private_gpa, walk_sept
 from tdxdbg.hw.tdx.seamcall import TdcallEntry, TdcallReturn, TdxStep
-from tdxdbg.hw.tdx.sept import SeptEntry, SeptState
+from tdxdbg.hw.tdx.sept import SeptEntry, SeptState, sept_key
 from tdxdbg.hw.tdx.status import OperandId, TdxStatus, describe
 from tdxdbg.hw.tdx.td import EPF_GPA_LIST_SIZE, STEPPING_EPF_THRESHOLD, TdConfig, VcpuState, td_key, vcpu_key
 from tdxdbg.runtime.step import Step
@@ -77,7 +77,7 @@ def tdg_mem_page_accept(m: TdxModule, tdvpr: int, rcx: int) -> Generator[Step, N
     cfg: TdConfig = w.get(td_key(st.tdr))
     outcome: TdcallResult | EptViolation | None = None
     lock_key = None
-    sept_key: tuple[str, int, int] = ("sept", 0, 0)
+    entry_key = sept_key(0, 0)
     gpa = level = 0
     parsed = check_private_gpa(cfg, rcx, Level.PD)
     if parsed is None:
@@ -91,7 +91,7 @@ def tdg_mem_page_accept(m: TdxModule, tdvpr: int, rcx: int) -> Generator[Step, N
             else:
                 outcome = _accept_exit(gpa, level, stopped, e)
         else:
-            lock_key, sept_key = entry_lock_key(table, idx), ("sept", table, idx)
+            lock_key, entry_key = entry_lock_key(table, idx), sept_key(table, idx)
             got = guest_acquire_entry(w, lock_key, w.task)
             if got is GuestLockResult.BUSY:
                 outcome, lock_key = TdcallResult(TdxStatus.TDX_OPERAND_BUSY | OperandId.RCX), None
@@ -100,12 +100,12 @@ def tdg_mem_page_accept(m: TdxModule, tdvpr: int, rcx: int) -> Generator[Step, N
     yield Step(TdxStep.TDCALL, TdcallEntry(Tdcall.TDG_MEM_PAGE_ACCEPT, rcx, gpa, level, lock_key is not None))
     if outcome is None:
         assert lock_key is not None
-        e = w.get(sept_key, SeptEntry())
+        e = w.get(entry_key, SeptEntry())
         if e.state is SeptState.PENDING:
             # Zero first, then make the entry MAPPED (`init_sept_4k_page` before the state write).
             for i in range(PT_ENTRIES ** level):
                 m.memory.zero_page(e.pfn + i)
-            w.set(sept_key, SeptEntry(SeptState.MAPPED, e.pfn))
+            w.set(entry_key, SeptEntry(SeptState.MAPPED, e.pfn))
             outcome = TdcallResult(TdxStatus.TDX_SUCCESS)
         elif e.state.guest_accessible:
             outcome = TdcallResult(TdxStatus.TDX_PAGE_ALREADY_ACCEPTED | level)

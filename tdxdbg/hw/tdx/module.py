@@ -29,7 +29,7 @@ from tdxdbg.hw.tdx.locks import (
 )
 from tdxdbg.hw.tdx.pamt import PageType, Pamt, get_pamt, set_pamt
 from tdxdbg.hw.tdx.seamcall import HANDLERS, Call, SeamcallEntry, SeamcallResult, SeamcallReturn, TdxStep
-from tdxdbg.hw.tdx.sept import FREE_ENTRY, SeptEntry, SeptState, arch_info
+from tdxdbg.hw.tdx.sept import SeptEntry, SeptState, arch_info, sept_entry, sept_key
 from tdxdbg.hw.tdx.status import OperandId, TdxStatus
 from tdxdbg.hw.tdx.td import (
     KEYID_MASK,
@@ -79,7 +79,7 @@ def walk_sept(get: Callable[..., Any], cfg: TdConfig, gpa: int, target: int) -> 
     table, level = cfg.sept_root, cfg.root_level
     while True:
         idx = pt_index(gpa, level)
-        e = get(("sept", table, idx), FREE_ENTRY)
+        e = sept_entry(get, table, idx)
         if level == target or not e.state.is_present or e.state.is_leaf:
             return level, table, idx, e
         table, level = e.pfn, level - 1
@@ -269,12 +269,12 @@ class TdxModule:
 
     def reread(self, c: Call) -> SeptEntry:
         """The target entry again, after the preemption point (the lock holder's view)."""
-        e = self.world.get(("sept", c.table, c.index), FREE_ENTRY)
+        e = sept_entry(self.world.get, c.table, c.index)
         c.entry = e
         return e
 
     def write_entry(self, c: Call, entry: SeptEntry) -> None:
-        key = ("sept", c.table, c.index)
+        key = sept_key(c.table, c.index)
         if entry.state is SeptState.FREE:
             self.world.delete(key)
         else:

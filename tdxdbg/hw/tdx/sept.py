@@ -7,6 +7,7 @@ matrix from `seamcall_sept_state_lookup` (§3.2). Only the states a non-migratin
 from __future__ import annotations
 
 import enum
+from typing import Any
 
 import attrs
 
@@ -110,6 +111,17 @@ class SeptEntry:
 
 
 FREE_ENTRY = SeptEntry()
+SEPT = "sept"           # the tag of sept_key: ("sept", table pfn, index)
+
+
+def sept_key(table: int, index: int) -> tuple[str, int, int]:
+    """An S-EPT entry in the World: absent means FREE."""
+    return (SEPT, table, index)
+
+
+def sept_entry(get: Any, table: int, index: int) -> SeptEntry:
+    """The S-EPT entry at (table, index) read through `get` (World.get / peek, a state mapping's get)."""
+    return get(sept_key(table, index), FREE_ENTRY)
 
 
 def arch_info(level: int, state: SeptState) -> int:

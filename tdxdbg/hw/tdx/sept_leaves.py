@@ -32,7 +32,16 @@ from tdxdbg.hw.tdx.seamcall import (
     handler,
     success,
 )
-from tdxdbg.hw.tdx.sept import ALLOWED_STATES, BLOCKED_FORM, FREE_ENTRY, UNBLOCKED_FORM, SeptEntry, SeptState
+from tdxdbg.hw.tdx.sept import (
+    ALLOWED_STATES,
+    BLOCKED_FORM,
+    FREE_ENTRY,
+    UNBLOCKED_FORM,
+    SeptEntry,
+    SeptState,
+    sept_entry,
+    sept_key,
+)
 from tdxdbg.hw.tdx.status import OperandId, TdxStatus
 from tdxdbg.hw.tdx.td import KEYID_MASK, OpState, add_chldcnt, get_config
 
@@ -283,7 +292,7 @@ class PageRemove:
 
 def _children(m: TdxModule, table: int) -> list[SeptEntry]:
     get = m.world.get
-    return [get(("sept", table, i), FREE_ENTRY) for i in range(PT_ENTRIES)]
+    return [sept_entry(get, table, i) for i in range(PT_ENTRIES)]
 
 
 @handler(Seamcall.TDH_MEM_SEPT_REMOVE, (PAGE_INFO_RCX, TDR_RDX), returns=(Output("hpa", Reg.RCX),))
@@ -338,7 +347,7 @@ class PagePromote:
                        for i, ch in enumerate(children))):
             return m.fail(c, S.TDX_EPT_INVALID_PROMOTE_CONDITIONS, OperandId.RCX, details=True)
         for i in range(PT_ENTRIES):
-            m.world.delete(("sept", e.pfn, i))
+            m.world.delete(sept_key(e.pfn, i))
         set_pamt(m.world, e.pfn, Pamt())
         head = get_pamt(m.world, first.pfn)
         set_pamt(m.world, first.pfn, attrs.evolve(head, level=c.level))
@@ -365,7 +374,7 @@ class PageDemote:
         state = UNBLOCKED_FORM.get(e.state, e.state)
         step = pages_at(c.level - 1)
         for i in range(PT_ENTRIES):
-            m.world.set(("sept", c.page, i), SeptEntry(state, e.pfn + i * step))
+            m.world.set(sept_key(c.page, i), SeptEntry(state, e.pfn + i * step))
             if c.level > 1:
                 old = get_pamt(m.world, e.pfn + i * step)
                 set_pamt(m.world, e.pfn + i * step, attrs.evolve(old, level=c.level - 1))
