@@ -26,6 +26,7 @@ from tdxdbg.engine.spte import PAGE_SHIFT, PG_LEVEL_4K, PgLevel, gfn_round_for_l
 from tdxdbg.engine.steps import EngineStep
 from tdxdbg.engine.tdx import EINVAL, EOPNOTSUPP, TdxOps
 from tdxdbg.runtime.step import Step
+from tdxdbg.runtime.waits import waits_for
 
 
 class IoctlOps(TdxOps):
@@ -254,7 +255,8 @@ class IoctlOps(TdxOps):
         reader still uses the old ones."""
         if self.world.get(K_MN_ACTIVE_INVALIDATE_COUNT, 0):
             yield Step(EngineStep.HOST_OP, {"op": "waiting for mn_active_invalidate_count == 0", "slot": slot_id},
-                       lambda w: not w.peek(K_MN_ACTIVE_INVALIDATE_COUNT, 0))
+                       waits_for("mn_active_invalidate_count to drop to 0 (mmu-notifier invalidations to end)")(
+                           lambda w: not w.peek(K_MN_ACTIVE_INVALIDATE_COUNT, 0)))
         self.world.set(K_MEMSLOTS, slots)
         yield Step(EngineStep.HOST_OP, {"op": what, "slot": slot_id})
         yield from self.synchronize_srcu_expedited()
@@ -369,8 +371,10 @@ class IoctlOps(TdxOps):
         yield Step(EngineStep.HOST_OP, {"op": "destroy VM"})
         self.world.set(K_DESTROYING, True)
         yield from self.kvm_make_all_cpus_request_outside_guest_mode()
+        running = waits_for("the vCPU threads to stop",
+                            lambda w: tuple(v.name for v in self.vcpus if not w.peek(v.stopped_key)))
         yield Step(EngineStep.HOST_OP, {"op": "waiting for vCPU threads to stop"},
-                   lambda w: all(w.peek(v.stopped_key) for v in self.vcpus))
+                   running(lambda w: all(w.peek(v.stopped_key) for v in self.vcpus)))
         for slot in self.memslots():
             if slot.guest_memfd:
                 yield from self.kvm_gmem_release(slot)

@@ -16,6 +16,7 @@ from tdxdbg.hw.ept import Gpaw
 from tdxdbg.hw.machine import Machine
 from tdxdbg.hw.tdx.td import OpState, TdAttr
 from tdxdbg.runtime.step import Step
+from tdxdbg.runtime.waits import waits_for
 from tdxdbg.runtime.world import World
 
 Gen = Generator[Step, None, Any]
@@ -222,15 +223,26 @@ class KvmBase:
         has ended; sections that begin meanwhile do not hold it up."""
         pending = frozenset(self.world.get(K_SRCU_READERS, ()))
         if pending:
+            def still_reading(world: World) -> tuple[str, ...]:
+                return tuple(dict.fromkeys(t for t, n in world.peek(K_SRCU_READERS, ()) if (t, n) in pending))
+
             yield Step(EngineStep.LOCK_WAIT, _SRCU_SYNC_WAIT,
-                       lambda world: pending.isdisjoint(world.peek(K_SRCU_READERS, ())))
+                       waits_for("a kvm->srcu grace period (read sections that began before)", still_reading)(
+                           lambda world: pending.isdisjoint(world.peek(K_SRCU_READERS, ()))))
         yield Step(EngineStep.LOCK, _SRCU_SYNC_DONE)
 
 
+@waits_for("mmu_lock (read)", lambda world: _holders(world, readers=False))
 def _no_writer(world: World) -> bool:
     return world.peek(K_MMU_LOCK, FREE_MMU_LOCK).writer is None
 
 
+@waits_for("mmu_lock (write)", lambda world: _holders(world, readers=True))
 def _unlocked(world: World) -> bool:
     lk = world.peek(K_MMU_LOCK, FREE_MMU_LOCK)
     return lk.writer is None and not lk.readers
+
+
+def _holders(world: World, readers: bool) -> tuple[str, ...]:
+    lk = world.peek(K_MMU_LOCK, FREE_MMU_LOCK)
+    return ((lk.writer,) if lk.writer else ()) + (lk.readers if readers else ())

@@ -40,6 +40,7 @@ from tdxdbg.hw.tdx.leaves import Seamcall
 from tdxdbg.hw.tdx.seamcall import SeamcallResult
 from tdxdbg.hw.tdx.status import TdxStatus, is_error, status_base
 from tdxdbg.runtime.step import Step
+from tdxdbg.runtime.waits import waits_for
 
 EBUSY = -errno.EBUSY
 EINVAL = -errno.EINVAL
@@ -270,8 +271,11 @@ class TdxOps(MmuOps):
                 vcpu.hw.kick()
                 kicked.append(vcpu.hw.kick_key)
         keys = tuple(kicked)
+        names = {v.hw.kick_key: v.name for v in self.vcpus}
+        in_guest = waits_for("the kicked vCPUs to leave guest mode",
+                             lambda w: tuple(names[k] for k in keys if w.peek(k)))
         yield Step(EngineStep.KICK, {"what": "KVM_REQ_OUTSIDE_GUEST_MODE", "vcpus": len(keys)},
-                   (lambda w: not any(w.peek(k) for k in keys)) if keys else None)
+                   in_guest(lambda w: not any(w.peek(k) for k in keys)) if keys else None)
 
     # -- kvm_x86_ops.free_external_spt ------------------------------------------------------------------------
     def free_external_spt(self, gfn: int, level: int, external_spt: int) -> Gen:

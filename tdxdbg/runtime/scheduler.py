@@ -17,13 +17,19 @@ class Policy(enum.Enum):
     RANDOM = "random"
 
 
+# Frames a run may go without progress before a Session stops it as a livelock (tdxdbg.session.progress).
+DEFAULT_LIVELOCK_FRAMES = 5000
+
+
 @attrs.frozen(slots=True)
 class ScheduleSpec:
-    """A policy, its seed (for RANDOM), and an explicit prefix of task names consumed one per step."""
+    """A policy, its seed (for RANDOM), and an explicit prefix of task names consumed one per step; and how
+    many frames without progress make a livelock (0: never)."""
 
     policy: Policy = Policy.ROUND_ROBIN
     seed: int = 0
     order: tuple[str, ...] = ()
+    livelock_frames: int = DEFAULT_LIVELOCK_FRAMES
 
 
 class Scheduler:

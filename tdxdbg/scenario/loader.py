@@ -45,7 +45,7 @@ from tdxdbg.scenario.ops import (
 TOP_KEYS = ("title", "description", "td", "memslot", "attributes", "vcpu", "host", "schedule", "inject", "expect")
 TD_KEYS = ("gpaw", "variant", "sept_ve_disable", "state")
 MEMSLOT_KEYS = ("id", "gpa", "size", "guest_memfd", "readonly", "dirty_log")
-SCHEDULE_KEYS = ("policy", "seed", "order")
+SCHEDULE_KEYS = ("policy", "seed", "order", "livelock_frames")
 INJECT_KEYS = ("seamcall", "occurrence", "status")
 EXPECT_KINDS = ("sept", "spte", "read", "seamcalls", "fault", "violation", "no_violations", "vm_dead", "panic",
                 "stuck")
@@ -65,6 +65,7 @@ MAX_KEY_CHARS = 60                # of a key name quoted in a key path
 MAX_OP_CHARS = 200                # one program operation
 MAX_STATUS_CHARS = 100            # a status name with its operand id
 MAX_ORDER_TURNS = 1_000_000       # [schedule] order, repeat counts expanded
+MAX_LIVELOCK_FRAMES = 1_000_000   # [schedule] livelock_frames (the default run is cut at 500,000 frames)
 # KVM_USER_MEM_SLOTS on x86 (KVM_MEM_SLOTS_NUM - KVM_INTERNAL_MEM_SLOTS): kvm_set_memory_region() refuses a
 # slot id at or above it with -EINVAL.
 KVM_USER_MEM_SLOTS = 32764
@@ -630,7 +631,12 @@ def _schedule(c: Checker, data: dict[str, Any], tasks: list[str]) -> ScheduleMod
             break
         else:
             names.extend([task] * count)
-    return ScheduleModel(policy, seed, tuple(names))
+    livelock = c.typed(s, "livelock_frames", int, "a number of frames (0 turns livelock detection off)", p)
+    if livelock is not None and not 0 <= livelock <= MAX_LIVELOCK_FRAMES:
+        c.problem((*p, "livelock_frames"), f"expected a number of frames from 0 (off) to {MAX_LIVELOCK_FRAMES}, "
+                                           f"found {int_text(livelock)}")
+        livelock = None
+    return ScheduleModel(policy, seed, tuple(names), livelock)
 
 
 def _leaf(c: Checker, value: Any, path: tuple[Any, ...]) -> str | None:

@@ -95,6 +95,7 @@ class ScheduleModel:
     policy: str = "round_robin"
     seed: int = 0
     order: tuple[str, ...] = ()
+    livelock_frames: int | None = None     # None: the default (DEFAULT_LIVELOCK_FRAMES)
 
 
 @attrs.frozen

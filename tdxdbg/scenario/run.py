@@ -24,6 +24,7 @@ class Report:
     results: tuple[Result, ...]
     unexpected: tuple[Any, ...]       # violations the scenario did not expect
     ok: bool
+    stop_message: str = ""            # the deadlock or livelock report ("" when the run ended)
 
     def json_obj(self) -> dict[str, Any]:
         return to_json_obj(self.scenario, self.scenario.td.variant, self.schedule, self.facts, self.results,
@@ -51,7 +52,9 @@ def schedule_of(scenario: Scenario, override: str | None = None) -> ScheduleSpec
             raise ScheduleError(f"--schedule: expected round_robin, sequential, random or random:SEED (SEED "
                                 f"below 2^64), found {shown(override)}")
         policy = name
-    return ScheduleSpec(Policy(policy), seed, s.order)
+    if s.livelock_frames is None:
+        return ScheduleSpec(Policy(policy), seed, s.order)
+    return ScheduleSpec(Policy(policy), seed, s.order, s.livelock_frames)
 
 
 def run_scenario(scenario: Scenario, schedule: ScheduleSpec | None = None,
@@ -71,4 +74,4 @@ def run_scenario(scenario: Scenario, schedule: ScheduleSpec | None = None,
           and all(p.task in expected_panics for p in facts.panics)
           and (not facts.vm_dead or expect_vm_dead)
           and (stop == "done" or (stop == "stuck" and expect_stuck)))
-    return Report(scenario, schedule, facts, results, unexpected, ok)
+    return Report(scenario, schedule, facts, results, unexpected, ok, final.stop_message)

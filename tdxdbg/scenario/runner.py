@@ -38,6 +38,7 @@ class PeekState:
 class FinalState:
     world: PeekState
     tasks: tuple[TaskEnd, ...]
+    stop_message: str = ""     # why the run stopped: the deadlock or livelock report, "" when it ended
 
 
 @attrs.frozen
@@ -63,7 +64,7 @@ def _results(frames: Sequence[Frame]) -> dict[str, tuple[Any, str | None]]:
 def run_setup(setup: VmSetup, schedule: ScheduleSpec,
               max_frames: int | None = DEFAULT_MAX_FRAMES) -> tuple[Sequence[Frame], FinalState, VmInfo, str]:
     """Build the VM and run every task to the end (or until stuck, or `max_frames`). Returns
-    (frames, final state, VM info, stop reason: "done" | "stuck" | "max_frames")."""
+    (frames, final state, VM info, stop reason: "done" | "stuck" | "livelock" | "max_frames")."""
     s = Session.open(setup, schedule, record_locals=False)
     ev = s.run_to_end(max_frames)
     stop = {"end": "done"}.get(ev.reason.value, ev.reason.value)
@@ -71,4 +72,5 @@ def run_setup(setup: VmSetup, schedule: ScheduleSpec,
     final = PeekState(s.state_at())
     res = _results(frames)
     tasks = tuple(TaskEnd(t.name, t.state, *res.get(t.name, (None, None))) for t in s.task_views())
-    return frames, FinalState(final, tasks), VmInfo(s.context.tdr, s.context.gfn_direct_bits), stop
+    message = ev.message if stop in ("stuck", "livelock") else ""
+    return frames, FinalState(final, tasks, message), VmInfo(s.context.tdr, s.context.gfn_direct_bits), stop

@@ -93,6 +93,8 @@ def print_summary(report: Report, file: IO[str], color: bool | None = None) -> N
         console.print(mark)
     if f.vm_dead and not any(e.kind == "vm_dead" and e.get("value") for e in sc.expect):
         console.print(Text("the VM died and the scenario does not expect it (`vm_dead = true`)", style="red"))
+    if report.stop_message:
+        console.print(Text(report.stop_message, style="red"))
     if f.stop == "max_frames":
         console.print(Text("the run was cut short by --max-frames", style="red"))
     console.print(Text("OK" if report.ok else "FAILED", style="bold green" if report.ok else "bold red"))

@@ -12,7 +12,8 @@ class StopReason(enum.Enum):
     BREAKPOINT = "breakpoint"      # one or more breakpoints hit (see StopEvent.breakpoints)
     VIOLATION = "violation"        # a frame carried invariant violations
     END = "end"                    # every task finished: nothing more to run
-    STUCK = "stuck"                # tasks remain but none is runnable
+    STUCK = "stuck"                # tasks remain but none is runnable: a deadlock (the message says who waits)
+    LIVELOCK = "livelock"          # tasks run but nothing progresses (tdxdbg.session.progress)
     START = "start"                # going backwards reached position 0
     MAX_FRAMES = "max_frames"      # the frame budget of the command ran out
     INTERRUPTED = "interrupted"    # Session.interrupt() was called while running

@@ -32,6 +32,7 @@ from tdxdbg.session import views
 from tdxdbg.session.breakpoints import Breakpoint, BreakpointError, Breakpoints, stack_names
 from tdxdbg.session.decode import SeptEntryView
 from tdxdbg.session.events import StopEvent, StopReason
+from tdxdbg.session.progress import ProgressWatch, deadlock_message, livelock_message
 from tdxdbg.session.seamcall_view import SeamcallView, seamcall_view
 from tdxdbg.session.tdx_state import TdxStateView, tdx_state
 
@@ -136,7 +137,7 @@ class Session:
         vm = build_vm(self.setup)
         checks = list(self._checks_factory(vm.kvm)) if self._checks_factory is not None else []
         rt = Runtime(vm.machine.world, vm.tasks, self.schedule, checks, record_locals=self._record_locals)
-        rec = _Recording(vm, rt)
+        rec = _Recording(vm, rt, self.schedule.livelock_frames)
         for name in picks:
             if rec.step(name) is None:
                 raise RuntimeError(f"replay diverged: {name!r} not runnable at frame {len(rt.timeline)}")
@@ -635,6 +636,9 @@ class Session:
             if hits or f.violations or (target is not None and target(f)):
                 self._pos = i
                 return self._stop_at(f, hits, ran)
+            if f.index in rec.livelocks:
+                self._pos = i
+                return StopEvent(StopReason.LIVELOCK, i, rec.livelocks[f.index], (), ran)
 
     def _run_engine(self, max_frames: int | None, reached: StopReason) -> StopEvent:
         """Record new frames from the end of the timeline; the cursor goes to the end. `reached` is the reason
@@ -653,18 +657,21 @@ class Session:
                     return StopEvent(StopReason.INTERRUPTED, self._pos, "", (), count)
                 if self.progress is not None:
                     self.progress(len(frames))
-            if rec.advance() is None:
+            index = rec.advance()
+            if index is None:
                 self._pos = len(frames)
                 return self._end_event(count)
             count += 1
+            if index in rec.livelocks:
+                self._pos = len(frames)
+                return StopEvent(StopReason.LIVELOCK, self._pos, rec.livelocks[index], (), count)
 
     def _end_event(self, ran: int) -> StopEvent:
         if self._rt.finished:
             failed = [t.name for t in self._rt.tasks if t.state is TaskState.FAILED]
             msg = f"all tasks done; failed: {', '.join(failed)}" if failed else "all tasks done"
             return StopEvent(StopReason.END, self._pos, msg, (), ran)
-        left = [t.name for t in self._rt.tasks if not t.finished]
-        return StopEvent(StopReason.STUCK, self._pos, f"no task can run; waiting: {', '.join(left)}", (), ran)
+        return StopEvent(StopReason.STUCK, self._pos, deadlock_message(self._rt.tasks, self._rt.world), (), ran)
 
 
 class _Recording:
@@ -672,9 +679,12 @@ class _Recording:
     the previous frame of the same task, and the wait predicate a task was blocked on after a frame (recorded
     frames do not keep it; views use it to say whether a task is waiting)."""
 
-    def __init__(self, vm: BuiltVm, rt: Runtime) -> None:
+    def __init__(self, vm: BuiltVm, rt: Runtime, livelock_frames: int) -> None:
         self.vm = vm
         self.rt = rt
+        self.watch = ProgressWatch(rt.timeline, {v.name: v.hw.rip_key for v in vm.kvm.vcpus}, livelock_frames)
+        # Frames at which the watch found a livelock, with its report: commands stop there, recorded or not.
+        self.livelocks: dict[int, str] = {}
         self.task_frames: dict[str, list[int]] = {t.name: [] for t in rt.tasks}
         self.prev: list[int] = []
         self.waits: dict[int, Callable[[Any], bool]] = {}
@@ -688,6 +698,9 @@ class _Recording:
         t = self._tasks[task]
         if t.state is TaskState.WAITING and t.wait is not None:
             self.waits[index] = t.wait
+        if self.watch.observe(index):
+            self.livelocks[index] = livelock_message(self.rt.timeline, index, self.watch.bound, self.rt.tasks,
+                                                     self.rt.world)
 
     def step(self, forced: str | None = None) -> Frame | None:
         frame = self.rt.step(forced=forced)
