@@ -308,3 +308,123 @@ def test_good_schedule_override() -> None:
     scenario = load(str(resolve("first_private_fault")))
     spec = schedule_of(scenario, "random:0x10")
     assert (spec.policy, spec.seed) == (Policy.RANDOM, 16)
+
+
+# -- the command line's contract over the scenario grammar -----------------------------------------------------
+# Numbers as users write them, good and bad: TOML integers (huge ones included), strings with units, doubled or
+# trailing underscores, leading zeros, lengths past 64 bits and past Python's 4300-digit limit.
+NUMBERS = st.one_of(
+    st.sampled_from(["0", "0x0", "0x1000", "0x200000", "0x800000001000", "4096", "0x1_000", "1__0", "0x_1",
+                     "010", "-1", "0x" + "f" * 17, "9" * 21, "9" * 4301, "0x" + "f" * 5000]),
+    st.integers(0, 1 << 70).map(hex), st.integers(0, 1 << 40).map(str))
+SIZES = st.one_of(NUMBERS, st.sampled_from(['"4K"', '"2M"', '"1G"', '"16M"', '"1__6M"', '"0x1_000"', '"4096G"',
+                                            '"2m"', '"3X"', '""', '"0K"', '"99999999999999999999999K"']))
+TEXT = st.text(alphabet=string.printable + "[]/é✓\u2028", max_size=30)
+
+
+def _quoted(text: str) -> str:
+    return '"' + text.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n").replace("\r", "\\r") \
+        .replace("\t", "\\t").replace("\x0b", "\\u000b").replace("\x0c", "\\f").replace("\u2028", "\\u2028") + '"'
+
+
+def _number_literal(n: str) -> str:
+    return n if n.lstrip("-").replace("_", "").isalnum() and not n.startswith("0x_") else _quoted(n)
+
+
+GOOD_GUEST_OPS = ["accept 0x1000", "accept 0x200000 2M", "write 0x1000 0x7", "read 0x1000", "read 0x1000 expect 7",
+                  "fetch 0x1000", "write 0x800000003000 1", "map_gpa 0x2000 4K shared"]
+GOOD_HOST_OPS = ["punch_hole 0x1000 4K", "set_attributes 0x2000 4K shared", "invalidate 0 2M", "dirty_log 0 on",
+                 "seamcall TDH.MEM.TRACK", "destroy", "delete_memslot 0", "set_attributes 0x2000 4K private"]
+
+
+def _good_scenario(draw: st.DrawFn) -> str:
+    """A scenario of valid pieces (so that some of the inputs load and run)."""
+    lines = ["[td]", f"variant = {_quoted(draw(st.sampled_from(['upstream', 'v7', 'no-freeze'])))}",
+             "[[memslot]]", "gpa = 0", 'size = "16M"', "guest_memfd = true",
+             "[attributes]", 'private = [[0, "16M"]]']
+    for _ in range(draw(st.integers(1, 2))):
+        ops = draw(st.lists(st.sampled_from(GOOD_GUEST_OPS), max_size=3))
+        lines += ["[[vcpu]]", f"program = [{', '.join(map(_quoted, ops))}]"]
+    if draw(st.booleans()):
+        ops = draw(st.lists(st.sampled_from(GOOD_HOST_OPS), max_size=2))
+        lines += ["[[host]]", f"program = [{', '.join(map(_quoted, ops))}]"]
+    lines += ["[schedule]", f"policy = {_quoted(draw(st.sampled_from(['round_robin', 'sequential', 'random'])))}",
+              f"seed = {draw(st.integers(0, 1000))}"]
+    return "\n".join(lines) + "\n"
+
+
+@st.composite
+def _ops(draw: st.DrawFn, guest: bool) -> str:
+    names = ["read", "write", "fetch", "accept", "map_gpa"] if guest else [
+        "set_attributes", "punch_hole", "invalidate", "delete_memslot", "dirty_log", "prefault", "finalize",
+        "destroy", "seamcall TDH.MEM.TRACK", "seamcall TDH.MEM.SEPT.ADD"]
+    words = [draw(st.sampled_from(names))]
+    for _ in range(draw(st.integers(0, 3))):
+        words.append(draw(st.one_of(NUMBERS, st.sampled_from(["4K", "2M", "private", "shared", "expect", "on"]))))
+    return _quoted(" ".join(words))
+
+
+@st.composite
+def _scenario(draw: st.DrawFn) -> str:
+    if draw(st.integers(0, 3)) == 0:
+        return _good_scenario(draw)
+    lines = []
+    if draw(st.booleans()):
+        lines.append(f"title = {_quoted(draw(TEXT))}")
+    lines.append("[td]")
+    if draw(st.booleans()):
+        lines.append(f"gpaw = {draw(st.sampled_from(['48', '52', '47', '0x' + 'f' * 40]))}")
+    if draw(st.booleans()):
+        lines.append(f"variant = {_quoted(draw(st.sampled_from(['upstream', 'v7', 'no-freeze', 'v8', 'x[b].py:C'])))}")
+    for i in range(draw(st.integers(0, 2))):
+        lines += ["[[memslot]]", f"id = {draw(st.sampled_from([str(i), '70000', '-1']))}",
+                  f"gpa = {_number_literal(draw(NUMBERS))}", f"size = {draw(SIZES)}",
+                  f"guest_memfd = {draw(st.sampled_from(['true', 'false', '1']))}"]
+    if draw(st.booleans()):
+        lines += ["[attributes]", f"private = [[{_number_literal(draw(NUMBERS))}, {draw(SIZES)}]]"]
+    for _ in range(draw(st.integers(0, 2))):
+        lines += ["[[vcpu]]", f"program = [{', '.join(draw(st.lists(_ops(True), max_size=3)))}]"]
+    for _ in range(draw(st.integers(0, 1))):
+        lines += ["[[host]]", f"program = [{', '.join(draw(st.lists(_ops(False), max_size=3)))}]"]
+    if draw(st.booleans()):
+        order = draw(st.sampled_from(["vcpu0*3", "host0", "vcpu0*" + "9" * 30]))
+        lines += ["[schedule]", f"order = [{_quoted(order)}]",
+                  f"seed = {_number_literal(draw(NUMBERS))}",
+                  f"livelock_frames = {draw(st.sampled_from(['0', '100', '-5', '10000000']))}"]
+    if draw(st.booleans()):
+        lines += ["[[expect]]", draw(st.sampled_from([
+            "no_violations = true", "vm_dead = 2", f"read = {{ task = \"vcpu0\", gpa = 0, value = {draw(NUMBERS)} }}",
+            f"sept = {{ gpa = 0x1000, level = \"4K\", state = {_quoted(draw(TEXT))} }}"]))]
+    return "\n".join(lines) + "\n"
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(_scenario())
+def test_fuzz_every_scenario_validates_or_exits_2_with_one_line_per_problem(text: str) -> None:
+    """`tdxdbg validate` on any scenario of the grammar: exit 0 and one `ok:` line, or exit 2 and exactly one
+    `error:` line per problem the loader found; never an exception (main is called in-process: a traceback would
+    fail the test)."""
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as d:
+        p = Path(d) / "fuzz.toml"
+        p.write_text(text, encoding="utf-8")
+        out, err = io.StringIO(), io.StringIO()
+        rc = main(["validate", str(p)], out, err)
+        lines = err.getvalue().splitlines()
+        if rc == 0:
+            assert lines == [] and out.getvalue().startswith(f"ok: {p}: ")
+            # It runs too: OK or FAILED (exit 0 or 1), never an exception.
+            out = io.StringIO()
+            rc = main(["run", str(p), "--max-frames", "3000"], out, io.StringIO())
+            assert rc in (0, 1) and out.getvalue().splitlines()[-1] == ("OK" if rc == 0 else "FAILED")
+            return
+        assert rc == 2 and out.getvalue() == ""
+        try:
+            loads(text, str(p), base_dir=p.parent)
+        except ScenarioError as e:
+            problems = e.problems
+        else:
+            raise AssertionError("validate failed where the loader did not")
+        assert lines == [f"error: {problem}" for problem in problems]
+        assert all(len(line) < 1000 for line in lines), max(lines, key=len)
