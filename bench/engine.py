@@ -13,6 +13,9 @@ Figures:
                                    costs more per frame than a long one
   goto-median-ms                   median time to rebuild the state of a random frame of a 1,000,000-frame
                                    timeline (the cursor is elsewhere each time)
+  goto-session-median-ms           the same through Session.goto plus reading the state there
+  goto-views-median-ms             Session.goto plus the views the panes read (an SPTE, an S-EPT entry, the
+                                   tasks)
 """
 
 from __future__ import annotations
@@ -35,11 +38,13 @@ from tdxdbg.engine.vm import BuiltVm, VmSetup, build_vm
 from tdxdbg.hw import guest
 from tdxdbg.runtime import Runtime
 from tdxdbg.runtime.scheduler import Policy, ScheduleSpec
+from tdxdbg.session import Session
 
 PAGES = 20_000
 # About 23 frames a page: enough pages for a timeline of at least 1,000,000 frames.
 GOTO_PAGES = 44_000
 SLOT_PAGES = 1 << 17   # 512 MiB of guest memory, all private
+GOTO_SAMPLES = 200
 
 
 def _checks(kvm):
@@ -57,12 +62,15 @@ def accept_pages(first: int, count: int):
     return program
 
 
-def build(vcpus: int, pages: int) -> BuiltVm:
+def build_setup(vcpus: int, pages: int) -> VmSetup:
     """The benchmark's TD: one all-private guest_memfd slot, `vcpus` vCPUs accepting `pages` pages between them."""
     per = pages // vcpus
-    return build_vm(VmSetup(memslots=(Memslot(0, 0, SLOT_PAGES, guest_memfd=True),),
-                            private_ranges=((0, SLOT_PAGES),),
-                            vcpu_programs=tuple(accept_pages(16 + i * per, per) for i in range(vcpus))))
+    return VmSetup(memslots=(Memslot(0, 0, SLOT_PAGES, guest_memfd=True),), private_ranges=((0, SLOT_PAGES),),
+                   vcpu_programs=tuple(accept_pages(16 + i * per, per) for i in range(vcpus)))
+
+
+def build(vcpus: int, pages: int) -> BuiltVm:
+    return build_vm(build_setup(vcpus, pages))
 
 
 def run(vcpus: int, pages: int, policy: Policy, checks: bool = True) -> tuple[Runtime, float, int]:
@@ -100,19 +108,40 @@ def main() -> None:
     rt = None
     gc.collect()
 
-    # goto on a 1,000,000-frame timeline: record one (without checks, to save time), then rebuild the state of
-    # random positions, each far from where the cursor was.
-    rt, _e, _f = run(1, GOTO_PAGES, Policy.SEQUENTIAL, checks=False)
-    tl = rt.timeline
+    # goto on a 1,000,000-frame timeline: record one through a Session (without checks, to save time), then
+    # rebuild the state of random positions, each far from where the cursor was.
+    setup = build_setup(1, GOTO_PAGES)
+    session = Session.open(setup, ScheduleSpec(Policy.SEQUENTIAL), checks_factory=lambda _kvm: (),
+                           record_locals=False)
+    session.run_to_end(None)
+    assert session.finished
+    tl = session._rt.timeline
     n = len(tl)
     rng = random.Random(1)
+    targets = [rng.randrange(n + 1) for _ in range(GOTO_SAMPLES)]
     times = []
-    for _ in range(200):
-        pos = rng.randrange(n + 1)
+    for pos in targets:
         t0 = time.perf_counter()
         tl.state_at(pos)
         times.append((time.perf_counter() - t0) * 1000)
     print(f"goto-median-ms: {statistics.median(times):.1f} ms")
+    # The same through the Session, as the debugger does it: goto, then the state read at the new position, then
+    # the views the panes show (an SPTE, an S-EPT entry, the tasks).
+    with_state, with_views = [], []
+    for pos in targets:
+        t0 = time.perf_counter()
+        session.goto(pos)
+        session.state_at()
+        with_state.append((time.perf_counter() - t0) * 1000)
+    for pos in targets[:GOTO_SAMPLES // 2]:
+        t0 = time.perf_counter()
+        session.goto(pos)
+        session.spte_at("mirror", 5)
+        session.sept_entry_at(5 << 12)
+        session.task_views()
+        with_views.append((time.perf_counter() - t0) * 1000)
+    print(f"goto-session-median-ms: {statistics.median(with_state):.1f} ms")
+    print(f"goto-views-median-ms: {statistics.median(with_views):.1f} ms")
     print(f"goto-timeline-frames: {n} frames")
 
 

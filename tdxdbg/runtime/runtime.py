@@ -12,15 +12,18 @@ from tdxdbg.runtime.scheduler import Policy, Scheduler, ScheduleSpec
 from tdxdbg.runtime.step import Step, StepKind
 from tdxdbg.runtime.task import Task, TaskState
 from tdxdbg.runtime.timeline import Timeline
-from tdxdbg.runtime.world import World, chunk_effects
+from tdxdbg.runtime.world import World
 
 _READY = TaskState.READY
 _WAITING = TaskState.WAITING
 _DONE = TaskState.DONE
 _FAILED = TaskState.FAILED
 
-# A check sees the world after a frame, plus that frame's step, effects and footprint.
-Check = Callable[[World, Step, tuple, tuple], Iterable[Violation]]
+# A check sees the World after a frame (read it with `peek`), the frame's step and its writes, flat: key, old,
+# new, key, old, new, ... (`world.task` is the task that ran, `world.stack` its call stack). A check may declare
+# `step_kinds`, the step kinds it looks at: the runtime then skips it on frames that wrote nothing and whose
+# kind is not among them. Without that attribute it sees every frame.
+Check = Callable[[World, Step, tuple], Iterable[Violation]]
 
 
 class StopReason(enum.Enum):
@@ -45,6 +48,11 @@ class Runtime:
         self.tasks = list(tasks)
         self.scheduler = Scheduler(schedule or ScheduleSpec())
         self.checks = list(checks)
+        # Ids of the step kinds any check looks at (by identity: an enum member hashes in Python); None when some
+        # check looks at every frame.
+        kinds = [getattr(c, "step_kinds", None) for c in self.checks]
+        self._check_kinds: frozenset[int] | None = (
+            None if any(k is None for k in kinds) else frozenset(id(k) for ks in kinds for k in ks))
         self.record_locals = record_locals
         self.timeline = Timeline(world.snapshot())
         self._record = self.timeline.recorder()
@@ -125,7 +133,7 @@ class Runtime:
                 task.wait = step.wait
                 task.state = _WAITING
         # The frame's effects (flat) and footprint: inlined World.take_effects, this is the hottest path. The
-        # timeline packs both into its columns, so the footprint only becomes a tuple when a check wants one.
+        # timeline packs both into its columns.
         flat = tuple(writes) if writes else ()
         n = len(reads)
         if not n:
@@ -143,12 +151,10 @@ class Runtime:
         else:
             stack, local_values = capture(gen, self._stack_cache[task.name], self.record_locals)
         violations: tuple[Violation, ...] = ()
-        if self.checks:
+        checks = self.checks
+        if checks and (flat or self._check_kinds is None or id(step.kind) in self._check_kinds):
             world.stack = stack  # checks may ask who issued the step (e.g. KVM or a raw host SEAMCALL)
-            effects = chunk_effects(flat) if flat else ()
-            if n > 1:
-                footprint = tuple(footprint)
-            found = [v for check in self.checks for v in check(world, step, effects, footprint)]
+            found = [v for check in checks for v in check(world, step, flat)]
             if found:
                 violations = tuple(found)
             # Checks read through `peek`; drop anything they recorded anyway.

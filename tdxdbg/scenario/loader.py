@@ -15,6 +15,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
+from tdxdbg.engine.checks import invariant_names
 from tdxdbg.engine.kvm import RetPf
 from tdxdbg.hw.tdx.leaves import Seamcall
 from tdxdbg.hw.tdx.sept import SeptState
@@ -738,8 +739,9 @@ def _one_expect(c: Checker, kind: str, v: Any, p: tuple[Any, ...], tasks: list[s
             return None
         return Expect(kind, f"{kind} = {str(v).lower()}", (("value", v),))
     if kind == "violation":
-        if not isinstance(v, str) or not v:
-            c.problem(p, f"expected an invariant name, found {describe(v)}")
+        names = invariant_names()
+        if not isinstance(v, str) or v not in names:
+            c.problem(p, f"unknown invariant: expected one of {', '.join(names)}, found {describe(v)}")
             return None
         return Expect(kind, f"violation {v}", (("name", v),))
     if kind == "panic":

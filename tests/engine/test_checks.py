@@ -83,10 +83,11 @@ class Poke:
         self.check = make_checks(self.kvm)[0]
 
     def frame(self, kind: Any = EngineStep.EXIT, payload: Any = None, stack: tuple = ()) -> list[str]:
-        effects, reads = self.world.take_effects()
+        effects, _reads = self.world.take_effects()
         self.world.stack = stack
         step = Step(kind, payload if payload is not None else {})
-        return [v.invariant for v in self.check(self.world, step, effects, reads)]
+        flat = tuple(x for effect in effects for x in effect)
+        return [v.invariant for v in self.check(self.world, step, flat)]
 
     def table(self, mirror: bool, level: int = 1) -> int:
         for key, sp in self.world.items():
@@ -323,8 +324,12 @@ def test_a_bug_in_a_check_is_a_checker_error() -> None:
     def boom(*_args: Any) -> None:
         raise RuntimeError("boom")
 
-    p.check._step = boom  # type: ignore[method-assign]
+    frozen = next(inv for inv in p.check.invariants if inv.name == "frozen-spte-leaked")
+    frozen.step = boom  # type: ignore[method-assign]
     assert p.frame(EngineStep.RET_PF, {}) == ["checker-error"]
+    p.world.take_effects()
+    found = p.check(p.world, Step(EngineStep.RET_PF, {}), ())
+    assert [v.message for v in found] == ["frozen-spte-leaked (RET_PF): RuntimeError: boom"]
 
 
 def test_a_variant_freezing_under_another_label_is_caught() -> None:

@@ -541,7 +541,7 @@ def test_wait_predicate_reads_and_checks_stay_out_of_the_footprint():
         world.set(("flag",), 1)
         yield Step(K.MARK)
 
-    def check(world, step, effects, reads):
+    def check(world, step, effects):
         world.get(("checked",))
         return ()
 
@@ -558,8 +558,9 @@ def test_check_violations_are_attached_to_the_frame():
     """A check's violations are recorded on the frame that produced them."""
     from tdxdbg.runtime.frame import Violation
 
-    def check(world, step, effects, reads):
-        if any(k == ("counter",) and new == 2 for k, _o, new in effects):
+    def check(world, step, effects):
+        it = iter(effects)  # flat: key, old, new, key, old, new, ...
+        if any(k == ("counter",) and new == 2 for k, _o, new in zip(it, it, it, strict=True)):
             yield Violation("counter-two", "counter reached 2")
 
     world, tasks = build_counters(n=1)
@@ -567,3 +568,28 @@ def test_check_violations_are_attached_to_the_frame():
     rt.run()
     hits = [(f.index, f.violations) for f in rt.timeline if f.violations]
     assert hits == [(4, (Violation("counter-two", "counter reached 2"),))]
+
+
+def test_a_check_with_step_kinds_sees_only_frames_that_wrote_or_have_those_kinds():
+    """The runtime's pre-filter: a check declaring `step_kinds` is skipped on frames that wrote nothing and whose
+    kind it does not declare; it gets the writes flat (key, old, new, ...)."""
+    def prog(world):
+        yield Step(K.READ)
+        world.set(("x",), 1)
+        yield Step(K.WORK)
+        yield Step(K.MARK)
+        yield Step(K.WORK)
+
+    seen = []
+
+    class Watcher:
+        step_kinds = frozenset({K.MARK})
+
+        def __call__(self, world, step, effects):
+            seen.append((step.kind, effects))
+            return ()
+
+    world = World()
+    rt = Runtime(world, [Task("t", prog(world))], checks=[Watcher()])
+    rt.run()
+    assert seen == [(K.WORK, (("x",), MISSING, 1)), (K.MARK, ())]

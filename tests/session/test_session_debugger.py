@@ -342,7 +342,7 @@ def flag_freeze_of_gfn_1(kvm):
     """A stand-in check: every freeze of gfn 1's leaf is a 'violation'."""
     from tdxdbg.runtime.frame import Violation
 
-    def check(world, step, effects, footprint):
+    def check(world, step, effects):
         p = step.payload
         if step.kind is EngineStep.SPTE_CMPXCHG and p.what is SpteWrite.FREEZE and p.gfn == 1 and p.level == 1:
             return [Violation("test-freeze", f"froze gfn {p.gfn}")]
@@ -369,7 +369,7 @@ def test_interrupt_stops_a_running_command():
     def interrupting(kvm):
         count = [0]
 
-        def check(world, step, effects, footprint):
+        def check(world, step, effects):
             count[0] += 1
             if count[0] == 1000:
                 holder["s"].interrupt()
