@@ -16,6 +16,7 @@ from __future__ import annotations
 from collections.abc import Hashable
 from typing import Any, NamedTuple
 
+from tdxdbg.engine.gmem import K_MEMSLOTS
 from tdxdbg.engine.invariants import (
     CHECKER_ERROR,
     REGISTRY,
@@ -25,7 +26,6 @@ from tdxdbg.engine.invariants import (
     invariant_names,
     register,
 )
-from tdxdbg.engine.gmem import K_MEMSLOTS
 from tdxdbg.engine.kvm import FREE_MMU_LOCK, K_MMU_LOCK, K_TD_STATE, TdState
 from tdxdbg.engine.mmu_page import K_ROOTS, KvmMmuPage
 from tdxdbg.engine.spte import (
