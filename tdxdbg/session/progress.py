@@ -197,11 +197,15 @@ def _key_text(key: Hashable) -> str:
     return str(key)
 
 
-def deadlock_message(tasks: Sequence[Task], world: Any) -> str:
+def deadlock_message(tasks: Sequence[Task], world: Any, timeline: Timeline | None = None) -> str:
     """No task can run and some wait: each waiting task, what it waits for and who holds it, the cycle first
-    when the waits form one."""
+    when the waits form one. A wait that does not describe itself is named by the task's last frame (its
+    function and what its step says), found in `timeline`."""
     waiting = [t for t in tasks if t.state is TaskState.WAITING]
-    edges = {t.name: wait_description(t.wait, world) for t in waiting}
+    edges = {}
+    for t in waiting:
+        what, holders = wait_description(t.wait, world)
+        edges[t.name] = (what or _last_step(timeline, t.name), holders)
     cycle = _cycle({name: holders for name, (_what, holders) in edges.items()})
     if cycle:
         links = []
@@ -213,11 +217,27 @@ def deadlock_message(tasks: Sequence[Task], world: Any) -> str:
     parts = []
     for t in waiting:
         what, holders = edges[t.name]
-        text = f"{t.name} waits for {what or 'a condition that does not say what it is'}"
+        text = f"{t.name} waits for {what}"
         if holders:
             text += " held by " + ", ".join(h + (" (finished)" if h in finished else "") for h in holders)
         parts.append(text)
     return "deadlock: no task can run; " + "; ".join(parts)
+
+
+def _last_step(timeline: Timeline | None, task: str) -> str:
+    """`what the step says (in function)` for the task's last frame."""
+    frames = timeline.frames if timeline is not None else None
+    if frames is not None:
+        for i in range(len(frames) - 1, -1, -1):
+            if frames.task_of(i) != task:
+                continue
+            payload = frames.payloads[i]
+            get = getattr(payload, "get", None)
+            said = get("what", None) or get("op", None) if get is not None else None
+            stack = frames.stack_of(i)
+            where = f"in {stack[-1].function.rpartition('.')[2]}" if stack else ""
+            return " ".join(x for x in (str(said) if said else "a condition its wait does not name", where) if x)
+    return "a condition its wait does not name"
 
 
 def _cycle(graph: Mapping[str, Sequence[str]]) -> list[str]:

@@ -671,7 +671,8 @@ class Session:
             failed = [t.name for t in self._rt.tasks if t.state is TaskState.FAILED]
             msg = f"all tasks done; failed: {', '.join(failed)}" if failed else "all tasks done"
             return StopEvent(StopReason.END, self._pos, msg, (), ran)
-        return StopEvent(StopReason.STUCK, self._pos, deadlock_message(self._rt.tasks, self._rt.world), (), ran)
+        message = deadlock_message(self._rt.tasks, self._rt.world, self._rt.timeline)
+        return StopEvent(StopReason.STUCK, self._pos, message, (), ran)
 
 
 class _Recording:

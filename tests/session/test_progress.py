@@ -155,3 +155,16 @@ def test_a_bad_bound_is_one_problem(scenarios: Path, value: str, message: str) -
     err = io.StringIO()
     assert main(["validate", str(p)], io.StringIO(), err) == 2
     assert err.getvalue() == f"error: {p}:14: schedule.livelock_frames: {message}\n"
+
+
+def test_a_wait_nothing_holds_is_a_deadlock_named_by_its_step(tmp_path: Path) -> None:
+    """A build-time TD (OP_STATE INITIALIZED) that is never finalized: the vCPU thread waits for
+    KVM_TDX_FINALIZE_VM, which no task will issue. Its wait does not name a holder; the report names it by the
+    task's last step."""
+    p = tmp_path / "never_finalized.toml"
+    p.write_text('[td]\nstate = "initialized"\n[[memslot]]\ngpa = 0\nsize = "16M"\nguest_memfd = true\n'
+                 '[[vcpu]]\nprogram = ["read 0x1000"]\n')
+    report = run_scenario(load(p))
+    assert (report.facts.stop, report.ok) == ("stuck", False)
+    assert report.stop_message == ("deadlock: no task can run; vcpu0 waits for VMM: waiting for "
+                                   "KVM_TDX_FINALIZE_VM in vcpu_thread")
