@@ -235,6 +235,16 @@ def _main(argv: list[str], out: IO[str], err: IO[str]) -> int:
     except KeyboardInterrupt:
         print("tdxdbg: interrupted", file=err)
         return 130
+    except _OutputError:
+        raise
+    except Exception as e:  # a bug of tdxdbg, not of the input: one line saying where, never a traceback
+        tb = e.__traceback__
+        while tb is not None and tb.tb_next is not None:
+            tb = tb.tb_next
+        where = f" at {tb.tb_frame.f_code.co_filename}:{tb.tb_lineno}" if tb is not None else ""
+        print(f"tdxdbg: internal error: {type(e).__name__}: {e}{where} (a bug: please report it with the "
+              "scenario)", file=err)
+        return 1
     _parser().print_help(out)
     return 2
 

@@ -183,3 +183,19 @@ def test_ctrl_c_during_a_long_run_is_a_message_not_a_traceback(tmp_path: Path) -
         proc.kill()
     assert (proc.returncode, err) == (130, "tdxdbg: interrupted\n")
     assert out == ""
+
+
+def test_an_internal_error_is_one_line_and_exit_1(monkeypatch: pytest.MonkeyPatch) -> None:
+    import tdxdbg.scenario.run as run_module
+
+    def broken(*_args: object, **_kwargs: object) -> None:
+        raise KeyError("tdr")
+
+    monkeypatch.setattr(run_module, "run_scenario", broken)
+    err = io.StringIO()
+    assert main(["run", "first_private_fault"], io.StringIO(), err) == 1
+    lines = err.getvalue().splitlines()
+    assert len(lines) == 1
+    line = broken.__code__.co_firstlineno + 1
+    assert lines[0] == (f"tdxdbg: internal error: KeyError: 'tdr' at {__file__}:{line} (a bug: please report it "
+                        "with the scenario)")
