@@ -119,7 +119,10 @@ def render_path(path: tuple[Any, ...]) -> str:
 
 
 # -- finding lines -------------------------------------------------------------------------------------------
-_HEADER = re.compile(r"^\s*\[\[?\s*([A-Za-z0-9_.\-\"' ]+?)\s*\]\]?\s*(#.*)?$")
+# A table header: `[name]`, `[[name]]`, `[ "quoted" . name ]`. Written so that no line makes it backtrack
+# more than linearly (a long run of spaces inside a multi-line string is a line too).
+_HEADER = re.compile(r"^\s*\[\[?\s*([A-Za-z0-9_.\-\"']+(?:[ ]+[A-Za-z0-9_.\-\"']+)*)\s*\]\]?\s*(#.*)?$")
+MAX_HEADER_CHARS = 1000   # longer lines are not looked at as table headers
 
 
 class LineFinder:
@@ -130,7 +133,7 @@ class LineFinder:
         # (line index, name, is_array) of every table header.
         self.headers: list[tuple[int, str, bool]] = []
         for i, line in enumerate(self.lines):
-            m = _HEADER.match(line)
+            m = _HEADER.match(line) if len(line) <= MAX_HEADER_CHARS else None
             if m and not line.lstrip().startswith("#"):
                 self.headers.append((i, m.group(1).strip(), line.lstrip().startswith("[[")))
 

@@ -226,3 +226,14 @@ def test_unicode_title_on_an_ascii_stdout(tmp_path: Path) -> None:
     lines = r.stdout.decode("ascii").splitlines()
     assert lines[0] == "u: Caf\\xe9 \\u2713"
     assert lines[-1] == "OK"
+
+
+def test_a_long_line_inside_a_string_is_read_in_linear_time(tmp_path: Path) -> None:
+    """The line finder scans every line, those inside multi-line strings too: a header-like line with a long run
+    of spaces once made its regular expression backtrack quadratically (minutes for 200,000 spaces)."""
+    p = tmp_path / "s.toml"
+    p.write_text(BASE.replace("gpaw = 48", "gpaw = 47") + 'description = """\n[a' + " " * 200_000 + 'x\n"""\n')
+    r = subprocess.run([PYTHON, "-m", "tdxdbg.cli", "validate", str(p)], capture_output=True, text=True,
+                       timeout=120)
+    assert r.returncode == 2
+    assert r.stderr.splitlines()[0] == f"error: {p}:3: td.gpaw: expected 48 or 52, found the integer 47"
