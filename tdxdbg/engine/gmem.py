@@ -22,9 +22,12 @@ K_INVALIDATE = ("kvm.mmu_invalidate",)
 HUGE_2M = kvm_pages_per_hpage(PgLevel.PG_LEVEL_2M)
 
 
+GMEM_PFN = "gmem.pfn"   # the tag of gmem_pfn_key
+
+
 def gmem_pfn_key(slot_id: int, gfn: int) -> tuple:
     """The guest_memfd page backing `gfn` of a slot."""
-    return ("gmem.pfn", slot_id, gfn)
+    return (GMEM_PFN, slot_id, gfn)
 
 
 def hva_chunk_key(slot_id: int, chunk: int) -> tuple:

@@ -6,7 +6,8 @@ sptep and old_spte, so another task can change the entry between the read and wh
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
 
 from tdxdbg.engine.spte import (
     PAGE_SHIFT,
@@ -21,11 +22,29 @@ from tdxdbg.engine.spte import (
     spte_to_pfn,
 )
 from tdxdbg.engine.steps import EngineStep, IterPos
+from tdxdbg.hw.memory import entry_value
 from tdxdbg.runtime.step import Step
 
 if TYPE_CHECKING:
     from tdxdbg.engine.kvm import Gen
     from tdxdbg.hw.memory import HostMemory
+
+
+def walk_spte(get: Callable[..., Any], root: int, root_level: int, gfn: int,
+              target: int = PG_LEVEL_4K) -> tuple[int, int, int, int]:
+    """The walk from a root to the SPTE that maps `gfn` (in the root's index space: a direct root's gfn carries
+    the shared bit), as hardware and tdp_iter descend: down to KVM level `target`, stopping early at a
+    non-present SPTE or a leaf. Returns (level reached, table pfn, index, spte). Pure: it reads through `get`
+    (World.get or peek, or a recorded state's get), as walk_sept does for the S-EPT. TdpIter descends the same
+    way one step (one READ_ONCE) at a time, since every level it reads is a frame."""
+    table, level = root, root_level
+    addr = gfn << PAGE_SHIFT
+    while True:
+        idx = spte_index(addr, level)
+        v = entry_value(get, table, idx)
+        if level == target or not is_shadow_present_pte(v) or is_last_spte(v, level):
+            return level, table, idx, v
+        table, level = spte_to_pfn(v), level - 1
 
 
 # Iterator positions above 4K seen so far (see TdpIter._step); bounded by the upper-level entries and their values.

@@ -13,13 +13,17 @@ from typing import Any
 
 import attrs
 
-from tdxdbg.engine.mmu_page import sp_key
+from tdxdbg.engine.kvm import K_VM_DEAD
+from tdxdbg.engine.mmu_page import K_ROOTS, sp_key
 from tdxdbg.engine.spte import is_last_spte, is_shadow_present_pte, spte_to_pfn
 from tdxdbg.engine.steps import EngineStep
+from tdxdbg.engine.tdp_iter import walk_spte
+from tdxdbg.hw.memory import fill_key, pte_key
 from tdxdbg.hw.tdx.leaves import Seamcall
 from tdxdbg.hw.tdx.seamcall import Arg, Reg, SeamcallEntry, SeamcallReturn, TdxStep, leaf_info
-from tdxdbg.hw.tdx.sept import FREE_ENTRY, SeptState
+from tdxdbg.hw.tdx.sept import SeptState, sept_entry
 from tdxdbg.hw.tdx.status import status_name
+from tdxdbg.hw.tdx.td import td_key
 from tdxdbg.runtime.frame import Frame
 from tdxdbg.runtime.step import StepKind
 
@@ -144,7 +148,7 @@ def collect(frames: Sequence[Frame], final: Any, kvm: Any, stop: str) -> Facts:
     mirror, direct = spte_leaves(kvm, w)
     return Facts(len(frames), stop, tuple(seamcalls), tuple(faults), tuple(reads), tuple(violations),
                  tuple(panics), tuple(errors), tuple(bugs), mirror, direct, sept_entries(kvm, w),
-                 bool(w.peek(("kvm.vm_dead",))), final.tasks)
+                 bool(w.peek(K_VM_DEAD)), final.tasks)
 
 
 def _takes_page_in_r8(leaf: Seamcall) -> bool:
@@ -154,14 +158,9 @@ def _takes_page_in_r8(leaf: Seamcall) -> bool:
 
 
 # -- final state views -------------------------------------------------------------------------------------------
-def _entry(w: Any, table: int, idx: int) -> int:
-    v = w.peek(("pte", table, idx))
-    return w.peek(("mem.fill", table), 0) if v is None else v
-
-
 def _root_list(kvm: Any, w: Any, mirror: bool) -> list[int]:
     out = []
-    for root in w.peek(("kvm.roots",), ()):
+    for root in w.peek(K_ROOTS, ()):
         sp = w.peek(sp_key(root))
         if sp is not None and sp.role.is_mirror == mirror:
             out.append((sp.role.invalid, root))
@@ -184,10 +183,10 @@ def spte_leaves(kvm: Any, w: Any) -> tuple[tuple[tuple[int, int, int], ...], tup
 
 def _walk(w: Any, table: int, level: int, base_gfn: int, out: dict[tuple[int, int], int], strip: int) -> None:
     shift = 9 * (level - 1)
-    data = w.peek(("mem.fill", table), 0)
+    data = w.peek(fill_key(table), 0)
     # Only entries written differ from the fill value: scan them.
     for idx in range(512):
-        spte = w.peek(("pte", table, idx))
+        spte = w.peek(pte_key(table, idx))
         if spte is None:
             if not is_shadow_present_pte(data):
                 continue
@@ -202,14 +201,14 @@ def _walk(w: Any, table: int, level: int, base_gfn: int, out: dict[tuple[int, in
 
 
 def sept_entries(kvm: Any, w: Any) -> tuple[tuple[int, int, str], ...]:
-    cfg = w.peek(("tdx.td", kvm.tdr))
+    cfg = w.peek(td_key(kvm.tdr))
     if cfg is None:
         return ()
     out: list[tuple[int, int, str]] = []
 
     def walk(table: int, level: int, base: int) -> None:
         for idx in range(512):
-            e = w.peek(("sept", table, idx), FREE_ENTRY)
+            e = sept_entry(w.peek, table, idx)
             if e.state is SeptState.FREE:
                 continue
             gpa = base | (idx << (12 + 9 * level))
@@ -223,7 +222,7 @@ def sept_entries(kvm: Any, w: Any) -> tuple[tuple[int, int, str], ...]:
 
 def sept_lookup(kvm: Any, w: Any, gpa: int, level: int) -> str:
     """The state of the S-EPT entry for gpa at level, "FREE" when the walk ends above it on a FREE entry."""
-    cfg = w.peek(("tdx.td", kvm.tdr))
+    cfg = w.peek(td_key(kvm.tdr))
     if cfg is None:
         return "FREE (no TD)"
     from tdxdbg.hw.tdx.module import walk_sept
@@ -244,16 +243,10 @@ def spte_lookup(kvm: Any, w: Any, root_kind: str, gfn: int, level: int) -> int |
     gfn &= ~kvm.gfn_direct_bits
     if root_kind == "direct":
         gfn |= kvm.gfn_direct_bits
-    table, lvl = root, w.peek(sp_key(root)).role.level
-    while True:
-        spte = _entry(w, table, (gfn >> (9 * (lvl - 1))) & 511)
-        if not is_shadow_present_pte(spte):
-            return None
-        if lvl == level:
-            return spte if is_last_spte(spte, lvl) else None
-        if is_last_spte(spte, lvl):
-            return None
-        table, lvl = spte_to_pfn(spte), lvl - 1
+    reached, _table, _idx, spte = walk_spte(w.peek, root, w.peek(sp_key(root)).role.level, gfn, level)
+    if reached != level or not is_shadow_present_pte(spte) or not is_last_spte(spte, level):
+        return None
+    return spte
 
 
 # -- JSON ------------------------------------------------------------------------------------------------------

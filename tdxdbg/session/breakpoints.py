@@ -13,6 +13,7 @@ from typing import Any
 
 import attrs
 
+from tdxdbg.engine.gmem import GMEM_PFN
 from tdxdbg.engine.spte import (
     FROZEN_SPTE,
     VMX_EPT_ACCESS_BIT,
@@ -22,6 +23,7 @@ from tdxdbg.engine.spte import (
     kvm_pages_per_hpage,
 )
 from tdxdbg.engine.steps import EngineStep, HookCall, SpteChange
+from tdxdbg.hw.memory import pte_key
 from tdxdbg.hw.tdx.leaves import Seamcall
 from tdxdbg.hw.tdx.seamcall import SeamcallEntry, SeamcallReturn, TdxStep, leaf_info, parse_leaf
 from tdxdbg.hw.tdx.status import describe, is_error, parse_status, status_name
@@ -175,9 +177,9 @@ def _gfn_matcher(gfn: int, gfn_mask: int) -> Matcher:
             return True
         # guest_memfd pages looked up or allocated for the gfn: ("gmem.pfn", slot, gfn)
         for key in frame.reads:
-            if type(key) is tuple and key[0] == "gmem.pfn" and key[2] == gfn:
+            if type(key) is tuple and key[0] == GMEM_PFN and key[2] == gfn:
                 return True
-        return any(type(k) is tuple and k[0] == "gmem.pfn" and k[2] == gfn for k, _o, _n in frame.effects)
+        return any(type(k) is tuple and k[0] == GMEM_PFN and k[2] == gfn for k, _o, _n in frame.effects)
 
     return match
 
@@ -371,7 +373,7 @@ class Breakpoints:
         """Stop when a frame writes the SPTE at (table pfn, index)."""
         if not 0 <= index < 512:
             raise BreakpointError(f"SPTE index {index} outside 0..511")
-        key = ("pte", table, index)
+        key = pte_key(table, index)
         return self._add(_watch_matcher(key, None, None, None), kind=BreakpointKind.SPTE_WATCH, key=key,
                          description=f"watch SPTE {table:#x}[{index}]")
 

@@ -14,7 +14,7 @@ from tdxdbg.engine.kvm import FREE_MMU_LOCK, K_MMU_LOCK, MmuLock
 from tdxdbg.hw.tdx.epoch import EpochState, epoch_key, is_tracked
 from tdxdbg.hw.tdx.locks import EntryLock, Sharex
 from tdxdbg.hw.tdx.pamt import NDA, pamt_key
-from tdxdbg.hw.tdx.sept import SeptState
+from tdxdbg.hw.tdx.sept import SEPT, SeptState
 from tdxdbg.hw.tdx.td import VcpuState
 
 # S-EPT states a TDH.MEM.RANGE.BLOCK leaves (tdx-module `sept_state_is_any_blocked`).
@@ -87,7 +87,7 @@ def tdx_state(state: Mapping[Any, Any], tdr: int) -> TdxStateView:
         elif isinstance(value, EntryLock) and value.holder is not None:
             locks.append(LockHeld(_lock_name(key), value.holder + (" (host priority)" if value.host_priority
                                                                     else "")))
-        elif (isinstance(key, tuple) and key and key[0] == "sept" and getattr(value, "state", None)
+        elif (isinstance(key, tuple) and key and key[0] == SEPT and getattr(value, "state", None)
               in BLOCKED_STATES):
             bepoch = state.get(pamt_key(value.pfn), NDA).bepoch
             blocked.append(BlockedEntry(key[1], key[2], value.state, value.pfn, bepoch, is_tracked(ep, bepoch)))

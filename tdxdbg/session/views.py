@@ -17,13 +17,14 @@ from tdxdbg.engine.spte import (
     is_last_spte,
     is_shadow_present_pte,
     kvm_pages_per_hpage,
-    spte_index,
     spte_to_pfn,
 )
+from tdxdbg.engine.tdp_iter import walk_spte
 from tdxdbg.hw.ept import level_size
+from tdxdbg.hw.memory import fill_key, pte_key
 from tdxdbg.hw.tdx.epoch import EpochState, epoch_key
 from tdxdbg.hw.tdx.module import walk_sept
-from tdxdbg.hw.tdx.sept import FREE_ENTRY, SeptEntry, SeptState
+from tdxdbg.hw.tdx.sept import FREE_ENTRY, SeptEntry, SeptState, sept_key
 from tdxdbg.hw.tdx.td import Lifecycle, OpState, TdConfig, chldcnt_key, lifecycle_key, op_state_key, td_key
 from tdxdbg.session.decode import SeptEntryView, SpteBits, decode_sept, decode_spte
 
@@ -63,7 +64,7 @@ class SpteView:
     @property
     def key(self) -> tuple[str, int, int]:
         """World key of the SPTE (for watches and last_write)."""
-        return ("pte", self.table, self.index)
+        return pte_key(self.table, self.index)
 
 
 @attrs.frozen(slots=True)
@@ -153,12 +154,12 @@ def _table(state: State, pfn: int, level: int, kind: str, gfn_base: int, gfn_bit
         if hit is not None:
             return hit
     sp: KvmMmuPage | None = state.get(sp_key(pfn))
-    fill = state.get(("mem.fill", pfn), 0)
+    fill = state.get(fill_key(pfn), 0)
     per = kvm_pages_per_hpage(level)
     entries = []
     get = state.get
     for i in range(SPTE_ENT_PER_PAGE):
-        v = get(("pte", pfn, i))
+        v = get(pte_key(pfn, i))
         if v is None or v == fill:
             continue
         gfn = gfn_base + i * per
@@ -229,7 +230,7 @@ class SpteLocation:
 
     @property
     def key(self) -> tuple[str, int, int]:
-        return ("pte", self.table, self.index)
+        return pte_key(self.table, self.index)
 
 
 def spte_at(state: State, ctx: VmContext, kind: str, gfn: int, level: int = 1) -> SpteLocation | None:
@@ -240,15 +241,8 @@ def spte_at(state: State, ctx: VmContext, kind: str, gfn: int, level: int = 1) -
     sp: KvmMmuPage = state[sp_key(root)]
     bits = 0 if sp.role.is_mirror else ctx.gfn_direct_bits
     addr = ((gfn & ~ctx.gfn_direct_bits) | bits) << 12
-    table, lvl = root, sp.role.level
-    while True:
-        idx = spte_index(addr, lvl)
-        v = state.get(("pte", table, idx))
-        if v is None:
-            v = state.get(("mem.fill", table), 0)
-        if lvl == level or not is_shadow_present_pte(v) or is_last_spte(v, lvl):
-            return SpteLocation(kind, root, gfn & ~ctx.gfn_direct_bits, lvl, table, idx, v, decode_spte(v))
-        table, lvl = spte_to_pfn(v), lvl - 1
+    lvl, table, idx, v = walk_spte(state.get, root, sp.role.level, addr >> 12, level)
+    return SpteLocation(kind, root, gfn & ~ctx.gfn_direct_bits, lvl, table, idx, v, decode_spte(v))
 
 
 # -- the S-EPT -------------------------------------------------------------------------------------------------
@@ -282,7 +276,7 @@ def td_config(state: State, ctx: VmContext) -> TdConfig | None:
 
 def _sept_table(state: State, pfn: int, level: int, gpa_base: int,
                 cache: TreeCache | None = None) -> SeptTableView:
-    key = ("sept", level, gpa_base)
+    key = ("sept table view", level, gpa_base)   # a TreeCache key, not a World key
     if cache is not None:
         hit = cache.get(pfn, key)
         if hit is not None:
@@ -291,7 +285,7 @@ def _sept_table(state: State, pfn: int, level: int, gpa_base: int,
     size = level_size(level)
     get = state.get
     for i in range(512):
-        e: SeptEntry | None = get(("sept", pfn, i))
+        e: SeptEntry | None = get(sept_key(pfn, i))
         if e is None or e.state is SeptState.FREE:
             continue
         gpa = gpa_base + i * size
