@@ -24,12 +24,13 @@ DEFAULT_LIVELOCK_FRAMES = 5000
 @attrs.frozen(slots=True)
 class ScheduleSpec:
     """A policy, its seed (for RANDOM), and an explicit prefix of task names consumed one per step; and how
-    many frames without progress make a livelock (0: never)."""
+    many frames without progress make a livelock (0: never; None: DEFAULT_LIVELOCK_FRAMES, or more with many
+    tasks)."""
 
     policy: Policy = Policy.ROUND_ROBIN
     seed: int = 0
     order: tuple[str, ...] = ()
-    livelock_frames: int = DEFAULT_LIVELOCK_FRAMES
+    livelock_frames: int | None = None
 
 
 class Scheduler:

@@ -70,6 +70,9 @@ MAX_LIVELOCK_FRAMES = 1_000_000   # [schedule] livelock_frames (the default run 
 # KVM_USER_MEM_SLOTS on x86 (KVM_MEM_SLOTS_NUM - KVM_INTERNAL_MEM_SLOTS): kvm_set_memory_region() refuses a
 # slot id at or above it with -EINVAL.
 KVM_USER_MEM_SLOTS = 32764
+# KVM_MAX_VCPUS on x86: KVM_CREATE_VCPU fails beyond it. Host tasks (VMM threads) get the same bound.
+KVM_MAX_VCPUS = 4096
+MAX_HOSTS = 4096
 
 
 # -- where shipped scenarios live -----------------------------------------------------------------------------
@@ -483,10 +486,18 @@ def _check(c: Checker, data: dict[str, Any], file: str, variant_override: str | 
 
     # [[vcpu]] and [[host]]
     vcpus: list[tuple[Op, ...]] = []
-    for i, t in enumerate(_table_array(c, data, "vcpu")):
+    vcpu_tables, host_tables = _table_array(c, data, "vcpu"), _table_array(c, data, "host")
+    if len(vcpu_tables) > KVM_MAX_VCPUS:
+        c.problem(("vcpu", KVM_MAX_VCPUS), f"expected at most {KVM_MAX_VCPUS} [[vcpu]] (KVM_MAX_VCPUS), found "
+                                           f"{len(vcpu_tables)}")
+        vcpu_tables = []
+    if len(host_tables) > MAX_HOSTS:
+        c.problem(("host", MAX_HOSTS), f"expected at most {MAX_HOSTS} [[host]], found {len(host_tables)}")
+        host_tables = []
+    for i, t in enumerate(vcpu_tables):
         vcpus.append(tuple(_programs(c, t, ("vcpu", i), True, td, slots, inside, where)))
     hosts: list[tuple[Op, ...]] = []
-    for i, t in enumerate(_table_array(c, data, "host")):
+    for i, t in enumerate(host_tables):
         hosts.append(tuple(_programs(c, t, ("host", i), False, td, slots, inside, where)))
         if not vcpus and any(op.kind in ("prefault", "init_mem_region") for op in hosts[-1]):
             c.problem(("host", i, "program"), "expected at least one [[vcpu]]: prefault and init_mem_region "

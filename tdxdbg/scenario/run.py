@@ -52,8 +52,6 @@ def schedule_of(scenario: Scenario, override: str | None = None) -> ScheduleSpec
             raise ScheduleError(f"--schedule: expected round_robin, sequential, random or random:SEED (SEED "
                                 f"below 2^64), found {shown(override)}")
         policy = name
-    if s.livelock_frames is None:
-        return ScheduleSpec(Policy(policy), seed, s.order)
     return ScheduleSpec(Policy(policy), seed, s.order, s.livelock_frames)
 
 

@@ -19,6 +19,7 @@ from typing import Any
 
 from tdxdbg.engine.spte import is_last_spte, is_shadow_present_pte
 from tdxdbg.engine.steps import EngineStep
+from tdxdbg.runtime.scheduler import DEFAULT_LIVELOCK_FRAMES
 from tdxdbg.runtime.step import StepKind
 from tdxdbg.runtime.task import Task, TaskState
 from tdxdbg.runtime.timeline import Timeline
@@ -28,15 +29,22 @@ _SPTE_KINDS = (EngineStep.SPTE_CMPXCHG, EngineStep.SPTE_WRITE)
 _LONGEST_PERIOD = 2000        # the longest loop looked for, in frames
 _LOOP_STEPS_SHOWN = 12        # functions of the loop named in the report
 _KEYS_SHOWN = 3               # keys named per task that could have ended the loop
+_TASKS_SHOWN = 8              # tasks named when listing those that run in the loop
+# With many tasks round robin, each gets a turn in every len(tasks) frames: a vCPU needs a few dozen of its own
+# frames from its thread's start to its first retired instruction, so the default bound is at least this many
+# frames per task (3000 vCPUs starting together are not a livelock). A bound the scenario sets is kept as is.
+FRAMES_PER_TASK = 200
 
 
 class ProgressWatch:
-    """Counts the frames since the last progress; says when they reach `bound` (0: never)."""
+    """Counts the frames since the last progress; says when they reach `bound` (0: never; None: the default
+    for that many tasks)."""
 
-    def __init__(self, timeline: Timeline, rip_keys: Mapping[str, Hashable], bound: int) -> None:
+    def __init__(self, timeline: Timeline, rip_keys: Mapping[str, Hashable], bound: int | None,
+                 tasks: int = 1) -> None:
         self._frames = timeline.frames
         self._rip_keys = dict(rip_keys)
-        self.bound = bound
+        self.bound = max(DEFAULT_LIVELOCK_FRAMES, FRAMES_PER_TASK * tasks) if bound is None else bound
         self.since = 0
         self._seen: set[tuple[str, int, int, bool]] = set()   # (root, gfn, level, present) of leaf changes
         # tdp_iter positions (root, level, gfn) visited since the last progress: a walk over new entries is
@@ -160,8 +168,10 @@ def _enders(timeline: Timeline, loop_frames: range, in_loop: set[str], tasks: Se
         if j is not None and (task := frames.task_of(j)) not in in_loop:
             wrote.setdefault(task, []).append((j, key))
     if not wrote:
-        return (f"only {', '.join(sorted(in_loop))} run in the loop and no other task ever wrote what it reads: "
-                "no task could end it")
+        names = sorted(in_loop)
+        shown = ", ".join(names[:_TASKS_SHOWN]) + (f" and {len(names) - _TASKS_SHOWN} more" if len(names) >
+                                                   _TASKS_SHOWN else "")
+        return f"only {shown} run in the loop and no other task ever wrote what it reads: no task could end it"
     by_name = {t.name: t for t in tasks}
     out = []
     for task, hits in sorted(wrote.items(), key=lambda kv: -max(j for j, _k in kv[1])):

@@ -680,10 +680,11 @@ class _Recording:
     the previous frame of the same task, and the wait predicate a task was blocked on after a frame (recorded
     frames do not keep it; views use it to say whether a task is waiting)."""
 
-    def __init__(self, vm: BuiltVm, rt: Runtime, livelock_frames: int) -> None:
+    def __init__(self, vm: BuiltVm, rt: Runtime, livelock_frames: int | None) -> None:
         self.vm = vm
         self.rt = rt
-        self.watch = ProgressWatch(rt.timeline, {v.name: v.hw.rip_key for v in vm.kvm.vcpus}, livelock_frames)
+        self.watch = ProgressWatch(rt.timeline, {v.name: v.hw.rip_key for v in vm.kvm.vcpus}, livelock_frames,
+                                   len(rt.tasks))
         # Frames at which the watch found a livelock, with its report: commands stop there, recorded or not.
         self.livelocks: dict[int, str] = {}
         self.task_frames: dict[str, list[int]] = {t.name: [] for t in rt.tasks}

@@ -237,3 +237,9 @@ def test_a_long_line_inside_a_string_is_read_in_linear_time(tmp_path: Path) -> N
                        timeout=120)
     assert r.returncode == 2
     assert r.stderr.splitlines()[0] == f"error: {p}:3: td.gpaw: expected 48 or 52, found the integer 47"
+
+
+def test_more_vcpus_than_kvm_max_vcpus(tmp_path: Path) -> None:
+    text = BASE.replace('[[vcpu]]\nprogram = ["accept 0x1000"]\n', "[[vcpu]]\nprogram = []\n" * 4097)
+    assert one(tmp_path, text) == ("FILE:8203: vcpu[4096]: expected at most 4096 [[vcpu]] (KVM_MAX_VCPUS), found "
+                                   "4097")

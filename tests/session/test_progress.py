@@ -168,3 +168,17 @@ def test_a_wait_nothing_holds_is_a_deadlock_named_by_its_step(tmp_path: Path) ->
     assert (report.facts.stop, report.ok) == ("stuck", False)
     assert report.stop_message == ("deadlock: no task can run; vcpu0 waits for VMM: waiting for "
                                    "KVM_TDX_FINALIZE_VM in vcpu_thread")
+
+
+def test_the_bound_grows_with_the_number_of_tasks() -> None:
+    """Round robin over many tasks gives each one turn in so many frames: 3000 vCPUs starting together take
+    more than 5000 frames before the first instruction retires, and that is not a livelock."""
+    from tdxdbg.runtime.timeline import Timeline
+    from tdxdbg.session.progress import FRAMES_PER_TASK, ProgressWatch
+
+    assert FRAMES_PER_TASK == 200
+    assert ProgressWatch(Timeline({}), {}, None, tasks=3).bound == 5000
+    assert ProgressWatch(Timeline({}), {}, None, tasks=3000).bound == 600_000
+    # A bound the scenario sets is kept.
+    assert ProgressWatch(Timeline({}), {}, 70, tasks=3000).bound == 70
+    assert ProgressWatch(Timeline({}), {}, 0, tasks=3000).bound == 0
