@@ -214,10 +214,13 @@ def load_variant(spec: str, base_dir: Path | None = None) -> type:
     path = Path(path_text)
     if not path.is_absolute() and base_dir is not None:
         path = base_dir / path
-    if not path.exists():
-        raise VariantError(f"variant file {path} does not exist")
-    if not path.is_file():
-        raise VariantError(f"variant file {path} is not a regular file")
+    try:
+        if not path.exists():
+            raise VariantError(f"variant file {path} does not exist")
+        if not path.is_file():
+            raise VariantError(f"variant file {path} is not a regular file")
+    except OSError as exc:  # a name too long, a loop of symbolic links
+        raise VariantError(f"variant file {_text(str(path))}: {exc.strerror or type(exc).__name__}") from None
     module = _import_user_file(path)
     cls = getattr(module, cls_name, None)
     if not isinstance(cls, type) or not issubclass(cls, Upstream):

@@ -63,6 +63,7 @@ KVM_LEVELS = {"4K": 1, "2M": 2, "1G": 3}
 MAX_FILE_BYTES = 1 << 20          # a scenario file; the shipped ones are a few kilobytes
 MAX_PROBLEMS = 200                # problems reported one by one; the rest are counted in one more line
 MAX_KEY_CHARS = 60                # of a key name quoted in a key path
+MAX_PATH_SHOWN = 200              # of a scenario path that cannot be read, quoted in the message
 MAX_OP_CHARS = 200                # one program operation
 MAX_STATUS_CHARS = 100            # a status name with its operand id
 MAX_ORDER_TURNS = 1_000_000       # [schedule] order, repeat counts expanded
@@ -87,10 +88,13 @@ def shipped() -> list[Path]:
 def resolve(spec: str) -> Path:
     """A path, or the name (file stem) of a shipped scenario."""
     p = Path(spec)
-    if p.exists() or p.suffix == ".toml" or "/" in spec or "\\" in spec:
+    try:
+        if p.exists() or p.suffix == ".toml" or "/" in spec or "\\" in spec:
+            return p
+        candidate = scenarios_dir() / f"{spec}.toml"
+        return candidate if candidate.exists() else p
+    except (OSError, ValueError):  # a name too long for the file system: reading it says so
         return p
-    candidate = scenarios_dir() / f"{spec}.toml"
-    return candidate if candidate.exists() else p
 
 
 # -- describing values ---------------------------------------------------------------------------------------
@@ -284,6 +288,9 @@ def load(spec: str | Path, variant: str | None = None) -> Scenario:
 def _read_bounded(path: Path, file: str) -> bytes:
     """The bytes of a regular file of at most MAX_FILE_BYTES. Opened without blocking, so that a FIFO or a
     device (/dev/zero, /dev/urandom) is refused instead of read forever."""
+    if len(file) > MAX_PATH_SHOWN:  # a path that cannot be read is not quoted whole
+        file = f"{file[:MAX_PATH_SHOWN // 2]}...{file[-MAX_PATH_SHOWN // 2:]}"
+
     def fail(message: str) -> ScenarioError:
         return ScenarioError([Problem(file, "", message)])
 

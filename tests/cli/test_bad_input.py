@@ -243,3 +243,16 @@ def test_more_vcpus_than_kvm_max_vcpus(tmp_path: Path) -> None:
     text = BASE.replace('[[vcpu]]\nprogram = ["accept 0x1000"]\n', "[[vcpu]]\nprogram = []\n" * 4097)
     assert one(tmp_path, text) == ("FILE:8203: vcpu[4096]: expected at most 4096 [[vcpu]] (KVM_MAX_VCPUS), found "
                                    "4097")
+
+
+def test_a_name_too_long_for_the_file_system(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """ENAMETOOLONG from a scenario name or a variant path: one problem, the path cut in the message."""
+    monkeypatch.chdir(tmp_path)
+    err = io.StringIO()
+    assert main(["validate", "a" * 5000], io.StringIO(), err) == 2
+    assert err.getvalue() == f"error: {'a' * 100}...{'a' * 100}: cannot read the file: File name too long\n"
+    err = io.StringIO()
+    assert main(["run", "first_private_fault", "--variant", "b" * 5000 + ".py:X"], io.StringIO(), err) == 2
+    scenario = loader.resolve("first_private_fault")
+    shown = f"'{tmp_path}/{'b' * 5000}"[:200]   # the repr, cut to 200 characters
+    assert err.getvalue() == f"error: {scenario}: --variant: variant file {shown}...: File name too long\n"
