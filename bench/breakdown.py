@@ -24,28 +24,11 @@ import engine  # bench/engine.py: the fault workload it times
 import seamcalls  # bench/seamcalls.py: the SEAMCALL cycle it times
 
 from tdxdbg.engine.checks import make_checks
-from tdxdbg.runtime import Runtime, Task, TaskState, World
+from tdxdbg.runtime import Runtime
 from tdxdbg.runtime.scheduler import Policy, ScheduleSpec
 
 FAULT_PAGES = 5_000
 RUNS = 3
-
-
-def drive_unrecorded(world: World, tasks: list[Task]) -> None:
-    """Run each task to its end, in order (the benchmarks' sequential schedule), keeping nothing."""
-    reads, writes = world._reads, world._writes
-    for task in tasks:
-        world.task = task.name
-        send = task.gen.send
-        try:
-            while True:
-                step = send(None)
-                if step.wait is not None and not step.wait(world):
-                    raise RuntimeError(f"{task.name} waits; an unrecorded run cannot schedule around that")
-                reads.clear()
-                writes.clear()
-        except StopIteration:
-            task.state = TaskState.DONE
 
 
 def time_faults(mode: str) -> float:
@@ -54,7 +37,7 @@ def time_faults(mode: str) -> float:
     world = built.machine.world
     if mode == "unrecorded":
         start = time.perf_counter()
-        drive_unrecorded(world, tasks)
+        engine.drive_unrecorded(world, tasks)
         return time.perf_counter() - start
     rt = Runtime(world, tasks, ScheduleSpec(Policy.SEQUENTIAL),
                  checks=make_checks(built.kvm) if mode != "no-checks" else (),
@@ -70,7 +53,7 @@ def time_seamcalls(mode: str) -> float:
     world, tasks, verify = seamcalls.build()
     if mode == "unrecorded":
         start = time.perf_counter()
-        drive_unrecorded(world, tasks)
+        engine.drive_unrecorded(world, tasks)
         elapsed = time.perf_counter() - start
     else:
         rt = Runtime(world, tasks, ScheduleSpec(Policy.SEQUENTIAL), record_locals=mode != "no-locals")

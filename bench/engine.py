@@ -2,15 +2,17 @@
 
 Figures:
   private-faults-per-second        one vCPU accepting 20,000 fresh private 4K pages (each ACCEPT exits, KVM
-                                   faults the page in: SEPT.ADD where needed, PAGE.AUG), recording and checks on
+                                   faults the page in: SEPT.ADD where needed, PAGE.AUG), recording stacks,
+                                   effects and footprints, checks on (no locals: not captured at record time)
+  private-faults-per-second-unrecorded  the same with nothing recorded and no checks (the tasks driven straight
+                                   through), in the same process
+  recorded-vs-unrecorded           private-faults-per-second divided by the unrecorded figure
   private-faults-per-second-4vcpu  four vCPUs, 5,000 pages each, round-robin interleaving
   timeline-bytes-per-frame         memory per frame of the 1,000,000-frame timeline below: growth of the resident
                                    set of a fresh process while it builds the VM and records the timeline
-                                   (checks off), so allocator overhead counts too
+                                   (checks off, no locals), so allocator overhead counts too
   timeline-bytes-per-frame-46k     the same for a 46,000-frame timeline (2,000 pages), measured with
-                                   tracemalloc. Locals are kept for the newest 100,000 frames only
-                                   (runtime/timeline.py LOCALS_WINDOW), so a timeline shorter than that
-                                   costs more per frame than a long one
+                                   tracemalloc
   goto-median-ms                   median time to rebuild the state of a random frame of a 1,000,000-frame
                                    timeline (the cursor is elsewhere each time)
   goto-session-median-ms           the same through Session.goto plus reading the state there
@@ -29,6 +31,7 @@ import sys
 import time
 import tracemalloc
 from pathlib import Path
+from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
@@ -36,7 +39,7 @@ from tdxdbg.engine.gmem import Memslot
 from tdxdbg.engine.steps import EngineStep
 from tdxdbg.engine.vm import BuiltVm, VmSetup, build_vm
 from tdxdbg.hw import guest
-from tdxdbg.runtime import Runtime
+from tdxdbg.runtime import Runtime, Task, TaskState
 from tdxdbg.runtime.scheduler import Policy, ScheduleSpec
 from tdxdbg.session import Session
 
@@ -74,9 +77,11 @@ def build(vcpus: int, pages: int) -> BuiltVm:
 
 
 def run(vcpus: int, pages: int, policy: Policy, checks: bool = True) -> tuple[Runtime, float, int]:
+    """Record the workload (stacks, effects, footprints and, with `checks`, the invariant checks; no locals: they
+    are no longer captured at record time)."""
     built = build(vcpus, pages)
     rt = Runtime(built.machine.world, built.tasks, ScheduleSpec(policy),
-                 checks=_checks(built.kvm) if checks else ())
+                 checks=_checks(built.kvm) if checks else (), record_locals=False)
     start = time.perf_counter()
     rt.run()
     elapsed = time.perf_counter() - start
@@ -85,10 +90,42 @@ def run(vcpus: int, pages: int, policy: Policy, checks: bool = True) -> tuple[Ru
     return rt, elapsed, faults
 
 
+def drive_unrecorded(world: Any, tasks: list[Task]) -> None:
+    """Run each task to its end, in order (the sequential schedule), keeping nothing: no frames, stacks, effects
+    or checks (the World's per-step read and write lists are just emptied). The ceiling any recording lowers."""
+    reads, writes = world._reads, world._writes
+    for task in tasks:
+        world.task = task.name
+        send = task.gen.send
+        try:
+            while True:
+                step = send(None)
+                if step.wait is not None and not step.wait(world):
+                    raise RuntimeError(f"{task.name} waits; an unrecorded run cannot schedule around that")
+                reads.clear()
+                writes.clear()
+        except StopIteration:
+            task.state = TaskState.DONE
+
+
+def unrecorded(pages: int) -> float:
+    """Seconds to run the one-vCPU workload unrecorded."""
+    built = build(1, pages)
+    start = time.perf_counter()
+    drive_unrecorded(built.machine.world, built.tasks)
+    return time.perf_counter() - start
+
+
 def main() -> None:
     _rt, elapsed, faults = run(1, PAGES, Policy.SEQUENTIAL)
-    print(f"private-faults-per-second: {faults / elapsed:.0f} faults/s")
+    recorded = faults / elapsed
+    print(f"private-faults-per-second: {recorded:.0f} faults/s")
     _rt = None
+    gc.collect()
+    # The same faults with nothing recorded, in this process; the recorded run made one fault per page.
+    ceiling = PAGES / unrecorded(PAGES)
+    print(f"private-faults-per-second-unrecorded: {ceiling:.0f} faults/s")
+    print(f"recorded-vs-unrecorded: {recorded / ceiling:.2f}")
     gc.collect()
     _rt4, elapsed, faults = run(4, PAGES, Policy.ROUND_ROBIN)
     print(f"private-faults-per-second-4vcpu: {faults / elapsed:.0f} faults/s")
@@ -158,7 +195,7 @@ def timeline_rss() -> None:
     gc.collect()
     before = resident_bytes()
     built = build(1, GOTO_PAGES)
-    rt = Runtime(built.machine.world, built.tasks, ScheduleSpec(Policy.SEQUENTIAL))
+    rt = Runtime(built.machine.world, built.tasks, ScheduleSpec(Policy.SEQUENTIAL), record_locals=False)
     rt.run()
     assert all(t.error is None for t in built.tasks), [t.error for t in built.tasks]
     print((resident_bytes() - before) / len(rt.timeline))

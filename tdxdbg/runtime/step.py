@@ -34,9 +34,12 @@ class Step(NamedTuple):
     def get(self, name: str, default: Any = None) -> Any:
         """A payload field, whether the payload is a mapping or a NamedTuple."""
         payload = self.payload
-        if isinstance(payload, Mapping):
+        # A plain dict or a NamedTuple first: isinstance against the Mapping ABC goes through the ABC machinery.
+        if payload.__class__ is dict:
             return payload.get(name, default)
-        return getattr(payload, name, default)
+        if isinstance(payload, tuple) or not isinstance(payload, Mapping):
+            return getattr(payload, name, default)
+        return payload.get(name, default)
 
     def fields(self) -> dict[str, Any]:
         """The payload as a dict (for views and export)."""

@@ -1,0 +1,143 @@
+"""Execution: one complete run of the tasks without a timeline, the unit an interleaving explorer repeats.
+
+Per step it keeps what an explorer needs and nothing more: which task ran, the distinct World keys the step
+read and the distinct keys it wrote (in first-touch order), and the violations the checks reported. The checks
+run after every step exactly as under `Runtime` (same pre-filter, same `world.task` and `world.stack`), so a
+run here reports what the same schedule reports when recorded. No frames, payloads, effect values, locals or
+keyframes are kept; a call stack is read only for a step the checks look at (they may ask who issued it).
+"""
+
+from __future__ import annotations
+
+import traceback
+from array import array
+from collections.abc import Hashable, Sequence
+from typing import Any
+
+from tdxdbg.runtime.frame import StackCache, Violation, capture
+from tdxdbg.runtime.runtime import Check, StopReason
+from tdxdbg.runtime.scheduler import Policy, Scheduler, ScheduleSpec
+from tdxdbg.runtime.step import Step, StepKind
+from tdxdbg.runtime.task import Task, TaskState
+from tdxdbg.runtime.world import World
+
+_READY = TaskState.READY
+_WAITING = TaskState.WAITING
+_DONE = TaskState.DONE
+_FAILED = TaskState.FAILED
+
+
+class Execution:
+    """Runs `tasks` over `world` under `schedule` to the end, keeping per step: `task_of(i)`, `reads[i]`,
+    `writes[i]`, and `violations` (step index -> violations). Same world, tasks and schedule give the same steps
+    as a `Runtime` would record."""
+
+    def __init__(self, world: World, tasks: Sequence[Task], schedule: ScheduleSpec | None = None,
+                 checks: Sequence[Check] = ()) -> None:
+        names = [t.name for t in tasks]
+        if len(set(names)) != len(names):
+            raise ValueError(f"task names must be unique: {names}")
+        self.world = world
+        self.tasks = list(tasks)
+        self.scheduler = Scheduler(schedule or ScheduleSpec())
+        self.checks = list(checks)
+        kinds = [getattr(c, "step_kinds", None) for c in self.checks]
+        self._check_kinds: frozenset[int] | None = (
+            None if any(k is None for k in kinds) else frozenset(id(k) for ks in kinds for k in ks))
+        self._stack_cache = [StackCache() for _ in self.tasks]
+        # Per step: index into `tasks` of the task that ran, distinct keys read, distinct keys written.
+        self.task_col = array("H")
+        self.reads: list[tuple[Hashable, ...]] = []
+        self.writes: list[tuple[Hashable, ...]] = []
+        self.violations: dict[int, tuple[Violation, ...]] = {}
+        world._writes.clear()
+        world._reads.clear()
+
+    def __len__(self) -> int:
+        return len(self.task_col)
+
+    def task_of(self, i: int) -> str:
+        return self.tasks[self.task_col[i]].name
+
+    @property
+    def finished(self) -> bool:
+        return all(t.finished for t in self.tasks)
+
+    def run(self, max_steps: int | None = None) -> StopReason:
+        """Step until every task is done, nothing can run, or `max_steps` more steps ran."""
+        world = self.world
+        tasks = self.tasks
+        n_tasks = len(tasks)
+        scheduler = self.scheduler
+        pick = scheduler.pick
+        order_len = len(scheduler.spec.order)
+        single_fast = scheduler.spec.policy is not Policy.RANDOM
+        reads = world._reads
+        writes = world._writes
+        checks = self.checks
+        check_kinds = self._check_kinds
+        caches = self._stack_cache
+        task_col = self.task_col
+        add_task = task_col.append
+        add_reads = self.reads.append
+        add_writes = self.writes.append
+        all_violations = self.violations
+        fromkeys = dict.fromkeys
+        count = 0
+        while True:
+            if max_steps is not None and count >= max_steps:
+                return StopReason.MAX_FRAMES
+            runnable = []
+            for i in range(n_tasks):
+                t = tasks[i]
+                state = t.state
+                if state is _READY or (state is _WAITING and t.wait is not None and t.wait(world)):
+                    runnable.append(i)
+            if not runnable:
+                return StopReason.DONE if self.finished else StopReason.STUCK
+            index = len(task_col)
+            if len(runnable) == 1 and single_fast and index >= order_len:
+                choice = runnable[0]
+                scheduler._last = choice
+            else:
+                choice = pick(tasks, runnable, index)
+            task = tasks[choice]
+            world.task = task.name
+            reads.clear()  # reads made by wait predicates belong to no step
+            task.wait = None
+            task.state = _READY
+            gen = task.gen
+            try:
+                step = gen.send(None)
+            except StopIteration as stop:
+                task.state = _DONE
+                task.result = stop.value
+                step = Step(StepKind.TASK_DONE, {"result": stop.value})
+            except Exception as exc:  # an engine bug ends the task, as under Runtime
+                task.state = _FAILED
+                task.error = f"{type(exc).__name__}: {exc}"
+                step = Step(StepKind.TASK_ERROR, {"error": task.error,
+                                                  "traceback": "".join(traceback.format_exception(exc))})
+            else:
+                if step.wait is not None:
+                    task.wait = step.wait
+                    task.state = _WAITING
+            add_task(choice)
+            add_reads(tuple(fromkeys(reads)) if reads else ())
+            if writes:
+                flat: tuple[Any, ...] = tuple(writes)
+                add_writes(tuple(fromkeys(flat[0::3])))
+            else:
+                flat = ()
+                add_writes(())
+            writes.clear()
+            reads.clear()
+            if checks and (flat or check_kinds is None or id(step.kind) in check_kinds):
+                state = task.state
+                world.stack = () if state is _DONE or state is _FAILED else capture(gen, caches[choice], False)[0]
+                found = [v for check in checks for v in check(world, step, flat)]
+                if found:
+                    all_violations[index] = tuple(found)
+                writes.clear()
+                reads.clear()
+            count += 1

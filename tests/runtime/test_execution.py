@@ -1,0 +1,58 @@
+"""Execution (tdxdbg/runtime/execution.py), the unrecorded run an interleaving explorer repeats: under the same
+schedule it takes the same steps as a recorded Runtime, with the same keys read and written and the same
+violations, on every shipped scenario."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from tdxdbg.engine.checks import make_checks
+from tdxdbg.engine.vm import build_vm
+from tdxdbg.runtime import Runtime, Step, StepKind, Task, World
+from tdxdbg.runtime.execution import Execution
+from tdxdbg.runtime.runtime import StopReason
+from tdxdbg.scenario.builder import build_setup
+from tdxdbg.scenario.loader import load, shipped
+from tdxdbg.scenario.run import schedule_of
+
+
+def _distinct_keys(flat: tuple) -> tuple:
+    return tuple(dict.fromkeys(flat[0::3]))
+
+
+@pytest.mark.parametrize("path", shipped(), ids=lambda p: p.stem)
+def test_an_execution_takes_the_recorded_steps(path: Path) -> None:
+    scenario = load(path)
+    setup = build_setup(scenario, path.parent)
+    for schedule in (None, "random:3"):
+        spec = schedule_of(scenario, schedule)
+        built = build_vm(setup)
+        rt = Runtime(built.machine.world, built.tasks, spec, checks=make_checks(built.kvm), record_locals=False)
+        stop = rt.run(max_frames=200_000)
+        frames = rt.timeline.frames
+        built = build_vm(setup)
+        ex = Execution(built.machine.world, built.tasks, spec, checks=make_checks(built.kvm))
+        assert ex.run(max_steps=200_000) is stop
+        assert [ex.task_of(i) for i in range(len(ex))] == [frames.task_of(i) for i in range(len(frames))]
+        assert ex.reads == [frames.reads_of(i) for i in range(len(frames))]
+        assert ex.writes == [_distinct_keys(frames.flat_effects_of(i)) for i in range(len(frames))]
+        assert ex.violations == frames.violations
+
+
+def test_an_execution_stops_at_max_steps_and_reports_stuck_tasks() -> None:
+    def waiter(world: World):
+        yield Step(StepKind.WAIT, wait=lambda w: w.peek(("go",)) is not None)
+
+    def counter(world: World):
+        for i in range(5):
+            world.set(("n",), i)
+            yield Step(StepKind.WAIT)
+
+    world = World()
+    ex = Execution(world, [Task("w", waiter(world)), Task("c", counter(world))])
+    assert ex.run(max_steps=3) is StopReason.MAX_FRAMES and len(ex) == 3
+    assert ex.run() is StopReason.STUCK
+    assert [ex.task_of(i) for i in range(len(ex))] == ["w", "c", "c", "c", "c", "c", "c"]
+    assert ex.writes[1:] == [(("n",),)] * 5 + [()]   # five writes, then the TASK_DONE step
