@@ -20,6 +20,10 @@ class Result:
     detail: str = ""
 
 
+# How a run ended (Facts.stop) in the words of `[[expect]] stop`: a stuck run is a deadlock.
+STOP_OF_FACTS = {"stuck": "deadlock"}
+
+
 def status_matches(expected: int, actual: int) -> bool:
     """A status without operand details matches any operand; with details it must match exactly."""
     if expected & OPERAND_MASK:
@@ -101,6 +105,9 @@ def _one(e: Expect, facts: Facts, kvm: Any, world: Any) -> Result:
     if k == "stuck":
         stuck = facts.stop == "stuck"
         return Result(e.text, stuck == g("value"), f"the run ended {facts.stop}")
+    if k == "stop":
+        ended = STOP_OF_FACTS.get(facts.stop, facts.stop)
+        return Result(e.text, ended == g("value"), f"the run ended {ended}")
     raise AssertionError(k)
 
 

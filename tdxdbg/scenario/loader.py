@@ -49,7 +49,9 @@ MEMSLOT_KEYS = ("id", "gpa", "size", "guest_memfd", "readonly", "dirty_log")
 SCHEDULE_KEYS = ("policy", "seed", "order", "livelock_frames")
 INJECT_KEYS = ("seamcall", "occurrence", "status")
 EXPECT_KINDS = ("sept", "spte", "read", "seamcalls", "fault", "violation", "no_violations", "vm_dead", "panic",
-                "stuck")
+                "stuck", "stop")
+# `[[expect]] stop = "..."`: how the run ends. "deadlock" is the run's "stuck" (tasks left, none can run).
+STOP_KINDS = ("done", "livelock", "deadlock")
 EXPECT_FIELDS = {
     "sept": (("gpa", "level", "state"), ()),
     "spte": (("root", "gfn", "level"), ("present", "value")),
@@ -765,6 +767,12 @@ def _one_expect(c: Checker, kind: str, v: Any, p: tuple[Any, ...], tasks: list[s
             c.problem(p, f"unknown invariant: expected one of {', '.join(names)}, found {describe(v)}")
             return None
         return Expect(kind, f"violation {v}", (("name", v),))
+    if kind == "stop":
+        if not isinstance(v, str) or v not in STOP_KINDS:
+            c.problem(p, f"expected how the run ends ({', '.join(repr(k) for k in STOP_KINDS)}), found {describe(v)}")
+            return None
+        return Expect(kind, f"the run ends in {v}" if v != "done" else "the run ends with every task done",
+                      (("value", v),))
     if kind == "panic":
         task = _task(c, v, p, vcpu_tasks)
         return None if task is None else Expect(kind, f"guest panic on {task}", (("task", task),))

@@ -65,11 +65,13 @@ def run_scenario(scenario: Scenario, schedule: ScheduleSpec | None = None,
     expected_names = {e.get("name") for e in scenario.expect if e.kind == "violation"}
     unexpected = tuple(v for v in facts.violations if v.invariant not in expected_names)
     expected_panics = {e.get("task") for e in scenario.expect if e.kind == "panic"}
-    expect_stuck = any(e.kind == "stuck" and e.get("value") for e in scenario.expect)
+    expect_stuck = any((e.kind == "stuck" and e.get("value")) or (e.kind == "stop" and e.get("value") == "deadlock")
+                       for e in scenario.expect)
+    expect_livelock = any(e.kind == "stop" and e.get("value") == "livelock" for e in scenario.expect)
     # A VM that died (KVM_BUG_ON, kvm_vm_dead) fails the run unless the scenario says `vm_dead = true`.
     expect_vm_dead = any(e.kind == "vm_dead" and e.get("value") for e in scenario.expect)
     ok = (all(r.ok for r in results) and not unexpected and not facts.errors
           and all(p.task in expected_panics for p in facts.panics)
           and (not facts.vm_dead or expect_vm_dead)
-          and (stop == "done" or (stop == "stuck" and expect_stuck)))
+          and (stop == "done" or (stop == "stuck" and expect_stuck) or (stop == "livelock" and expect_livelock)))
     return Report(scenario, schedule, facts, results, unexpected, ok, final.stop_message)
