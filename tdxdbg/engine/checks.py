@@ -27,7 +27,7 @@ from tdxdbg.engine.invariants import (
     register,
 )
 from tdxdbg.engine.kvm import FREE_MMU_LOCK, K_MMU_LOCK, K_TD_STATE, TdState
-from tdxdbg.engine.mmu_page import K_ROOTS, KvmMmuPage
+from tdxdbg.engine.mmu_page import K_ROOTS, KVM_SP, KvmMmuPage, sp_key
 from tdxdbg.engine.spte import (
     EPT_SPTE_HOST_WRITABLE,
     EPT_SPTE_MMU_WRITABLE,
@@ -38,17 +38,18 @@ from tdxdbg.engine.spte import (
     is_mmio_spte,
     is_shadow_present_pte,
     kvm_pages_per_hpage,
-    spte_index,
     spte_to_pfn,
 )
 from tdxdbg.engine.steps import EngineStep, SpteChange
+from tdxdbg.engine.tdp_iter import walk_spte
+from tdxdbg.hw.memory import MEM_OWNER, PTE, fill_key, pte_key
 from tdxdbg.hw.tdx.leaves import Seamcall
 from tdxdbg.hw.tdx.module import walk_sept
-from tdxdbg.hw.tdx.pamt import PageType
+from tdxdbg.hw.tdx.pamt import PAMT, PageType, pamt_key
 from tdxdbg.hw.tdx.seamcall import TdxStep
-from tdxdbg.hw.tdx.sept import SeptState
+from tdxdbg.hw.tdx.sept import SEPT, SeptState
 from tdxdbg.hw.tdx.status import OperandId, TdxStatus, describe, is_error, status_base
-from tdxdbg.hw.tdx.td import Lifecycle
+from tdxdbg.hw.tdx.td import CHLDCNT, Lifecycle, chldcnt_key, lifecycle_key, op_state_key, td_key
 from tdxdbg.runtime.frame import Violation
 from tdxdbg.runtime.step import Step, StepKind
 from tdxdbg.runtime.world import MISSING, World
@@ -122,14 +123,14 @@ class _KvmSpte(NamedTuple):
 def _kvm_spte(world: World, key: tuple, old: Any, new: Any) -> _KvmSpte | None:
     """The write (key, old, new) as an SPTE write of a KVM page table; None for another key or a page that is
     not (or no longer) a KVM page table."""
-    if key[0] != "pte":
+    if key[0] != PTE:
         return None
     table = key[1]
-    sp = world.peek(("kvm.sp", table))
+    sp = world.peek(sp_key(table))
     if sp is None:
         return None
     if old is MISSING or new is MISSING:
-        fill = world.peek(("mem.fill", table), 0)
+        fill = world.peek(fill_key(table), 0)
         if old is MISSING:
             old = fill
         if new is MISSING:
@@ -177,7 +178,7 @@ class SpteInvariants(Invariant):
     description = ("A present leaf SPTE replaced by a present leaf with another pfn (handle_changed_spte BUG); a "
                    "written SPTE that is #VE-possible (is_ept_ve_possible, MMIO SPTEs excepted); W without "
                    "MMU-writable or MMU-writable without Host-writable (check_spte_writable_invariants).")
-    tags = frozenset({"pte"})
+    tags = frozenset({PTE})
 
     def writes(self, world: World, writes: list[Write], out: list[Violation]) -> None:
         for key, old, new in writes:
@@ -213,7 +214,7 @@ class SpteOutsideMemslot(Invariant):
                    "Checked when a leaf is written and when the memslots change. Kernel: kvm_invalidate_memslot "
                    "waits for SRCU readers (in-flight faults) before kvm_arch_flush_shadow_memslot; "
                    "kvm_mmu_faultin_pfn retries on an invalid slot (commit e0c378684b65).")
-    tags = frozenset({"pte", K_MEMSLOTS[0]})
+    tags = frozenset({PTE, K_MEMSLOTS[0]})
 
     def __init__(self, kvm: Any) -> None:
         super().__init__(kvm)
@@ -222,8 +223,8 @@ class SpteOutsideMemslot(Invariant):
         self._world = kvm.world
 
     def seed(self, key: tuple, value: Any) -> None:
-        if (key[0] == "pte" and is_shadow_present_pte(value)
-                and self._world.peek(("kvm.sp", key[1])) is not None):
+        if (key[0] == PTE and is_shadow_present_pte(value)
+                and self._world.peek(sp_key(key[1])) is not None):
             self.present[(key[1], key[2])] = None
 
     def writes(self, world: World, writes: list[Write], out: list[Violation]) -> None:
@@ -234,7 +235,7 @@ class SpteOutsideMemslot(Invariant):
             if key == K_MEMSLOTS:
                 slots_changed = True
                 continue
-            if key[0] != "pte":
+            if key[0] != PTE:
                 continue
             self.present.pop((key[1], key[2]), None)
             w = _kvm_spte(world, key, old, new)
@@ -258,10 +259,10 @@ class SpteOutsideMemslot(Invariant):
         """The memslots changed: every present leaf must still lie in one."""
         peek = world.peek
         for table, index in list(self.present):
-            sp = peek(("kvm.sp", table))
+            sp = peek(sp_key(table))
             if sp is None:
                 continue
-            v = peek(("pte", table, index))
+            v = peek(pte_key(table, index))
             level = sp.role.level
             if v is None or not is_shadow_present_pte(v) or not is_last_spte(v, level):
                 continue
@@ -277,7 +278,7 @@ class MirrorPresentWithoutSept(Invariant):
                    "at gpa = gfn << 12, TDX level = KVM level - 1, same pfn; a non-leaf needs an NL_MAPPED entry "
                    "whose page is the child SP's external_spt. Kernel: set_external_spte_present (freeze, hook, "
                    "then publish).")
-    tags = frozenset({"pte"})
+    tags = frozenset({PTE})
 
     def writes(self, world: World, writes: list[Write], out: list[Violation]) -> None:
         for key, old, new in writes:
@@ -290,7 +291,7 @@ class MirrorPresentWithoutSept(Invariant):
         level, gfn, leaf, where = _present_leaf_at(w, self.kvm.gfn_direct_bits)
         new = w.new
         tdr = self.kvm.tdr
-        cfg = world.peek(("tdx.td", tdr))
+        cfg = world.peek(td_key(tdr))
         if cfg is None:
             out.append(Violation(self.name, f"{where} present but the TD does not exist"))
             return
@@ -316,7 +317,7 @@ class MirrorPresentWithoutSept(Invariant):
                 out.append(Violation(self.name, f"{where} maps pfn {spte_to_pfn(new):#x} but the S-EPT maps "
                                                 f"{entry.pfn:#x}"))
             return
-        child = world.peek(("kvm.sp", spte_to_pfn(new)))
+        child = world.peek(sp_key(spte_to_pfn(new)))
         if state is not SeptState.NL_MAPPED:
             out.append(Violation(self.name, f"{where} present non-leaf but the S-EPT entry is {state.name}"))
         elif child is None or not child.external_spt or entry.pfn != child.external_spt:
@@ -333,7 +334,7 @@ class FrozenSpteLeaked(Invariant):
                    "writing it back (UNFREEZE/RESTORE or any non-FROZEN value). "
                    "Children of a table handed to handle_removed_pt stay FROZEN until RCU frees the table, by "
                    "design, and are excluded. Kernel: the tdp_mmu.c freeze protocol (FROZEN_SPTE).")
-    tags = frozenset({"pte", "kvm.sp"})
+    tags = frozenset({PTE, KVM_SP})
     kinds = frozenset({*_SPTE_STEPS, EngineStep.SP_FREE, EngineStep.RET_PF, EngineStep.LOCK, *_TASK_END})
 
     def __init__(self, kvm: Any) -> None:
@@ -345,7 +346,7 @@ class FrozenSpteLeaked(Invariant):
         for key, old, new in writes:
             if key.__class__ is not tuple:
                 continue
-            if key[0] == "kvm.sp":
+            if key[0] == KVM_SP:
                 if new is MISSING:
                     self._table_gone(key[1])
                 continue
@@ -524,7 +525,7 @@ class SeptRemovalWithoutTrack(_KvmSeamcalls):
         if leaf is not Seamcall.TDH_MEM_PAGE_REMOVE:
             return
         tdr = p.rdx >> 12
-        op = world.peek(("tdx.op_state", tdr))
+        op = world.peek(op_state_key(tdr))
         if op is None or not op.tlb_tracking_required:
             return
         gpa = p.rcx & _GPA_MASK
@@ -588,7 +589,7 @@ class UnexpectedTdxStatus(_KvmSeamcalls):
             return "BUSY again on the retry with vCPUs kept out" if retried else None
         if (_premaps(self.kvm) and leaf is Seamcall.TDH_MEM_RANGE_BLOCK
                 and rax == TdxStatus.TDX_EPT_ENTRY_STATE_INCORRECT | OperandId.RCX):
-            op = world.peek(("tdx.op_state", entry.rdx >> 12))
+            op = world.peek(op_state_key(entry.rdx >> 12))
             if op is not None and not op.tlb_tracking_required:
                 return None  # a premapped page that never got PAGE.ADD
         if leaf is Seamcall.TDH_VP_FLUSH and base == TdxStatus.TDX_VCPU_NOT_ASSOCIATED:
@@ -616,7 +617,7 @@ class AliasMappedTwice(Invariant):
     description = ("A gfn has a present leaf in the (valid) mirror root and in the (valid) direct root at once: "
                    "private and shared alias both mapped. KVM keeps the two exclusive through memory attributes "
                    "(kvm_mem_is_private).")
-    tags = frozenset({"pte"})
+    tags = frozenset({PTE})
 
     def writes(self, world: World, writes: list[Write], out: list[Violation]) -> None:
         for key, old, new in writes:
@@ -630,7 +631,7 @@ class AliasMappedTwice(Invariant):
     def _alias(self, world: World, gfn: int, other: str, where: _SpteAt, out: list[Violation]) -> None:
         peek = world.peek
         for root in peek(K_ROOTS, ()):
-            sp = peek(("kvm.sp", root))
+            sp = peek(sp_key(root))
             if sp is None or sp.role.invalid or sp.kind != other:
                 continue
             v = self._lookup(world, root, gfn)
@@ -642,24 +643,12 @@ class AliasMappedTwice(Invariant):
     def _lookup(self, world: World, root: int, gfn: int) -> int | None:
         """The present leaf SPTE mapping gfn under `root`, or None."""
         peek = world.peek
-        sp = peek(("kvm.sp", root))
+        sp = peek(sp_key(root))
         if sp is None:
             return None
-        level = sp.role.level
-        addr = (gfn if sp.role.is_mirror else gfn | self.kvm.gfn_direct_bits) << 12
-        table = root
-        while level >= 1:
-            idx = spte_index(addr, level)
-            v = peek(("pte", table, idx))
-            if v is None:
-                v = peek(("mem.fill", table), 0)
-            if not is_shadow_present_pte(v):
-                return None
-            if is_last_spte(v, level):
-                return v
-            table = spte_to_pfn(v)
-            level -= 1
-        return None
+        index_gfn = gfn if sp.role.is_mirror else gfn | self.kvm.gfn_direct_bits
+        level, _table, _index, v = walk_spte(peek, root, sp.role.level, index_gfn)
+        return v if is_shadow_present_pte(v) and is_last_spte(v, level) else None
 
 
 @register
@@ -668,7 +657,7 @@ class PageFreedWhileMapped(Invariant):
     description = ("A host page was freed ((\"mem.owner\", pfn) deleted) while an S-EPT entry or a present SPTE "
                    "still points to it, or while its PAMT type is PT_REG or PT_EPT. TDX module: a page given to "
                    "the TD is not freed while mapped.")
-    tags = frozenset({"pte", "sept", "mem.owner"})
+    tags = frozenset({PTE, SEPT, MEM_OWNER})
 
     def __init__(self, kvm: Any) -> None:
         super().__init__(kvm)
@@ -679,10 +668,10 @@ class PageFreedWhileMapped(Invariant):
 
     def seed(self, key: tuple, value: Any) -> None:
         tag = key[0]
-        if tag == "pte":
-            if is_shadow_present_pte(value) and self._world.peek(("kvm.sp", key[1])) is not None:
+        if tag == PTE:
+            if is_shadow_present_pte(value) and self._world.peek(sp_key(key[1])) is not None:
                 self.sptes.ref((key[1], key[2]), spte_to_pfn(value))
-        elif tag == "sept" and value.state is not SeptState.FREE:
+        elif tag == SEPT and value.state is not SeptState.FREE:
             self.sept_entries.ref(key, value.pfn)
 
     def writes(self, world: World, writes: list[Write], out: list[Violation]) -> None:
@@ -691,28 +680,28 @@ class PageFreedWhileMapped(Invariant):
             if key.__class__ is not tuple:
                 continue
             tag = key[0]
-            if tag == "pte":
+            if tag == PTE:
                 self.sptes.unref((key[1], key[2]))
                 w = _kvm_spte(world, key, old, new)
                 if w is not None and is_shadow_present_pte(w.new):
                     self.sptes.ref((w.table, w.index), spte_to_pfn(w.new))
-            elif tag == "sept":
+            elif tag == SEPT:
                 self.sept_entries.unref(key)
                 if new is not MISSING and new.state is not SeptState.FREE:
                     self.sept_entries.ref(key, new.pfn)
-            elif tag == "mem.owner" and new is MISSING:
+            elif tag == MEM_OWNER and new is MISSING:
                 freed.append(key[1])
         for pfn in freed:
             self._freed(world, pfn, out)
 
     def _freed(self, world: World, pfn: int, out: list[Violation]) -> None:
-        pamt = world.peek(("pamt", pfn))
+        pamt = world.peek(pamt_key(pfn))
         if pamt is not None and pamt.page_type in (PageType.PT_REG, PageType.PT_EPT):
             out.append(Violation(self.name, f"pfn {pfn:#x} freed while its PAMT type is {pamt.page_type.name} "
                                             f"(owner {pamt.owner:#x})"))
         n = self.sept_entries.count(pfn)
         # After KEY.FREEID the S-EPT tree is dead (RECLAIM leaves its entries behind): only PAMT counts then.
-        if n and world.peek(("tdx.lifecycle", self.kvm.tdr)) is not Lifecycle.TD_TEARDOWN:
+        if n and world.peek(lifecycle_key(self.kvm.tdr)) is not Lifecycle.TD_TEARDOWN:
             out.append(Violation(self.name, f"pfn {pfn:#x} freed while {n} S-EPT entr"
                                             f"{'y maps' if n == 1 else 'ies map'} it"))
         n = self.sptes.count(pfn)
@@ -727,7 +716,7 @@ class ChldcntMismatch(Invariant):
     description = ("On a frame that changes a TD's CHLDCNT or PAMT entries, CHLDCNT differs from the number of 4K "
                    "pages whose PAMT owner is that TD (the TDR itself excluded). TDX module: TDR.CHLDCNT counts "
                    "the TD's private and control pages.")
-    tags = frozenset({"pamt", "tdx.chldcnt"})
+    tags = frozenset({PAMT, CHLDCNT})
 
     def __init__(self, kvm: Any) -> None:
         super().__init__(kvm)
@@ -735,7 +724,7 @@ class ChldcntMismatch(Invariant):
         self.owned: dict[int, int] = {}
 
     def seed(self, key: tuple, value: Any) -> None:
-        if key[0] == "pamt" and value.page_type is not PageType.PT_NDA and value.owner != key[1]:
+        if key[0] == PAMT and value.page_type is not PageType.PT_NDA and value.owner != key[1]:
             self.owned[value.owner] = self.owned.get(value.owner, 0) + 1
 
     def writes(self, world: World, writes: list[Write], out: list[Violation]) -> None:
@@ -746,7 +735,7 @@ class ChldcntMismatch(Invariant):
             if key.__class__ is not tuple:
                 continue
             tag = key[0]
-            if tag == "pamt":
+            if tag == PAMT:
                 pfn = key[1]
                 if old is not MISSING and old.page_type is not PageType.PT_NDA and old.owner != pfn:
                     owned[old.owner] = owned.get(old.owner, 0) - 1
@@ -754,10 +743,10 @@ class ChldcntMismatch(Invariant):
                 if new is not MISSING and new.page_type is not PageType.PT_NDA and new.owner != pfn:
                     owned[new.owner] = owned.get(new.owner, 0) + 1
                     pamt_tds.add(new.owner)
-            elif tag == "tdx.chldcnt":
+            elif tag == CHLDCNT:
                 chld_tds.add(key[1])
         for tdr in pamt_tds | chld_tds:
-            cnt = world.peek(("tdx.chldcnt", tdr))
+            cnt = world.peek(chldcnt_key(tdr))
             if cnt is None:
                 continue
             n = owned.get(tdr, 0)

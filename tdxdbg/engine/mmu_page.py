@@ -69,8 +69,11 @@ class KvmMmuPage(NamedTuple):
         return "mirror" if self.role.is_mirror else "direct"
 
 
+KVM_SP = "kvm.sp"   # the tag of sp_key
+
+
 def sp_key(pfn: int) -> tuple[str, int]:
-    return ("kvm.sp", pfn)
+    return (KVM_SP, pfn)
 
 
 K_ROOTS = ("kvm.roots",)

@@ -34,8 +34,11 @@ def free_next_key(pfn: int) -> tuple[str, int]:
     return ("mem.free_next", pfn)
 
 
+MEM_OWNER = "mem.owner"  # the tag of owner_key
+
+
 def owner_key(pfn: int) -> tuple[str, int]:
-    return ("mem.owner", pfn)
+    return (MEM_OWNER, pfn)
 
 
 def data_key(pfn: int) -> tuple[str, int]:

@@ -37,8 +37,11 @@ class Pamt:
 NDA = Pamt()
 
 
+PAMT = "pamt"   # the tag of pamt_key
+
+
 def pamt_key(pfn: int) -> tuple[str, int]:
-    return ("pamt", pfn)
+    return (PAMT, pfn)
 
 
 def get_pamt(world: World, pfn: int) -> Pamt:

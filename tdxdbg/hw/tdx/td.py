@@ -124,8 +124,11 @@ def lifecycle_key(tdr: int) -> tuple[str, int]:
     return ("tdx.lifecycle", tdr)
 
 
+CHLDCNT = "tdx.chldcnt"   # the tag of chldcnt_key
+
+
 def chldcnt_key(tdr: int) -> tuple[str, int]:
-    return ("tdx.chldcnt", tdr)
+    return (CHLDCNT, tdr)
 
 
 def vcpu_key(tdvpr: int) -> tuple[str, int]:
