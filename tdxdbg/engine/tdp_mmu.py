@@ -31,6 +31,7 @@ from tdxdbg.engine.spte import (
     SHADOW_NONPRESENT_VALUE,
     SPTE_ENT_PER_PAGE,
     TDX_SHARED_MEMTYPE,
+    PgLevel,
     is_frozen_spte,
     is_large_pte,
     is_last_spte,
@@ -601,20 +602,31 @@ class TdpMmuOps(GmemOps):
         return 1 << (self.spec.host_maxphyaddr - 12)
 
     def tdp_mmu_zap_root(self, root: int, shared: bool) -> Gen:
-        """Zap everything under a root: top-level entries (their tables go through handle_removed_pt)."""
+        """tdp_mmu_zap_root: zap everything under a root "in multiple passes of decreasing granularity, i.e. zap
+        at 4KiB=>2MiB=>1GiB=>root": leaves first, then each level of now-empty tables (freed by
+        handle_removed_pt, which for a mirror SP reclaims its S-EPT page), bottom-up."""
         self.rcu_read_lock()
+        root_level = self.sptep_to_sp(root).role.level
+        for zap_level in (PgLevel.PG_LEVEL_4K, PgLevel.PG_LEVEL_2M, PgLevel.PG_LEVEL_1G, root_level):
+            yield from self._tdp_mmu_zap_root(root, shared, zap_level)
+        self.rcu_read_unlock()
+
+    def _tdp_mmu_zap_root(self, root: int, shared: bool, zap_level: int) -> Gen:
+        """__tdp_mmu_zap_root, one pass: for_each_tdp_pte_min_level_all(iter, root, zap_level), zapping present
+        SPTEs at zap_level (those above it are skipped; the iterator does not go below it)."""
         sp = self.sptep_to_sp(root)
-        it = TdpIter(self.memory, root, sp.role.level, sp.kind, sp.role.level, 0, 0)
+        it = TdpIter(self.memory, root, sp.role.level, sp.kind, zap_level, 0, 0)
         yield from it.start()
         end = self.tdp_mmu_max_gfn_exclusive()
         while it.valid and it.gfn < end:
-            if is_shadow_present_pte(it.old_spte):
-                if shared:
-                    yield from self.tdp_mmu_set_spte_atomic(it, SHADOW_NONPRESENT_VALUE)
-                else:
-                    yield from self.tdp_mmu_iter_set_spte(it, SHADOW_NONPRESENT_VALUE)
+            if not is_shadow_present_pte(it.old_spte) or it.level > zap_level:
+                yield from it.next()
+                continue
+            if not shared:
+                yield from self.tdp_mmu_iter_set_spte(it, SHADOW_NONPRESENT_VALUE)
+            elif (yield from self.tdp_mmu_set_spte_atomic(it, SHADOW_NONPRESENT_VALUE)):
+                continue   # goto retry: the failed cmpxchg refreshed it.old_spte
             yield from it.next()
-        self.rcu_read_unlock()
 
     def kvm_tdp_mmu_zap_all(self) -> Gen:
         """Direct and invalid roots only: mirror roots don't answer the mmu notifier."""

@@ -7,6 +7,7 @@ from __future__ import annotations
 import pytest
 from engine_helpers import SHARED, frames, no_kvm_bug, run, seamcall_return, seamcalls, setup
 
+from tdxdbg.engine.gmem import Memslot
 from tdxdbg.engine.kvm import K_NR_PREMAPPED, K_PRE_FAULT_ALLOWED, K_TD_STATE, TdState
 from tdxdbg.engine.steps import EngineStep
 from tdxdbg.engine.variants.upstream import Upstream
@@ -150,3 +151,23 @@ def test_teardown_leaves_no_roots(destroyed):
     assert sorted(f.step.get("kind") for f in freed) == ["direct", "mirror"]
     assert built.machine.world.peek(K_TD_STATE) is TdState.TD_STATE_UNINITIALIZED
     assert not frames(rt, EngineStep.WARN)
+
+
+def test_teardown_zaps_the_mirror_root_in_passes_by_level():
+    """tdp_mmu_zap_root: __tdp_mmu_zap_root at 4K, 2M, 1G, then the root level. With private pages 1 GiB apart
+    (gfn 0x1 and 0x40001: two PDs, two PTs under one PDPT), the S-EPT pages come back level by level - both PTs,
+    then both PDs, then the PDPT - where a depth-first zap would give PT, PD, PT, PD, PDPT."""
+    def prog():
+        yield from guest.accept_memory(0x1000, 4096)
+        yield from guest.accept_memory(0x4000_1000, 4096)
+
+    def host(kvm):
+        yield Step(EngineStep.HOST_OP, {"op": "wait for the vCPU"}, lambda w: w.peek(kvm.vcpus[0].stopped_key))
+        return (yield from kvm.kvm_destroy_vm())
+
+    slots = (Memslot(0, 0, 0x40100, guest_memfd=True),)
+    _built, rt = run(setup(prog, host_programs=(host,), private=((0, 0x40100),), memslots=slots))
+    no_kvm_bug(rt)
+    frees = frames(rt, EngineStep.HOOK, name="free_external_spt")
+    assert [(f.step.get("gfn"), f.step.get("level")) for f in frees] == [
+        (0x0, 1), (0x40000, 1), (0x0, 2), (0x40000, 2), (0x0, 3)]
