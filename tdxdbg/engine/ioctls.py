@@ -276,9 +276,18 @@ class IoctlOps(TdxOps):
         yield from self.write_unlock()
 
     def kvm_set_dirty_logging(self, slot_id: int, enable: bool) -> Gen:
-        """KVM_MEM_LOG_DIRTY_PAGES on a (non-guest_memfd) slot: split huge pages, then write-protect."""
-        slot = self._replace_slot(slot_id, dirty_log=enable)
+        """KVM_SET_USER_MEMORY_REGION2 toggling KVM_MEM_LOG_DIRTY_PAGES (KVM_MR_FLAGS_ONLY): check_memory_region_flags
+        refuses it on a guest_memfd slot ("Dirty logging private memory is not currently supported", -EINVAL);
+        otherwise kvm_update_flags_memslot publishes the slot (kvm_swap_active_memslots), then
+        kvm_mmu_slot_apply_flags splits huge pages and write-protects the slot's leaves."""
+        slot = next(s for s in self.memslots() if s.id == slot_id)
+        if enable and slot.guest_memfd:
+            yield Step(EngineStep.WARN, {"message": f"KVM_MEM_LOG_DIRTY_PAGES on guest_memfd memslot {slot_id}: "
+                                                    "-EINVAL (check_memory_region_flags)"})
+            return EINVAL
         yield Step(EngineStep.HOST_OP, {"op": f"dirty logging {'on' if enable else 'off'}", "slot": slot_id})
+        slots = tuple(s._replace(dirty_log=enable) if s.id == slot_id else s for s in self.memslots())
+        yield from self.kvm_swap_active_memslots(slots, "memslot flags updated", slot_id)
         if not enable:
             return 0
         start, end = slot.base_gfn, slot.base_gfn + slot.npages

@@ -356,6 +356,10 @@ class TdpMmuOps(GmemOps):
             wrprot = fault.wrprot
             new = make_spte(it.level, fault.pfn, ACC_ALL, fault.prefetch, fault.map_writable,
                             TDX_SHARED_MEMTYPE, fault.nx_huge_page_workaround_enabled, wrprot)
+            if new & PT_WRITABLE_MASK and fault.slot.dirty_log:
+                # make_spte: a writable SPTE in a dirty-tracked slot marks the page dirty as it is made (4K
+                # only: kvm_mmu_hugepage_adjust keeps such slots at 4K).
+                self.mark_page_dirty_in_slot(fault.slot, fault.gfn)
         if new == old:
             return RetPf.RET_PF_SPURIOUS
         if (yield from self.tdp_mmu_set_spte_atomic(it, new)):

@@ -443,6 +443,10 @@ def _check(c: Checker, data: dict[str, Any], file: str, variant_override: str | 
         if any(s.id == sid for s in slots):
             c.problem((*p, "id"), f"expected a unique memslot id, found {sid} again")
             continue
+        if flags[0] and flags[2]:
+            # check_memory_region_flags: "Dirty logging private memory is not currently supported."
+            c.problem((*p, "dirty_log"), "expected dirty_log = false on a guest_memfd memslot: KVM refuses "
+                                         "KVM_MEM_LOG_DIRTY_PAGES with KVM_MEM_GUEST_MEMFD (-EINVAL)")
         other = next((s for s in slots if s.gpa < gpa + size and gpa < s.gpa + s.size), None)
         if other is not None:
             c.problem(p, f"expected memslots that do not overlap, found [{gpa:#x}, {gpa + size:#x}) overlapping "

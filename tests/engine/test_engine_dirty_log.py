@@ -154,3 +154,38 @@ def test_variant_class_must_derive_from_upstream(tmp_path: Path) -> None:
     path.write_text("raise RuntimeError('boom')\n")
     with pytest.raises(VariantError, match="cannot load variant: RuntimeError: boom"):
         load_variant(f"{path}:NotKvm")
+
+
+def test_dirty_logging_is_refused_on_a_guest_memfd_slot():
+    """check_memory_region_flags: "Dirty logging private memory is not currently supported": the FLAGS_ONLY
+    update fails with -EINVAL and the slot keeps its flags (no swap, no write-protection)."""
+    out = []
+
+    def host(kvm):
+        out.append((yield from kvm.kvm_set_dirty_logging(0, True)))
+
+    built = build_vm(VmSetup(memslots=(Memslot(0, 0, 1024, guest_memfd=True),), host_programs=(host,)))
+    rt = Runtime(built.machine.world, built.tasks, ScheduleSpec(Policy.SEQUENTIAL))
+    assert rt.run() is StopReason.DONE
+    assert out == [-22]
+    assert built.kvm.memslots()[0].dirty_log is False
+    assert built.kvm.kvm_memslots_generation() == 1
+    assert frames(rt, EngineStep.WARN)[0].step.get("message").endswith("-EINVAL (check_memory_region_flags)")
+
+
+def test_fault_in_a_dirty_logged_slot_marks_the_page_dirty():
+    """make_spte: a writable SPTE in a dirty-tracked slot calls mark_page_dirty_in_slot (a 4K leaf: dirty
+    logging keeps the slot at 4K). A read maps writable too (map_writable, ACC_ALL), so it dirties its gfn as
+    well; a gfn never faulted stays clean. The FLAGS_ONLY update bumps the memslot generation (1 -> 2)."""
+    def prog():
+        yield from guest.write_value(SHARED | 0x3000, 1)
+        yield from guest.read_value(SHARED | 0x5000)
+
+    def host(kvm):
+        yield from kvm.kvm_set_dirty_logging(0, True)
+
+    built = build_vm(VmSetup(memslots=(Memslot(0, 0, 1024),), vcpu_programs=(prog,), host_programs=(host,)))
+    rt = Runtime(built.machine.world, built.tasks, ScheduleSpec(Policy.SEQUENTIAL, order=("host0",) * 20))
+    assert rt.run() is StopReason.DONE
+    assert built.machine.world.peek(("kvm.dirty_bitmap", 0)) == frozenset({0x3, 0x5})
+    assert built.kvm.kvm_memslots_generation() == 2

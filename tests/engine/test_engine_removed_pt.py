@@ -70,9 +70,9 @@ def test_handle_removed_pt_shared_spins_on_a_frozen_child_then_takes_it_non_pres
     SHADOW_NONPRESENT_VALUE it freezes that value silently and calls no handle_changed_spte for it."""
     built, rt = race()
     world = built.machine.world
-    step_until(rt, "host0", is_kind(EngineStep.HOST_OP))                       # dirty logging on
+    step_until(rt, "host0", is_kind(EngineStep.HOST_OP, op="memslot flags updated"))   # dirty logging on
     step_until(rt, "vcpu0", is_kind(EngineStep.RET_PF, ret="RET_PF_FIXED"))   # the 4K leaf
-    step_until(rt, "host1", is_kind(EngineStep.HOST_OP))                       # dirty logging off
+    step_until(rt, "host1", is_kind(EngineStep.HOST_OP, op="memslot flags updated"))   # dirty logging off
     step_until(rt, "host2", is_kind(EngineStep.SPTE_CMPXCHG, what=SpteWrite.FREEZE))
     frozen = rt.timeline.frames[-1].step.payload
     table, leaf = frozen.table, frozen.old
@@ -111,9 +111,9 @@ def test_removed_table_is_freed_when_the_last_rcu_reader_leaves():
     leaving its own section frees nothing."""
     built, rt = race()
     world = built.machine.world
-    step_until(rt, "host0", is_kind(EngineStep.HOST_OP))
+    step_until(rt, "host0", is_kind(EngineStep.HOST_OP, op="memslot flags updated"))
     step_until(rt, "vcpu0", is_kind(EngineStep.RET_PF, ret="RET_PF_FIXED"))
-    step_until(rt, "host1", is_kind(EngineStep.HOST_OP))
+    step_until(rt, "host1", is_kind(EngineStep.HOST_OP, op="memslot flags updated"))
     step_until(rt, "host2", is_kind(EngineStep.SPTE_WRITE, what=SpteWrite.ZAP))  # zapped; still in RCU
     step_until(rt, "vcpu0", is_kind(EngineStep.SP_FREE))
     table = rt.timeline.frames[-1].step.get("table")

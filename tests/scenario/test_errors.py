@@ -434,3 +434,10 @@ def test_fuzz_every_scenario_validates_or_exits_2_with_one_line_per_problem(text
             raise AssertionError("validate failed where the loader did not")
         assert lines == [f"error: {problem}" for problem in problems]
         assert all(len(line) < 1000 for line in lines), max(lines, key=len)
+
+
+def test_dirty_log_on_a_guest_memfd_memslot(tmp_path: Path) -> None:
+    """check_memory_region_flags: KVM_MEM_LOG_DIRTY_PAGES is not a valid flag next to KVM_MEM_GUEST_MEMFD."""
+    text = BASE.replace("guest_memfd = true", "guest_memfd = true\ndirty_log = true")
+    msg = one(tmp_path, text)
+    assert msg.startswith("FILE:10: memslot[0].dirty_log: expected dirty_log = false on a guest_memfd memslot")
