@@ -2,10 +2,10 @@
 
 Progress is what a run exists for: a guest instruction retired (the vCPU's RIP moved: a read, a write, an
 ACCEPT or a TDVMCALL completed), a leaf SPTE made present or zapped at a (root, gfn, level) for the first time
-in the run, a host operation completed, a task finished. A run with no progress for `bound` frames is a
-livelock: a RET_PF_RETRY loop that nothing ends, a BUSY retry that never succeeds, a map/zap ping-pong. It is
-reported with the loop that repeats (the sequence of functions, task by task) and the tasks that could have
-ended it: those that wrote, earlier, what the loop keeps reading.
+in the run, a page table freed, a host operation completed, a task finished. A run with no progress for
+`bound` frames is a livelock: a RET_PF_RETRY loop that nothing ends, a BUSY retry that never succeeds, a
+map/zap ping-pong. It is reported with the loop that repeats (the sequence of functions, task by task) and the
+tasks that could have ended it: those that wrote, earlier, what the loop keeps reading.
 
 A deadlock is the end of a run where tasks remain and none can run. It is reported as a wait-for graph: each
 waiting task, what it waits for and the tasks holding it (tdxdbg.runtime.waits), with the cycle when there is
@@ -91,6 +91,10 @@ class ProgressWatch:
                         return True
             return False
         if kind is StepKind.TASK_DONE or kind is StepKind.TASK_ERROR:
+            return True
+        if kind is EngineStep.SP_FREE:
+            # A page table unlinked and freed: tdp_mmu_zap_root's later passes (2M, 1G, root level) walk the
+            # entries its 4K pass walked, and remove tables, not leaves.
             return True
         if kind is EngineStep.HOST_OP:
             payload = frames.payloads[index]
