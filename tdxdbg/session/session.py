@@ -28,7 +28,7 @@ from tdxdbg.runtime.scheduler import ScheduleSpec
 from tdxdbg.runtime.step import StepKind
 from tdxdbg.runtime.task import TaskState
 from tdxdbg.runtime.timeline import FrameStore
-from tdxdbg.session import views
+from tdxdbg.session import compare, views
 from tdxdbg.session.breakpoints import Breakpoint, BreakpointError, Breakpoints, stack_names
 from tdxdbg.session.decode import SeptEntryView
 from tdxdbg.session.events import StopEvent, StopReason
@@ -47,6 +47,18 @@ _DONE_KINDS = (StepKind.TASK_DONE, StepKind.TASK_ERROR)
 class TaskInfo:
     name: str
     kind: str          # "vcpu" / "host"
+
+
+@attrs.frozen(slots=True)
+class Branch:
+    """A timeline the session keeps: its schedule (`picks`, replaying them rebuilds it exactly) and the position
+    where it forked from the timeline it was made from (0 for the first one)."""
+
+    id: int
+    name: str
+    picks: tuple[str, ...]
+    fork_position: int
+    parent: int | None
 
 
 @attrs.frozen(slots=True)
@@ -118,6 +130,10 @@ class Session:
         self._pos = 0
         self._selected: str | None = None
         self.forks: list[ForkRecord] = []
+        # Branches: the current timeline is self.branch; the others are kept by their picks (the current one's
+        # picks are the live recording's, so its entry is refreshed whenever it is read or left).
+        self._branches: dict[int, Branch] = {1: Branch(1, "main", (), 0, None)}
+        self.branch = 1
         self._use(self._build())
         kvm = self._vm.kvm
         self.context = views.VmContext(kvm.tdr, kvm.gfn_direct_bits, kvm.root_level, getattr(kvm, "name", ""))
@@ -400,6 +416,88 @@ class Session:
                 return self.seamcall_at(tf[j], pos)
         return None
 
+    # -- branches -------------------------------------------------------------------------------------------------
+    def branches(self) -> tuple[Branch, ...]:
+        """Every kept timeline, the current one with its picks as recorded so far."""
+        self._branches[self.branch] = attrs.evolve(self._branches[self.branch], picks=self.picks)
+        return tuple(self._branches.values())
+
+    def fork_points(self) -> tuple[int, ...]:
+        """Positions where another branch leaves the current timeline (the common prefix of their picks)."""
+        mine = self.picks
+        out = set()
+        for b in self.branches():
+            if b.id == self.branch:
+                continue
+            n = 0
+            for x, y in zip(mine, b.picks, strict=False):
+                if x != y:
+                    break
+                n += 1
+            out.add(n)
+        return tuple(sorted(out))
+
+    def switch_branch(self, branch_id: int) -> StopEvent:
+        """Make branch `branch_id` the current timeline (rebuilt by replaying its picks); the cursor keeps its
+        position when the branch is that long, else goes to its end."""
+        if branch_id not in self._branches:
+            return self._error(f"no branch {branch_id}")
+        if branch_id == self.branch:
+            return StopEvent(StopReason.STEP, self._pos, f"already on branch {branch_id}")
+        self.branches()
+        target = self._branches[branch_id]
+        try:
+            rec = self._build(target.picks)
+        except Exception as exc:  # an engine bug: report it, keep the current timeline
+            return self._error(f"cannot rebuild branch {branch_id}: {type(exc).__name__}: {exc}")
+        self._use(rec)
+        self.branch = branch_id
+        self._pos = min(self._pos, len(self._rt.timeline.frames))
+        return StopEvent(StopReason.STEP, self._pos, f"on branch {branch_id} ({target.name})")
+
+    def delete_branch(self, branch_id: int) -> StopEvent:
+        if branch_id not in self._branches:
+            return self._error(f"no branch {branch_id}")
+        if branch_id == self.branch:
+            return self._error("cannot delete the current branch: switch to another first")
+        del self._branches[branch_id]
+        return StopEvent(StopReason.STEP, self._pos, f"branch {branch_id} deleted")
+
+    def _task_positions(self, rec: _Recording, position: int) -> dict[str, str]:
+        frames = rec.rt.timeline.frames
+        out = {}
+        for name, idx in rec.task_frames.items():
+            k = bisect.bisect_left(idx, position) - 1
+            if k < 0:
+                out[name] = "not started"
+                continue
+            f = frames[idx[k]]
+            where = f.stack[-1].function.rsplit(".", 1)[-1] if f.stack else "-"
+            out[name] = f"frame {f.index}: {where} ({getattr(f.step.kind, 'value', f.step.kind)})"
+        return out
+
+    def compare(self, left: int, right: int, right_branch: int | None = None) -> tuple[compare.DiffRow, ...]:
+        """What differs between position `left` of the current timeline and position `right` of branch
+        `right_branch` (the current one when None): SPTEs, S-EPT entries, locks, task positions."""
+        n = len(self._rt.timeline.frames)
+        if not 0 <= left <= n:
+            raise IndexError(f"position {left} outside 0..{n}")
+        a = compare.snapshot("left", self._state(left), self.context, self._task_positions(self._rec, left))
+        if right_branch is None or right_branch == self.branch:
+            if not 0 <= right <= n:
+                raise IndexError(f"position {right} outside 0..{n}")
+            b = compare.snapshot("right", self._state(right), self.context,
+                                 self._task_positions(self._rec, right))
+        else:
+            if right_branch not in self._branches:
+                raise KeyError(f"no branch {right_branch}")
+            picks = self._branches[right_branch].picks
+            right = min(right, len(picks))
+            rec = self._build(picks[:right])
+            b = compare.snapshot("right", rec.rt.timeline.state_at(right), self.context,
+                                 self._task_positions(rec, right))
+        return compare.diff(a, b)
+
     # -- breakpoints helpers ----------------------------------------------------------------------------------
     def watch_spte(self, kind: str, gfn: int, level: int = 1) -> Breakpoint | StopEvent:
         """An SPTE watch by position in a root, resolved to its (table, index) at the cursor when the walk gets
@@ -547,6 +645,11 @@ class Session:
         if name not in (rt.tasks[i].name for i in rt.runnable()):
             return self._not_runnable(name, tuple(rt.tasks[i].name for i in rt.runnable()))
         self.forks.append(ForkRecord(pos, frames[pos].task, name, len(frames), old_picks))
+        # The old future is kept as a branch; the fork is a new branch, made current.
+        self._branches[self.branch] = attrs.evolve(self._branches[self.branch], picks=old_picks)
+        new_id = max(self._branches) + 1
+        self._branches[new_id] = Branch(new_id, f"{name} at position {pos}", (), pos, self.branch)
+        self.branch = new_id
         self._use(rec)
         return self._forced_step(name, forked=True)
 

@@ -28,7 +28,9 @@ from tdxdbg.ui.commands import COMMANDS, DebuggerCommands, bindings
 from tdxdbg.ui.lines import LineList, Pane, TextPane
 from tdxdbg.ui.loading import DEMO, Opened, open_scenario
 from tdxdbg.ui.screens import (
+    BranchesScreen,
     BreakpointsScreen,
+    DiffScreen,
     ErrorScreen,
     HelpScreen,
     PromptScreen,
@@ -88,6 +90,7 @@ class TdxdbgApp(App[int]):
         self.session: Session | None = None
         self.opened: Opened | None = None
         self.event_index = EventIndex()
+        self._index_branch = 1
         self.bookmarks: set[int] = set()
         self.breakpoint_hits: set[int] = set()
         self.activation = -1
@@ -180,6 +183,7 @@ class TdxdbgApp(App[int]):
             return
         self.session = opened.session
         self.event_index = EventIndex()
+        self._index_branch = opened.session.branch
         self.bookmarks.clear()
         self.breakpoint_hits.clear()
         self.activation = -1
@@ -207,6 +211,9 @@ class TdxdbgApp(App[int]):
             if self.session is None:
                 return
             s = self.session
+            if s.branch != self._index_branch:      # another timeline: its frames differ after the fork
+                self.event_index = EventIndex()
+                self._index_branch = s.branch
             self.event_index.update(s.frames)
             view = s.view()
             task = s.current_task
@@ -226,7 +233,8 @@ class TdxdbgApp(App[int]):
             self._refresh_log()
             self._refresh_seamcall()
             strip = self.query_one("#timeline", TimelineStrip)
-            strip.update_from(self.event_index, s.position, len(s.frames), self.bookmarks, self.breakpoint_hits)
+            strip.update_from(self.event_index, s.position, len(s.frames), self.bookmarks, self.breakpoint_hits,
+                              s.fork_points())
             self.query_one("#status", Pane).update(Text(self.status_text, style="grey70"))
 
     def _refresh_header(self) -> None:
@@ -777,7 +785,61 @@ class TdxdbgApp(App[int]):
 
     @guarded
     def choose_task_named(self, name: str) -> None:
-        self.run_command(lambda: self.session.choose_task(name))
+        s = self.session
+        before = s.branch
+        self.run_command(lambda: s.choose_task(name))
+        if s.branch != before:
+            self.notify(f"forked: the old future is kept as branch {before}, this is branch {s.branch} "
+                        "(a: branches)")
+            self.record_ahead_worker()      # the new future, so the strip shows it whole
+
+    @guarded
+    def action_branches(self) -> None:
+        s = self.session
+
+        def done(choice: tuple[str, int] | None) -> None:
+            if choice is None or self.session is None:
+                return
+            what, bid = choice
+            if what == "switch":
+                self.run_command(lambda: self.session.switch_branch(bid))
+            elif what == "delete":
+                self.after_stop(self.session.delete_branch(bid))
+            else:
+                self.show_diff(self.session.position, self.session.position, bid)
+
+        self.push_screen(BranchesScreen(s.branches(), s.branch, s.fork_points()), done)
+
+    @guarded
+    def action_diff(self) -> None:
+        def done(value: str | None) -> None:
+            if value is None or self.session is None:
+                return
+            try:
+                left, right, branch = parse_diff(value, self.session.position)
+            except ValueError as exc:
+                self.notify(str(exc), severity="error")
+                return
+            self.show_diff(left, right, branch)
+
+        self.push_screen(PromptScreen("Diff", "FRAME [FRAME] (against this frame when one) · branch N (this frame "
+                                      "on branch N)"), done)
+
+    @guarded
+    def show_diff(self, left: int, right: int, branch: int | None) -> None:
+        """Positions `left` (this timeline) and `right` (of `branch`, or this one) side by side."""
+        s = self.session
+        try:
+            rows = s.compare(left, right, branch)
+        except (IndexError, KeyError) as exc:
+            self.notify(f"cannot compare: {exc.args[0] if exc.args else exc}", severity="error")
+            return
+
+        def name(pos: int, b: int | None) -> str:
+            where = f"frame {pos - 1}" if pos else "before frame 0"
+            return where + (f" (branch {b})" if b is not None and b != s.branch else f" (branch {s.branch})")
+
+        self.push_screen(DiffScreen(name(left, s.branch), name(right, branch), rows))
 
     async def action_quit(self) -> None:
         """Quit; a scenario that never opened is a failed run (exit status 2), as for the headless commands."""
@@ -905,3 +967,19 @@ def parse_breakpoint(text: str, bps: Any) -> Any:
     if kind == "violation" and len(words) <= 2:
         return bps.add_violation(words[1] if len(words) == 2 else None)
     raise ValueError(f"unknown breakpoint {words[0][:30]!r}: {kinds}")
+
+
+def parse_diff(text: str, here: int) -> tuple[int, int, int | None]:
+    """`FRAME [FRAME]` or `branch N` -> (left position, right position, right branch or None); `here` is the
+    cursor's position (a single frame is compared with it)."""
+    words = text.split()
+    if not words or len(words) > 2:
+        raise ValueError("type one or two frame numbers, or branch N")
+    if words[0].lower() == "branch":
+        if len(words) != 2:
+            raise ValueError("branch takes its number (a lists the branches)")
+        return here, here, parse_number(words[1], "branch number")
+    frames = [parse_number(w, "frame number") for w in words]
+    if len(frames) == 1:
+        return frames[0] + 1, here, None
+    return frames[0] + 1, frames[1] + 1, None

@@ -154,6 +154,75 @@ class BreakpointsScreen(ModalScreen[None]):
         self.dismiss(None)
 
 
+class BranchesScreen(ModalScreen["tuple[str, int] | None"]):
+    """The kept timelines: Enter switches to one, delete removes one, D compares the current frame with the
+    same position of the highlighted branch. Dismisses with (what, branch id)."""
+
+    BINDINGS = [Binding("escape,a,q", "close", "Close", id="branches.close"),
+                Binding("delete,backspace,x", "pick('delete')", "Delete", id="branches.delete"),
+                Binding("D", "pick('diff')", "Diff", id="branches.diff")]
+
+    def __init__(self, branches: Any, current: int, fork_points: Any) -> None:
+        super().__init__()
+        self.branches = list(branches)
+        self.current = current
+        self.fork_points = fork_points
+
+    def compose(self) -> ComposeResult:
+        with Vertical(id="bps"):
+            yield Static(Text("Branches  (Enter: switch · delete: remove · D: diff with the current frame · Esc)",
+                              style="bold"))
+            opts = []
+            for b in self.branches:
+                mark = "*" if b.id == self.current else " "
+                fork = f"forked at position {b.fork_position}" if b.parent is not None else "the first timeline"
+                opts.append(Text(f"{mark} {b.id:3d}  {b.name:<28} {len(b.picks):>8,} frames  {fork}"))
+            yield OptionList(*opts, id="branches-list")
+
+    def _highlighted_branch(self) -> int | None:
+        i = self.query_one(OptionList).highlighted
+        return self.branches[i].id if i is not None and 0 <= i < len(self.branches) else None
+
+    def on_option_list_option_selected(self, event: OptionList.OptionSelected) -> None:
+        self.dismiss(("switch", self.branches[event.option_index].id))
+
+    def action_pick(self, what: str) -> None:
+        bid = self._highlighted_branch()
+        if bid is not None:
+            self.dismiss((what, bid))
+
+    def action_close(self) -> None:
+        self.dismiss(None)
+
+
+class DiffScreen(ModalScreen[None]):
+    """Two points side by side: every SPTE, S-EPT entry, lock and task position that differs."""
+
+    BINDINGS = [Binding("escape,q,D", "close", "Close", id="diff.close")]
+
+    def __init__(self, left: str, right: str, rows: Any) -> None:
+        super().__init__()
+        self.left = left
+        self.right = right
+        self.rows = rows
+
+    def compose(self) -> ComposeResult:
+        t = Text(no_wrap=True)
+        t.append(f"{'':<6} {'':<26} {self.left:<28} {self.right}\n", style="bold")
+        if not self.rows:
+            t.append("  no difference in SPTEs, S-EPT entries, locks or task positions\n", style="grey62")
+        for r in self.rows:
+            t.append(f"{r.category:<6} ", style="bold cyan")
+            t.append(f"{r.what:<26} ")
+            t.append(f"{r.left:<28} ", style="red")
+            t.append(f"{r.right}\n", style="green")
+        with VerticalScroll(id="help"):
+            yield Static(t)
+
+    def action_close(self) -> None:
+        self.dismiss(None)
+
+
 class TaskChoiceScreen(ModalScreen[str | None]):
     """Pick the task that runs the next step here; if the cursor is in the past this forks the timeline."""
 

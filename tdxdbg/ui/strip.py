@@ -38,9 +38,11 @@ class TimelineStrip(Widget):
         self._marks: set[int] = set()
         self._hits: set[int] = set()
         self._index: EventIndex | None = None
+        self._forks: tuple[int, ...] = ()
 
     def update_from(self, index: EventIndex, position: int, total: int, bookmarks: set[int],
-                    hits: set[int]) -> None:
+                    hits: set[int], forks: tuple[int, ...] = ()) -> None:
+        self._forks = tuple(forks)
         self._index = index
         self._position = position
         self._total = total
@@ -69,7 +71,8 @@ class TimelineStrip(Widget):
         width = self.size.width
         w = self._width()
         if y == 0:
-            text = f" frames 0..{max(self._total - 1, 0)}  f fault  | SEAMCALL  * freeze  x error  ! violation"
+            text = (f" frames 0..{max(self._total - 1, 0)}  f fault  | SEAMCALL  * freeze  x error  ! violation"
+                    "   ^ here  b breakpoint  m mark  Y branch")
             return Strip([Segment(text[:width].ljust(width), Style(color="grey50"))])
         if y == 1:
             segs = [Segment(" ", Style())]
@@ -85,6 +88,9 @@ class TimelineStrip(Widget):
             for h in self._hits:
                 col = self._column_of(h)
                 row[col], styles[col] = "b", Style(color="red", bold=True)
+            for p in self._forks:       # another branch leaves this timeline after its last common frame
+                col = self._column_of(max(p - 1, 0))
+                row[col], styles[col] = "Y", Style(color="magenta", bold=True)
             if self._total:
                 col = self._column_of(max(self._position - 1, 0))
                 row[col], styles[col] = "^", Style(color="yellow", bold=True)
