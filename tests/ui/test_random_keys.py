@@ -14,7 +14,8 @@ from tdxdbg.ui.commands import COMMANDS
 
 PRESSES = 160
 # Every bound key (but q, which quits), what prompts and lists take, and text typed into prompts.
-KEYS = sorted({c.key for c in COMMANDS if c.key != "q"}) + [
+KEYS = [
+    *sorted({c.key for c in COMMANDS if c.key != "q"}),
     "enter", "enter", "escape", "up", "down", "left", "right", "pageup", "pagedown", "home", "end", "space",
     "delete", "backspace", "shift+tab", "ctrl+r", "ctrl+t", "0", "x", "1", "a", "[", "]", "minus", "space",
 ]
