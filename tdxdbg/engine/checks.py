@@ -432,7 +432,7 @@ class MirrorZapWithoutWriteLock(Invariant):
                                                 f"without mmu_lock write"))
         elif kind is TdxStep.SEAMCALL:
             leaf = step.get("leaf")
-            if (leaf in (Seamcall.TDH_MEM_RANGE_BLOCK, Seamcall.TDH_MEM_PAGE_REMOVE) and _from_kvm(world.stack)
+            if (leaf in (Seamcall.TDH_MEM_RANGE_BLOCK, Seamcall.TDH_MEM_PAGE_REMOVE) and _from_kvm(world.call_stack())
                     and not _writer(world, task)):
                 out.append(Violation(self.name, f"{leaf.dotted}({step.payload.rcx & _GPA_MASK:#x}) issued "
                                                 f"without mmu_lock write"))
@@ -482,7 +482,7 @@ class _KvmSeamcalls(Invariant):
         kind = step.kind
         if kind is TdxStep.SEAMCALL:
             leaf = step.get("leaf")
-            if leaf is Seamcall.TDH_VP_ENTER or not _from_kvm(world.stack):
+            if leaf is Seamcall.TDH_VP_ENTER or not _from_kvm(world.call_stack()):
                 self.inflight.pop(task, None)
                 return
             self.inflight[task] = step.payload

@@ -146,59 +146,77 @@ class Checker:
         if not self.prefilter:
             return self._unfiltered(world, step, effects, out)
         if effects:
-            batches: dict[Invariant, list[Write]] | None = None
             by_tag = self._by_tag
-            it = iter(effects)
-            for key, old, new in zip(it, it, it, strict=True):
-                if key.__class__ is not tuple:
-                    continue
-                invs = by_tag.get(key[0])
-                if invs is None:
-                    continue
-                if batches is None:
-                    batches = {}
-                w = (key, old, new)
-                for inv in invs:
-                    b = batches.get(inv)
-                    if b is None:
-                        batches[inv] = [w]
-                    else:
-                        b.append(w)
-            if batches is not None:
-                for inv in self._writers:
-                    b = batches.get(inv)
-                    if b is not None:
-                        self._run_writes(inv, world, b, out)
+            if len(effects) == 3:
+                # One write, the common case: no batching.
+                key = effects[0]
+                invs = by_tag.get(key[0]) if key.__class__ is tuple else None
+                if invs is not None:
+                    one = [(key, effects[1], effects[2])]
+                    for inv in invs:
+                        try:
+                            inv.writes(world, one, out)
+                        except Exception as exc:  # a checker bug is a red frame, never a traceback
+                            out.append(self._error(inv, "writes", exc))
+            else:
+                self._batched(world, effects, out)
         invs = self._by_kind.get(id(step.kind))
         if invs is not None:
             task = world.task
             for inv in invs:
-                self._run_step(inv, world, task, step, out)
+                try:
+                    inv.step(world, task, step, out)
+                except Exception as exc:
+                    out.append(self._error(inv, getattr(step.kind, "name", step.kind), exc))
         return out
+
+    def _batched(self, world: World, effects: tuple, out: list[Violation]) -> None:
+        """Hand each invariant the writes with its tags, in write order (invariants in registration order)."""
+        batches: dict[Invariant, list[Write]] | None = None
+        by_tag = self._by_tag
+        it = iter(effects)
+        for key, old, new in zip(it, it, it, strict=True):
+            if key.__class__ is not tuple:
+                continue
+            invs = by_tag.get(key[0])
+            if invs is None:
+                continue
+            if batches is None:
+                batches = {}
+            w = (key, old, new)
+            for inv in invs:
+                b = batches.get(inv)
+                if b is None:
+                    batches[inv] = [w]
+                else:
+                    b.append(w)
+        if batches is not None:
+            for inv in self._writers:
+                b = batches.get(inv)
+                if b is not None:
+                    try:
+                        inv.writes(world, b, out)
+                    except Exception as exc:
+                        out.append(self._error(inv, "writes", exc))
 
     def _unfiltered(self, world: World, step: Step, effects: tuple, out: list[Violation]) -> list[Violation]:
         it = iter(effects)
         writes = list(zip(it, it, it, strict=True))
         if writes:
             for inv in self._writers:
-                self._run_writes(inv, world, writes, out)
+                try:
+                    inv.writes(world, writes, out)
+                except Exception as exc:
+                    out.append(self._error(inv, "writes", exc))
         task = world.task
         for inv in self.invariants:
             if inv.kinds:
-                self._run_step(inv, world, task, step, out)
+                try:
+                    inv.step(world, task, step, out)
+                except Exception as exc:
+                    out.append(self._error(inv, getattr(step.kind, "name", step.kind), exc))
         return out
 
     @staticmethod
-    def _run_writes(inv: Invariant, world: World, writes: list[Write], out: list[Violation]) -> None:
-        try:
-            inv.writes(world, writes, out)
-        except Exception as exc:  # a checker bug is a red frame, never a traceback
-            out.append(Violation(CHECKER_ERROR, f"{inv.name} (writes): {type(exc).__name__}: {exc}"))
-
-    @staticmethod
-    def _run_step(inv: Invariant, world: World, task: str, step: Step, out: list[Violation]) -> None:
-        try:
-            inv.step(world, task, step, out)
-        except Exception as exc:
-            out.append(Violation(CHECKER_ERROR, f"{inv.name} ({getattr(step.kind, 'name', step.kind)}): "
-                                                f"{type(exc).__name__}: {exc}"))
+    def _error(inv: Invariant, where: Any, exc: Exception) -> Violation:
+        return Violation(CHECKER_ERROR, f"{inv.name} ({where}): {type(exc).__name__}: {exc}")

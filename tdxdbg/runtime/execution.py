@@ -2,13 +2,14 @@
 
 Per step it keeps what an explorer needs and nothing more: which task ran, the distinct World keys the step
 read and the distinct keys it wrote (in first-touch order), and the violations the checks reported. The checks
-run after every step exactly as under `Runtime` (same pre-filter, same `world.task` and `world.stack`), so a
-run here reports what the same schedule reports when recorded. No frames, payloads, effect values, locals or
-keyframes are kept; a call stack is read only for a step the checks look at (they may ask who issued it).
+run after every step exactly as under `Runtime` (same pre-filter, same `world.task` and `world.call_stack()`), so
+a run here reports what the same schedule reports when recorded. No frames, payloads, effect values, locals or
+keyframes are kept; a call stack is read only when a check asks for it (who issued a SEAMCALL).
 """
 
 from __future__ import annotations
 
+import functools
 import traceback
 from array import array
 from collections.abc import Hashable, Sequence
@@ -25,6 +26,10 @@ _READY = TaskState.READY
 _WAITING = TaskState.WAITING
 _DONE = TaskState.DONE
 _FAILED = TaskState.FAILED
+
+
+def _stack(gen: Any, cache: StackCache) -> tuple:
+    return capture(gen, cache, False)[0]
 
 
 class Execution:
@@ -44,7 +49,9 @@ class Execution:
         kinds = [getattr(c, "step_kinds", None) for c in self.checks]
         self._check_kinds: frozenset[int] | None = (
             None if any(k is None for k in kinds) else frozenset(id(k) for ks in kinds for k in ks))
-        self._stack_cache = [StackCache() for _ in self.tasks]
+        # Per task: reads its current call stack (capture keeps its cache valid however many steps ran between
+        # two reads: an activation still suspended in the same sub-generator has not run since).
+        self._stack_of = [functools.partial(_stack, t.gen, StackCache()) for t in self.tasks]
         # Per step: index into `tasks` of the task that ran, distinct keys read, distinct keys written.
         self.task_col = array("H")
         self.reads: list[tuple[Hashable, ...]] = []
@@ -76,7 +83,7 @@ class Execution:
         writes = world._writes
         checks = self.checks
         check_kinds = self._check_kinds
-        caches = self._stack_cache
+        stack_of = self._stack_of
         task_col = self.task_col
         add_task = task_col.append
         add_reads = self.reads.append
@@ -106,6 +113,7 @@ class Execution:
             reads.clear()  # reads made by wait predicates belong to no step
             task.wait = None
             task.state = _READY
+            task.started = True
             gen = task.gen
             try:
                 step = gen.send(None)
@@ -134,8 +142,16 @@ class Execution:
             reads.clear()
             if checks and (flat or check_kinds is None or id(step.kind) in check_kinds):
                 state = task.state
-                world.stack = () if state is _DONE or state is _FAILED else capture(gen, caches[choice], False)[0]
-                found = [v for check in checks for v in check(world, step, flat)]
+                if state is _DONE or state is _FAILED:
+                    world.stack = ()
+                else:
+                    world.stack = None
+                    world.stack_source = stack_of[choice]
+                found: list[Violation] = []
+                for check in checks:
+                    v = check(world, step, flat)
+                    if v:
+                        found.extend(v)
                 if found:
                     all_violations[index] = tuple(found)
                 writes.clear()

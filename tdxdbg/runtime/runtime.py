@@ -20,7 +20,8 @@ _DONE = TaskState.DONE
 _FAILED = TaskState.FAILED
 
 # A check sees the World after a frame (read it with `peek`), the frame's step and its writes, flat: key, old,
-# new, key, old, new, ... (`world.task` is the task that ran, `world.stack` its call stack). A check may declare
+# new, key, old, new, ... (`world.task` is the task that ran, `world.call_stack()` its call stack). A check may
+# declare
 # `step_kinds`, the step kinds it looks at: the runtime then skips it on frames that wrote nothing and whose
 # kind is not among them. Without that attribute it sees every frame.
 Check = Callable[[World, Step, tuple], Iterable[Violation]]
@@ -154,7 +155,11 @@ class Runtime:
         checks = self.checks
         if checks and (flat or self._check_kinds is None or id(step.kind) in self._check_kinds):
             world.stack = stack  # checks may ask who issued the step (e.g. KVM or a raw host SEAMCALL)
-            found = [v for check in checks for v in check(world, step, flat)]
+            found: list[Violation] = []
+            for check in checks:
+                v = check(world, step, flat)
+                if v:
+                    found.extend(v)
             if found:
                 violations = tuple(found)
             # Checks read through `peek`; drop anything they recorded anyway.

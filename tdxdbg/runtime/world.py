@@ -6,7 +6,7 @@ The runtime collects both per frame: the frame's effects and its footprint.
 
 from __future__ import annotations
 
-from collections.abc import Hashable, Iterator
+from collections.abc import Callable, Hashable, Iterator
 from typing import Any
 
 
@@ -28,7 +28,7 @@ Effect = tuple[Hashable, Any, Any]
 class World:
     """The flat state map. Values must be immutable (ints, strings, tuples, frozen attrs)."""
 
-    __slots__ = ("_reads", "_state", "_writes", "at_rest", "stack", "task")
+    __slots__ = ("_reads", "_state", "_writes", "at_rest", "stack", "stack_source", "task")
 
     def __init__(self, state: dict[Hashable, Any] | None = None) -> None:
         self._state: dict[Hashable, Any] = dict(state) if state else {}
@@ -37,8 +37,10 @@ class World:
         self._reads: list[Hashable] = []
         # Name of the task whose step is running; not state, so not recorded.
         self.task: str = ""
-        # Call stack (StackEntry tuple) of the step just run, set by the runtime for checks; not state either.
-        self.stack: tuple = ()
+        # Call stack (StackEntry tuple) of the step just run, for checks (read it with `call_stack`); not state
+        # either. A runner that does not read every stack leaves None and a `stack_source` that reads it.
+        self.stack: tuple | None = ()
+        self.stack_source: Callable[[], tuple] | None = None
         # Set by `quiescent()` during a step, cleared by the runtime before each one; not state.
         self.at_rest: bool = False
 
@@ -70,6 +72,14 @@ class World:
         marks such frames, and locals are rebuilt by replaying from them."""
         if not self._writes:
             self.at_rest = True
+
+    def call_stack(self) -> tuple:
+        """The call stack of the step just run (outermost first), for checks that ask who issued it."""
+        stack = self.stack
+        if stack is None:
+            source = self.stack_source
+            stack = self.stack = source() if source is not None else ()
+        return stack
 
     # -- unrecorded access (checks, views, tests) --------------------------------------------------------
     def peek(self, key: Hashable, default: Any = None) -> Any:

@@ -56,3 +56,30 @@ def test_an_execution_stops_at_max_steps_and_reports_stuck_tasks() -> None:
     assert ex.run() is StopReason.STUCK
     assert [ex.task_of(i) for i in range(len(ex))] == ["w", "c", "c", "c", "c", "c", "c"]
     assert ex.writes[1:] == [(("n",),)] * 5 + [()]   # five writes, then the TASK_DONE step
+
+
+def test_an_execution_reads_a_call_stack_only_when_a_check_asks() -> None:
+    """Checks get `world.call_stack()`: under an Execution it is read on demand, once per step, and is the
+    stack a Runtime records for that step."""
+    def inner(world: World):
+        world.set(("x",), 1)
+        yield Step(StepKind.WAIT)
+
+    def outer(world: World):
+        yield from inner(world)
+        world.set(("x",), 2)
+        yield Step(StepKind.WAIT)
+
+    asked = []
+
+    def check(world: World, step: Step, effects: tuple) -> tuple:
+        if effects[2] == 1:
+            asked.append(tuple(e.function for e in world.call_stack()))
+            asked.append(world.call_stack() is world.call_stack())
+        return ()
+
+    world = World()
+    ex = Execution(world, [Task("t", outer(world))], checks=[check])
+    ex.run()
+    assert asked == [("test_an_execution_reads_a_call_stack_only_when_a_check_asks.<locals>.outer",
+                      "test_an_execution_reads_a_call_stack_only_when_a_check_asks.<locals>.inner"), True]
