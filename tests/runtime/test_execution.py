@@ -73,7 +73,7 @@ def test_an_execution_reads_a_call_stack_only_when_a_check_asks() -> None:
     asked = []
 
     def check(world: World, step: Step, effects: tuple) -> tuple:
-        if effects[2] == 1:
+        if effects and effects[2] == 1:
             asked.append(tuple(e.function for e in world.call_stack()))
             asked.append(world.call_stack() is world.call_stack())
         return ()
