@@ -2,9 +2,8 @@
 operand layout, the output registers, the completion status decoded (class, operand id, details) and the S-EPT
 entries the call changed, before -> after.
 
-The operand layouts are the TDX module ABI's (Intel TDX Module ABI specification, per-leaf input/output
-operand tables; Linux `arch/x86/virt/vmx/tdx/tdx.c` builds the same registers in tdh_mem_*()). This is the one
-place the debugger decodes them.
+The operands and outputs are the ones declared on the leaf's handler (tdxdbg.hw.tdx.seamcall.leaf_info, after
+the TDX module ABI's per-leaf operand tables): the log, scenarios and this panel share that one declaration.
 """
 
 from __future__ import annotations
@@ -16,7 +15,7 @@ from typing import Any
 import attrs
 
 from tdxdbg.hw.tdx.leaves import Seamcall
-from tdxdbg.hw.tdx.seamcall import TdxStep
+from tdxdbg.hw.tdx.seamcall import PAGE_INFO_LEVEL_MASK, Arg, Reg, TdxStep, leaf_info
 from tdxdbg.hw.tdx.sept import FREE_ENTRY, SeptEntry
 from tdxdbg.hw.tdx.status import (
     OPERAND_MASK,
@@ -27,35 +26,24 @@ from tdxdbg.hw.tdx.status import (
     status_name,
 )
 
-# EPT mapping information (RCX of the S-EPT leaves): GPA in bits 51:12, TDX level in bits 2:0.
-GPA_MASK = 0x000F_FFFF_FFFF_F000
-LEVEL_MASK = 0x7
-PAGE_MASK = ~0xFFF
-
-_MAPPING = ("RCX", "EPT mapping: GPA | level")
-_TDR = ("RDX", "TDR page (the TD)")
-# Input operands per leaf, beyond RAX (the leaf number).
-OPERANDS: dict[Seamcall, tuple[tuple[str, str], ...]] = {
-    Seamcall.TDH_MEM_SEPT_ADD: (_MAPPING, _TDR, ("R8", "new S-EPT page (HPA)")),
-    Seamcall.TDH_MEM_PAGE_AUG: (_MAPPING, _TDR, ("R8", "page to map (HPA)")),
-    Seamcall.TDH_MEM_PAGE_ADD: (_MAPPING, _TDR, ("R8", "page to map (HPA)"), ("R9", "source page (HPA)")),
-    Seamcall.TDH_MEM_RANGE_BLOCK: (_MAPPING, _TDR),
-    Seamcall.TDH_MEM_RANGE_UNBLOCK: (_MAPPING, _TDR),
-    Seamcall.TDH_MEM_PAGE_REMOVE: (_MAPPING, _TDR),
-    Seamcall.TDH_MEM_SEPT_REMOVE: (_MAPPING, _TDR),
-    Seamcall.TDH_MEM_SEPT_RD: (_MAPPING, _TDR),
-    Seamcall.TDH_MEM_PAGE_DEMOTE: (_MAPPING, _TDR, ("R8", "new S-EPT page (HPA)")),
-    Seamcall.TDH_MEM_PAGE_PROMOTE: (_MAPPING, _TDR),
-    Seamcall.TDH_MEM_TRACK: (("RCX", "TDR page (the TD)"),),
-    Seamcall.TDH_PHYMEM_PAGE_WBINVD: (("RCX", "page (HPA)"),),
-    Seamcall.TDH_PHYMEM_PAGE_RECLAIM: (("RCX", "page (HPA)"),),
-    Seamcall.TDH_VP_ENTER: (("RCX", "TDVPR page (the vCPU)"),),
+# What each kind of operand is, for the panel (the operands themselves are declared on the leaf's handler:
+# tdxdbg.hw.tdx.seamcall.leaf_info).
+ARG_MEANING = {
+    Arg.PAGE_INFO: "page_info: GPA | level of an S-EPT entry",
+    Arg.PAGE_RANGE: "page_info: GPA | level of a page",
+    Arg.GPA: "GPA",
+    Arg.PA: "host physical address",
+    Arg.VALUE: "value",
+    Arg.TDR: "TDR page (the TD)",
+    Arg.TDVPR: "TDVPR page (the vCPU)",
+    Arg.NEW_PAGE: "new page for the module (HPA)",
+    Arg.NEW_PAGE_AT_LEVEL: "page to map, of the level's size (HPA)",
+    Arg.SOURCE_PAGE: "source page (HPA)",
 }
-# Output registers of the S-EPT leaves on an EPT-entry error (TDX_EPT_ENTRY_STATE_INCORRECT and friends carry
-# "details"): RCX the entry's architectural value, RDX its level info. tdh_mem_page_aug() and friends return
-# them as `ext_err1`/`ext_err2`.
-OUTPUTS = (("RCX", "S-EPT entry (arch value) / output"), ("RDX", "S-EPT entry level info / output"),
-           ("R8", "output"))
+PAGE_INFO_GPA_MASK = 0x000F_FFFF_FFFF_F000
+# Output registers of a failed S-EPT leaf that reports "details" (TDX_EPT_ENTRY_STATE_INCORRECT and friends):
+# RCX the entry's architectural value, RDX its level info (tdh_mem_page_aug()'s ext_err1/ext_err2).
+ERROR_OUTPUTS = {Reg.RCX: "S-EPT entry (arch value) on error", Reg.RDX: "S-EPT entry level info on error"}
 
 
 @attrs.frozen(slots=True)
@@ -111,10 +99,26 @@ def decode_status(rax: int) -> StatusView:
                       ((rax & STATUS_MASK) >> 40) & 0xFF, operand, 0 if operand else low)
 
 
-def _decode_input(name: str, value: int) -> str:
-    if name == "RCX" and _MAPPING[0] == name:
-        return f"gpa {value & GPA_MASK:#x} level {value & LEVEL_MASK}"
-    return ""
+def _inputs(leaf: Seamcall, regs: dict[Reg, int]) -> tuple[Register, ...]:
+    info = leaf_info(leaf)
+    if info is None:     # a leaf the module does not implement: the raw registers
+        return tuple(Register(r.name, v, "") for r, v in regs.items())
+    out = []
+    for o in info.operands:
+        v = regs[o.reg]
+        decoded = (f"gpa {v & PAGE_INFO_GPA_MASK:#x} level {v & PAGE_INFO_LEVEL_MASK}"
+                   if o.arg in (Arg.PAGE_INFO, Arg.PAGE_RANGE) else "")
+        out.append(Register(o.reg.name, v, f"{o.name}: {ARG_MEANING.get(o.arg, o.arg.value)}", decoded))
+    return tuple(out)
+
+
+def _outputs(leaf: Seamcall, regs: dict[Reg, int], error: bool) -> tuple[Register, ...]:
+    info = leaf_info(leaf)
+    if error:
+        return tuple(Register(r.name, regs[r], m) for r, m in ERROR_OUTPUTS.items())
+    if info is None:
+        return tuple(Register(r.name, v, "") for r, v in regs.items())
+    return tuple(Register(o.reg.name, regs[o.reg], o.name) for o in info.returns)
 
 
 def seamcall_view(frames: Sequence[Any], task_frames: Sequence[int], frame_index: int,
@@ -151,17 +155,13 @@ def seamcall_view(frames: Sequence[Any], task_frames: Sequence[int], frame_index
             break
         if task_frames[j] > frame_index and j > entry_at and fr.step.kind is TdxStep.SEAMCALL:
             break
-    layout = OPERANDS.get(e.leaf, (_MAPPING, _TDR, ("R8", ""), ("R9", "")))
-    regs = {"RCX": e.rcx, "RDX": e.rdx, "R8": e.r8, "R9": e.r9}
-    inputs = tuple(Register(n, regs[n], m, _decode_input(n, regs[n]) if m == _MAPPING[1] else "")
-                   for n, m in layout)
+    inputs = _inputs(e.leaf, {Reg.RCX: e.rcx, Reg.RDX: e.rdx, Reg.R8: e.r8, Reg.R9: e.r9})
     outputs: tuple[Register, ...] = ()
     status = None
     if ret is not None:
         r = ret.step.payload
-        out = {"RCX": r.rcx, "RDX": r.rdx, "R8": r.r8}
-        outputs = tuple(Register(n, out[n], m) for n, m in OUTPUTS)
         status = decode_status(int(r.rax))
+        outputs = _outputs(e.leaf, {Reg.RCX: r.rcx, Reg.RDX: r.rdx, Reg.R8: r.r8}, status.error)
     sept = []
     for key, (old, new) in changes.items():
         where = table_gpa(key[1])

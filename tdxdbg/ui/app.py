@@ -339,11 +339,14 @@ class TdxdbgApp(App[int]):
             stack.move_to(head + 1 + act)     # scrolls the selected activation into view
             src = panes.source_text(a.filename, a.line, a.qualname, self.relative_lines)
             source.update(src)
-            source.move_to(next((i for i, ln in enumerate(src.plain.splitlines()) if ln.startswith("→")), 0))
+            source.move_to(next((i for i, ln in enumerate(src.plain.splitlines()) if ln.startswith("→")), 0),
+                           center=True)
+            source.border_subtitle = src.plain.split("\n", 1)[0]     # the file and line, even when scrolled
             title = Text(f"locals of {a.function} (Enter expands, y copies)", style="bold")
             locals_pane.show(title, (task or "", str(act), a.qualname), a.locals)
         else:
             source.update(panes.source_text(None, None))
+            source.border_subtitle = ""
             locals_pane.show(Text("(no activation)", style="grey50"), (), ())
 
     def _sept_gpas(self) -> dict[tuple[int, int], int]:

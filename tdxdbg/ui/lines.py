@@ -55,6 +55,8 @@ class LineList(ScrollView, can_focus=True):
     # Draw the cursor row underlined when the list does not have focus (the log and the page tables: the row is
     # the current entry); text panes show their cursor only while focused.
     mark_unfocused = True
+    # Scroll the cursor to the middle rather than just into view (the source pane's current line).
+    center_cursor = False
 
     def __init__(self, *, name: str | None = None, id: str | None = None, classes: str | None = None) -> None:
         super().__init__(name=name, id=id, classes=classes)
@@ -105,16 +107,21 @@ class LineList(ScrollView, can_focus=True):
         # The region lines are drawn in: without a horizontal scrollbar's row (it would hide the cursor row).
         height = self.scrollable_content_region.height or 1
         top = self.scroll_offset.y
+        if self.center_cursor:
+            self.scroll_to(y=max(0, self.cursor - height // 2), animate=False, immediate=True)
+            return
         # immediate: a deferred scroll would land after the next refresh, at a time that depends on load.
         if self.cursor < top:
             self.scroll_to(y=self.cursor, animate=False, immediate=True)
         elif self.cursor >= top + height:
             self.scroll_to(y=self.cursor - height + 1, animate=False, immediate=True)
 
-    def move_to(self, index: int, notify: bool = False) -> None:
+    def move_to(self, index: int, notify: bool = False, center: bool = False) -> None:
+        """Put the cursor on line `index` and scroll it into view (with `center`, to the middle)."""
         if self._count == 0:
             return
         self.cursor = max(0, min(index, self._count - 1))
+        self.center_cursor = center
         self.scroll_to_cursor()
         if notify:
             self.post_message(self.Moved(self, self.cursor))

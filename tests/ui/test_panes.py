@@ -144,7 +144,7 @@ def test_seamcall_panel_decodes_the_call() -> None:
             await goto(pilot, app, DEMO_SEPT_ADD_L3)
             shown = text(app, "#seamcall")
             assert shown.startswith(f"TDH.MEM.SEPT.ADD by vcpu0, frame {DEMO_SEPT_ADD_L3 - 2} -> {DEMO_SEPT_ADD_L3}")
-            assert "RCX 0x0000000000000003 EPT mapping: GPA | level: gpa 0x0 level 3" in shown
+            assert "RCX 0x0000000000000003 gpa: page_info: GPA | level of an S-EPT entry: gpa 0x0 level 3" in shown
             assert "RAX 0x0000000000000000 TDX_SUCCESS" in shown
             assert "gpa 0x0: FREE 0x0 -> NL_MAPPED 0x" in shown
             await goto(pilot, app, DEMO_REMOVE)
