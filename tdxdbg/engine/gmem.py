@@ -25,6 +25,11 @@ HUGE_2M = kvm_pages_per_hpage(PgLevel.PG_LEVEL_2M)
 GMEM_PFN = "gmem.pfn"   # the tag of gmem_pfn_key
 
 
+def dirty_bitmap_key(slot_id: int) -> tuple[str, int]:
+    """The gfns of a dirty-logged slot written since logging was enabled (memslot->dirty_bitmap)."""
+    return ("kvm.dirty_bitmap", slot_id)
+
+
 def gmem_pfn_key(slot_id: int, gfn: int) -> tuple:
     """The guest_memfd page backing `gfn` of a slot."""
     return (GMEM_PFN, slot_id, gfn)
@@ -243,7 +248,7 @@ class GmemOps(KvmBase):
     def mark_page_dirty_in_slot(self, slot: Memslot | None, gfn: int) -> None:
         if slot is None or not slot.dirty_log:
             return
-        key = ("kvm.dirty_bitmap", slot.id)
+        key = dirty_bitmap_key(slot.id)
         bitmap = self.world.get(key, frozenset())
         if gfn not in bitmap:
             self.world.set(key, bitmap | {gfn})

@@ -37,11 +37,16 @@ def guest_program(ops: tuple[Op, ...]) -> guest.GuestGen:
             yield from guest.map_gpa(op.gpa, op.size)
 
 
+def next_op_key(task: str) -> tuple[str, str]:
+    """The index of the next operation of a host task's program."""
+    return ("host.next_op", task)
+
+
 def host_program(kvm: Any, ops: tuple[Op, ...]) -> Generator[Step, None, Any]:
     """Userspace (the VMM) issuing ioctls, one operation after the other. Which one is next is in the World
     (("host.next_op", task)), so this is also the task's entry when it is recreated before an operation."""
     w = kvm.world
-    key = ("host.next_op", w.task)
+    key = next_op_key(w.task)
     while (i := w.get(key, 0)) < len(ops):
         w.quiescent()
         yield from host_step(kvm, ops[i], i, key)

@@ -19,7 +19,7 @@ from textual.containers import Container
 from textual.message import Message
 from textual.widgets import Footer
 
-from tdxdbg.session import FROZEN_SPTE, BreakpointError, GfnWatch
+from tdxdbg.session import FROZEN_SPTE, SEPT, BreakpointError, GfnWatch, pte_key
 from tdxdbg.session.events import StopEvent, StopReason
 from tdxdbg.session.log import Category, EventIndex
 from tdxdbg.session.session import Session
@@ -265,7 +265,7 @@ class TdxdbgApp(App[int]):
         assert s is not None
         frame = s.frame
         changed = frozenset(k for k, _o, _n in frame.effects) if frame is not None else frozenset()
-        iter_key = ("pte", path[-1].table, path[-1].index) if path else None
+        iter_key = pte_key(path[-1].table, path[-1].index) if path else None
         frozen_by: dict = {}
         for root in (view.mirror, view.direct):
             if root is None:
@@ -273,7 +273,7 @@ class TdxdbgApp(App[int]):
             for table in root.tree.walk():
                 for e in table.entries:
                     if e.value == FROZEN_SPTE:
-                        key = ("pte", e.table, e.index)
+                        key = pte_key(e.table, e.index)
                         i = s.last_write(key)
                         if i is not None:
                             frozen_by[key] = s.frames[i].task
@@ -315,7 +315,7 @@ class TdxdbgApp(App[int]):
         sept = None
         last = None
         if line is not None and line.key is not None:
-            if line.key[0] == "sept" or line.kind == "mirror":
+            if line.key[0] == SEPT or line.kind == "mirror":
                 sept = s.sept_entry_at(line.gfn << 12, line.level - 1)
             last = s.last_write(line.key)
         inspector.update(panes.inspector_text(line, sept, last))

@@ -10,6 +10,7 @@ from typing import Any
 
 from rich.text import Text
 
+from tdxdbg.session import SEPT
 from tdxdbg.session.decode import decode_spte, describe_spte
 from tdxdbg.session.views import ActivationView, TaskView
 
@@ -95,7 +96,7 @@ def inspector_text(line: Any, sept: Any, last_write: int | None, pinned: Any = N
         t.append("Inspector\n", style="bold")
         t.append("  select an entry in the page tables (up/down)", style="grey50")
         return t
-    if line.key[0] == "sept":
+    if line.key[0] == SEPT:
         t.append(f"S-EPT entry gpa {line.gfn << 12:#x} TDX level {line.level - 1}\n", style="bold")
         if sept is not None:
             t.append(f"  state {sept.state.name} (public {sept.state.public})  page {sept.pfn:#x}\n")

@@ -12,7 +12,7 @@ from typing import Any, NamedTuple
 
 from rich.text import Text
 
-from tdxdbg.session import SeptState, describe_spte
+from tdxdbg.session import SeptState, describe_spte, pte_key, sept_key
 from tdxdbg.session.views import RootView, SeptTableView, StateView, TableView
 
 
@@ -83,7 +83,7 @@ def render(line: TableLine, marks: Marks) -> Text:
 
 def _table_lines(table: TableView, depth: int, out: list[TableLine], kind: str) -> None:
     for e in table.entries:
-        out.append(TableLine(("pte", e.table, e.index), kind, e.gfn, e.level, e.value, depth, e))
+        out.append(TableLine(pte_key(e.table, e.index), kind, e.gfn, e.level, e.value, depth, e))
         if e.child is not None:
             _table_lines(e.child, depth + 1, out, kind)
 
@@ -110,7 +110,7 @@ def root_lines(root: RootView | None, title: str, kind: str) -> list[TableLine]:
 def _sept_lines(table: SeptTableView, depth: int, out: list[TableLine]) -> None:
     for node in table.entries:
         e = node.entry
-        out.append(TableLine(("sept", e.table, e.index), "sept", e.gpa >> 12, e.level + 1, 0, depth, e))
+        out.append(TableLine(sept_key(e.table, e.index), "sept", e.gpa >> 12, e.level + 1, 0, depth, e))
         if node.child is not None:
             _sept_lines(node.child, depth + 1, out)
 

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 from engine_helpers import SHARED, frames
 
-from tdxdbg.engine.gmem import Memslot
+from tdxdbg.engine.gmem import Memslot, dirty_bitmap_key
 from tdxdbg.engine.spte import (
     EPT_SPTE_MMU_WRITABLE,
     PT_PAGE_SIZE_MASK,
@@ -84,7 +84,7 @@ def test_dirty_logging_splits_write_protects_and_fast_pf_marks_dirty() -> None:
     assert not untouched & PT_WRITABLE_MASK and untouched & EPT_SPTE_MMU_WRITABLE
     fast = frames(rt, EngineStep.SPTE_CMPXCHG, what=SpteWrite.FAST_PF)
     assert len(fast) == 1 and fast[0].step.get("ok") and fast[0].step.get("gfn") == first + 3
-    assert world.peek(("kvm.dirty_bitmap", 0)) == frozenset({first + 3})
+    assert world.peek(dirty_bitmap_key(0)) == frozenset({first + 3})
     assert frames(rt, EngineStep.RET_PF, task="vcpu1", gpa=SHARED | (GPA + 0x3000))[0].step.get("ret") \
         == "RET_PF_FIXED"
 

@@ -60,6 +60,11 @@ GPA_RESERVED_HIGH = 0xFFF0_0000_0000_0000  # bits 63:52
 GPAW48_HIGH_BITS = 0x000F_0000_0000_0000
 
 
+def calls_key(leaf: Seamcall) -> tuple[str, Seamcall]:
+    """How many times `leaf` was called (kept only while fault injection is configured)."""
+    return ("tdx.calls", leaf)
+
+
 def check_private_gpa(cfg: TdConfig, raw: int, max_level: int) -> tuple[int, int] | None:
     """`verify_page_info_input` + `check_gpa_validity` of a page_info RCX: (gpa, level), or None if invalid."""
     level = raw & GPA_LEVEL_MASK
@@ -183,7 +188,7 @@ class TdxModule:
         Calls are counted (in the World, so rewinding restores the count) only when injection is configured."""
         if not self.inject:
             return None
-        key = ("tdx.calls", leaf)
+        key = calls_key(leaf)
         n = self.world.get(key, 0) + 1
         self.world.set(key, n)
         return self.inject.get((leaf, n))

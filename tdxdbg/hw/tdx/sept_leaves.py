@@ -185,8 +185,13 @@ class PageAdd:
         return success(c)
 
 
+def mrtd_key(tdr: int) -> tuple[str, int]:
+    """The TD's MRTD measurement (SHA-384), extended by PAGE.ADD and MR.EXTEND."""
+    return ("tdx.mrtd", tdr)
+
+
 def extend_mrtd(m: TdxModule, tdr: int, data: bytes) -> None:
-    key = ("tdx.mrtd", tdr)
+    key = mrtd_key(tdr)
     old: bytes = m.world.get(key, bytes(48))
     m.world.set(key, hashlib.sha384(old + data).digest())
 
