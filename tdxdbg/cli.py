@@ -7,7 +7,7 @@ import contextlib
 import io
 import os
 import sys
-from typing import IO
+from typing import IO, Any
 
 NEEDS_TERMINAL = ("tdxdbg: the debugger needs a terminal (standard input and output must be a TTY);\n"
                   "run a scenario headless with `tdxdbg run {scenario}`")
@@ -76,6 +76,8 @@ def _parser() -> _Parser:
                                      "relative to the current directory)")
     r.add_argument("--schedule", help="round_robin | sequential | random | random:SEED")
     r.add_argument("--json", metavar="PATH", help="write the JSON trace to PATH ('-' for standard output)")
+    r.add_argument("--events", action="store_true",
+                   help="add every frame's event to the JSON trace (freezes, cmpxchgs, SPTE writes, locks, ...)")
     r.add_argument("--max-frames", type=_frames, default=None, metavar="N", help="stop after N frames (exit 1)")
     v = sub.add_parser("validate", prog="tdxdbg validate", help="check scenario files without running them")
     v.add_argument("scenario", nargs="+")
@@ -294,8 +296,11 @@ def _run(ns: argparse.Namespace, out: IO[str], err: IO[str]) -> int:
     except ScheduleError as e:
         print(f"error: {e}", file=err)
         return 2
-    kwargs = {} if ns.max_frames is None else {"max_frames": ns.max_frames}
-    report = run_scenario(scenario, schedule, **kwargs)
+    if ns.events and not ns.json:
+        print("error: --events: expected --json PATH too (the events go into the JSON trace)", file=err)
+        return 2
+    kwargs: dict[str, Any] = {} if ns.max_frames is None else {"max_frames": ns.max_frames}
+    report = run_scenario(scenario, schedule, events=ns.events, **kwargs)
     if ns.json == "-":
         out.write(dumps(report.json_obj()))
         print_summary(report, err)

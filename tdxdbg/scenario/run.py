@@ -56,11 +56,11 @@ def schedule_of(scenario: Scenario, override: str | None = None) -> ScheduleSpec
 
 
 def run_scenario(scenario: Scenario, schedule: ScheduleSpec | None = None,
-                 max_frames: int | None = DEFAULT_MAX_FRAMES) -> Report:
+                 max_frames: int | None = DEFAULT_MAX_FRAMES, events: bool = False) -> Report:
     schedule = schedule or schedule_of(scenario)
     setup = build_setup(scenario, Path(scenario.path).parent)
     frames, final, kvm, stop = run_setup(setup, schedule, max_frames)
-    facts = collect(frames, final, kvm, stop)
+    facts = collect(frames, final, kvm, stop, events)
     results = tuple(evaluate(scenario, facts, kvm, final.world))
     expected_names = {e.get("name") for e in scenario.expect if e.kind == "violation"}
     unexpected = tuple(v for v in facts.violations if v.invariant not in expected_names)

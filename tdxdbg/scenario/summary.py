@@ -64,7 +64,8 @@ def print_summary(report: Report, file: IO[str], color: bool | None = None) -> N
             table.add_column(col)
         for s in f.seamcalls[:MAX_ROWS]:
             status = describe(s.status) + (" (injected)" if s.injected else "")
-            table.add_row(*_cells(str(s.frame), s.task, s.leaf, f"{s.gpa:#x}", str(s.level)),
+            table.add_row(*_cells(str(s.frame), s.task, s.leaf, "" if s.gpa is None else f"{s.gpa:#x}",
+                                  "" if s.level is None else str(s.level)),
                           Text(status, style="red" if is_error(s.status) else "green"))
         console.print(table)
         if len(f.seamcalls) > MAX_ROWS:

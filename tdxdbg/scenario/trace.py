@@ -1,4 +1,4 @@
-"""What a run produced, derived from its frames and final state, and the JSON trace (format tdxdbg-trace/1).
+"""What a run produced, derived from its frames and final state, and the JSON trace (format tdxdbg-trace/2).
 
 Byte-identical for the same scenario and schedule: sorted keys, no floats, lowercase 0x hex, statuses as 16
 hex digits.
@@ -6,6 +6,7 @@ hex digits.
 
 from __future__ import annotations
 
+import enum
 import errno
 import json
 from collections.abc import Sequence
@@ -20,14 +21,19 @@ from tdxdbg.engine.steps import EngineStep
 from tdxdbg.engine.tdp_iter import walk_spte
 from tdxdbg.hw.memory import fill_key, pte_key
 from tdxdbg.hw.tdx.leaves import Seamcall
-from tdxdbg.hw.tdx.seamcall import Arg, Reg, SeamcallEntry, SeamcallReturn, TdxStep, leaf_info
+from tdxdbg.hw.tdx.seamcall import PAGE_INFO_LEVEL_MASK, Arg, Reg, SeamcallEntry, SeamcallReturn, TdxStep, leaf_info
 from tdxdbg.hw.tdx.sept import SeptState, sept_entry
-from tdxdbg.hw.tdx.status import status_name
-from tdxdbg.hw.tdx.td import td_key
+from tdxdbg.hw.tdx.status import is_error, status_name
+from tdxdbg.hw.tdx.td import KEYID_SHIFT, td_key
 from tdxdbg.runtime.frame import Frame
 from tdxdbg.runtime.step import StepKind
 
-FORMAT = "tdxdbg-trace/1"
+FORMAT = "tdxdbg-trace/2"
+
+
+# page_info_api_input_t's GPA (bits 51:12); a host PA without its key-id bits (a keyed PA of WBINVD), page aligned.
+PAGE_INFO_GPA_MASK = ((1 << 52) - 1) & ~0xFFF
+HOST_PA_MASK = ((1 << KEYID_SHIFT) - 1) & ~0xFFF
 
 
 def hx(n: int) -> str:
@@ -48,14 +54,19 @@ def ret_text(ret: Any) -> str:
 
 @attrs.frozen
 class SeamcallRec:
+    """One SEAMCALL: its input and output registers, and what the leaf's declaration says they are about (the
+    GPA and level of a page_info / GPA operand, the host page handed over, given back or named)."""
+
     frame: int
     task: str
     leaf: str
-    gpa: int
-    level: int
+    gpa: int | None
+    level: int | None
     hpa: int | None
     status: int
     injected: bool
+    regs_in: tuple[int, int, int, int] = (0, 0, 0, 0)     # RCX, RDX, R8, R9
+    regs_out: tuple[int, int, int] = (0, 0, 0)           # RCX, RDX, R8
 
 
 @attrs.frozen
@@ -108,24 +119,25 @@ class Facts:
     sept: tuple[tuple[int, int, str], ...]       # (gpa, TDX level, state)
     vm_dead: bool
     tasks: tuple[Any, ...]
+    events: tuple[dict[str, Any], ...] | None = None   # every frame's event, when asked for (--events)
 
 
-def collect(frames: Sequence[Frame], final: Any, kvm: Any, stop: str) -> Facts:
+def collect(frames: Sequence[Frame], final: Any, kvm: Any, stop: str, events: bool = False) -> Facts:
     seamcalls, faults, reads, violations, panics, errors, bugs = [], [], [], [], [], [], []
+    event_list: list[dict[str, Any]] | None = [] if events else None
     pending: dict[str, SeamcallEntry] = {}
     for f in frames:
         step = f.step
         kind = step.kind
+        if event_list is not None:
+            event_list.append(frame_event(f))
         if kind is TdxStep.SEAMCALL:
             if isinstance(step.payload, SeamcallEntry):
                 pending[f.task] = step.payload
         elif kind is TdxStep.SEAMCALL_RETURN:
             p = step.payload
             if isinstance(p, SeamcallReturn) and p.leaf is not Seamcall.TDH_VP_ENTER:
-                entry = pending.pop(f.task, None)
-                hpa = entry.r8 if entry is not None and _takes_page_in_r8(p.leaf) else None
-                seamcalls.append(SeamcallRec(f.index, f.task, p.leaf.dotted, p.gpa, p.level, hpa, p.rax,
-                                             bool(p.injected)))
+                seamcalls.append(seamcall_rec(f.index, f.task, pending.pop(f.task, None), p))
         elif kind is EngineStep.EXIT:
             if step.get("what") == "EPT violation handled":
                 faults.append(FaultRec(f.index, f.task, step.get("gpa"), bool(step.get("private")),
@@ -148,13 +160,73 @@ def collect(frames: Sequence[Frame], final: Any, kvm: Any, stop: str) -> Facts:
     mirror, direct = spte_leaves(kvm, w)
     return Facts(len(frames), stop, tuple(seamcalls), tuple(faults), tuple(reads), tuple(violations),
                  tuple(panics), tuple(errors), tuple(bugs), mirror, direct, sept_entries(kvm, w),
-                 bool(w.peek(K_VM_DEAD)), final.tasks)
+                 bool(w.peek(K_VM_DEAD)), final.tasks, None if event_list is None else tuple(event_list))
 
 
-def _takes_page_in_r8(leaf: Seamcall) -> bool:
-    """The JSON's `hpa`: the page the leaf's declaration says the VMM hands over in R8."""
-    info = leaf_info(leaf)
-    return info is not None and info.register_of(Arg.NEW_PAGE, Arg.NEW_PAGE_AT_LEVEL) is Reg.R8
+# Operand kinds that name a host page: handed over (NEW_PAGE...), or named by its PA (RECLAIM, WBINVD).
+_PAGE_ARGS = (Arg.NEW_PAGE, Arg.NEW_PAGE_AT_LEVEL, Arg.PA)
+
+
+def seamcall_rec(frame: int, task: str, entry: SeamcallEntry | None, ret: SeamcallReturn) -> SeamcallRec:
+    """A SEAMCALL as the JSON shows it, decoded from its registers by the leaf's declaration (never from what the
+    module decoded, which an injected status skips): `gpa`/`level` only for a leaf with a page_info or GPA
+    operand; `hpa` the page it hands over or names (key bits cleared), or else the page it returns (an `hpa`
+    output, PAGE.REMOVE)."""
+    regs_in = (entry.rcx, entry.rdx, entry.r8, entry.r9) if entry is not None else (0, 0, 0, 0)
+    regs_out = (ret.rcx, ret.rdx, ret.r8)
+    info = leaf_info(ret.leaf)
+    gpa = level = hpa = None
+    if info is not None:
+        by_reg = dict(zip((Reg.RCX, Reg.RDX, Reg.R8, Reg.R9), regs_in, strict=True))
+        for o in info.operands:
+            v = by_reg[o.reg]
+            if o.arg in (Arg.PAGE_INFO, Arg.PAGE_RANGE) and gpa is None:
+                gpa, level = v & PAGE_INFO_GPA_MASK, v & PAGE_INFO_LEVEL_MASK
+            elif o.arg is Arg.GPA and gpa is None:
+                gpa = v
+            elif o.arg in _PAGE_ARGS and hpa is None:
+                hpa = v & HOST_PA_MASK
+        if hpa is None and not is_error(ret.rax):
+            out = dict(zip((Reg.RCX, Reg.RDX, Reg.R8), regs_out, strict=True))
+            hpa = next((out[r.reg] & HOST_PA_MASK for r in info.returns if r.name == "hpa"), None)
+    return SeamcallRec(frame, task, ret.leaf.dotted, gpa, level, hpa, ret.rax, bool(ret.injected), regs_in,
+                       regs_out)
+
+
+# -- every frame's event (--events) ----------------------------------------------------------------------------
+# Payload fields that are counts or small numbers, kept as JSON integers; every other integer is a hex string.
+_PLAIN_INT_FIELDS = frozenset({"vcpu", "level", "index", "retries", "retry", "refcount", "epoch", "rip", "value",
+                               "occurrence", "slot", "in_progress", "seq", "npages", "size_level"})
+
+
+def frame_event(f: Frame) -> dict[str, Any]:
+    """One frame as an event: `frame`, `task`, `kind` and the step's payload fields, as plain JSON values (enum
+    members by name, integers in hex except counts). SPTE changes carry `what` (freeze, unfreeze, restore,
+    zap, ...), `old`, `new` and `ok`; lock events `lock`, `mode` and `action`."""
+    ev: dict[str, Any] = {"frame": f.index, "task": f.task, "kind": getattr(f.step.kind, "value", str(f.step.kind))}
+    for name, value in f.step.fields().items():
+        if name in ev:
+            name = f"payload_{name}"
+        ev[name] = _plain(name, value)
+    return ev
+
+
+def _plain(name: str, value: Any) -> Any:
+    if value is None or isinstance(value, bool | str):
+        return value
+    if isinstance(value, enum.Enum):
+        return value.name
+    if isinstance(value, int):
+        return value if name in _PLAIN_INT_FIELDS else hx(value)
+    as_dict = getattr(value, "_asdict", None)
+    if as_dict is not None:
+        return {k: _plain(k, v) for k, v in as_dict().items()}
+    if isinstance(value, dict):
+        return {str(k): _plain(str(k), v) for k, v in value.items()}
+    if isinstance(value, tuple | list | frozenset | set):
+        items = sorted(value, key=repr) if isinstance(value, frozenset | set) else value
+        return [_plain(name, v) for v in items]
+    return str(value)
 
 
 # -- final state views -------------------------------------------------------------------------------------------
@@ -262,9 +334,13 @@ def to_json_obj(scenario: Any, variant: str, schedule: Any, facts: Facts, result
         "frames": facts.frames,
         "stop": facts.stop,
         "tasks": [{"name": t.name, "state": t.state, "result": t.result, "error": t.error} for t in facts.tasks],
-        "seamcalls": [{"frame": s.frame, "task": s.task, "leaf": s.leaf, "gpa": hx(s.gpa), "level": s.level,
+        "seamcalls": [{"frame": s.frame, "task": s.task, "leaf": s.leaf,
+                       "gpa": None if s.gpa is None else hx(s.gpa), "level": s.level,
                        "hpa": None if s.hpa is None else hx(s.hpa), "status": status_hex(s.status),
-                       "status_name": status_name(s.status), "injected": s.injected} for s in facts.seamcalls],
+                       "status_name": status_name(s.status), "injected": s.injected,
+                       "in": dict(zip(("rcx", "rdx", "r8", "r9"), map(hx, s.regs_in), strict=True)),
+                       "out": dict(zip(("rcx", "rdx", "r8"), map(hx, s.regs_out), strict=True))}
+                      for s in facts.seamcalls],
         "faults": [{"frame": x.frame, "task": x.task, "gpa": hx(x.gpa), "private": x.private, "ret": x.ret,
                     "retries": x.retries} for x in facts.faults],
         "final": {
@@ -278,6 +354,7 @@ def to_json_obj(scenario: Any, variant: str, schedule: Any, facts: Facts, result
         "panics": [{"frame": p.frame, "task": p.task, "message": p.message} for p in facts.panics],
         "errors": [{"frame": p.frame, "task": p.task, "message": p.message} for p in facts.errors],
         "expectations": [{"text": r.text, "ok": r.ok, "detail": r.detail} for r in results],
+        **({} if facts.events is None else {"events": list(facts.events)}),
     }
 
 

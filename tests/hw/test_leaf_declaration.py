@@ -102,9 +102,11 @@ def test_a_declared_leaf_runs_stops_at_its_breakpoint_and_has_its_log_line(mng_r
 def test_a_declared_leaf_reaches_the_json_trace(mng_rd) -> None:
     report = run_scenario(loads(SCENARIO))
     rd = [x for x in report.json_obj()["seamcalls"] if x["leaf"] == "TDH.MNG.RD"]
-    assert rd == [{"frame": rd[0]["frame"], "task": "host0", "leaf": "TDH.MNG.RD", "gpa": "0x0", "level": 0,
+    # No page_info, GPA or page operand: gpa, level and hpa are null; the registers show the field and the value.
+    assert rd == [{"frame": rd[0]["frame"], "task": "host0", "leaf": "TDH.MNG.RD", "gpa": None, "level": None,
                    "hpa": None, "status": f"0x{TdxStatus.TDX_SUCCESS:016x}", "status_name": "TDX_SUCCESS",
-                   "injected": False}]
+                   "injected": False, "in": {"rcx": rd[0]["in"]["rcx"], "rdx": "0x2a", "r8": "0x0", "r9": "0x0"},
+                   "out": {"rcx": "0x0", "rdx": "0x0", "r8": f"{FIELD_BASE + 0x2A:#x}"}}]
 
 
 def test_an_undeclared_leaf_is_refused_everywhere() -> None:

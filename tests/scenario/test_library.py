@@ -76,7 +76,7 @@ def test_json_stdout_is_pure_json_and_summary_on_stderr() -> None:
     assert rc == 0
     d = json.loads(out)
     assert "expectations:" in err and "OK" in err
-    assert d["format"] == "tdxdbg-trace/1"
+    assert d["format"] == "tdxdbg-trace/2"
     assert d["scenario"] == "first_private_fault" and d["variant"] == "upstream" and d["ok"] is True
     assert isinstance(d["frames"], int)
     assert [s["leaf"] for s in d["seamcalls"]] == ["TDH.MEM.SEPT.ADD"] * 3 + ["TDH.MEM.PAGE.AUG"]
@@ -152,3 +152,61 @@ def test_debugger_without_a_terminal_says_so() -> None:
         assert main(args, out, err) == 2
         assert "needs a terminal" in err.getvalue()
         assert "tdxdbg run" in err.getvalue()
+
+
+def test_json_seamcalls_carry_registers_and_the_page_they_concern() -> None:
+    """Format 2: each SEAMCALL has its input and output registers; gpa/level only for leaves with a page_info or
+    GPA operand (TDH.MEM.TRACK has neither: null); hpa the page handed over (R8 of PAGE.AUG), named (RCX of
+    PHYMEM.PAGE.RECLAIM; the keyed RCX of PHYMEM.PAGE.WBINVD without its key-id bits) or given back (RCX out of
+    PAGE.REMOVE)."""
+    rc, out, _ = _json(["run", "vm_teardown", "--json", "-"])
+    assert rc == 0
+    calls = json.loads(out)["seamcalls"]
+    by_leaf: dict[str, list] = {}
+    for c in calls:
+        by_leaf.setdefault(c["leaf"], []).append(c)
+    aug = by_leaf["TDH.MEM.PAGE.AUG"][0]
+    assert (aug["gpa"], aug["level"], aug["hpa"]) == ("0x1000", 0, aug["in"]["r8"])
+    remove = by_leaf["TDH.MEM.PAGE.REMOVE"][0]
+    assert (remove["gpa"], remove["hpa"]) == ("0x1000", remove["out"]["rcx"]) and remove["hpa"] == aug["hpa"]
+    wbinvd = by_leaf["TDH.PHYMEM.PAGE.WBINVD"][0]
+    assert int(wbinvd["in"]["rcx"], 16) >> 46 != 0                   # keyed with the TD's HKID
+    assert (wbinvd["gpa"], wbinvd["hpa"]) == (None, aug["hpa"])
+    track = by_leaf["TDH.MEM.TRACK"][0]
+    assert (track["gpa"], track["level"], track["hpa"]) == (None, None, None)
+    reclaim = by_leaf["TDH.PHYMEM.PAGE.RECLAIM"][-1]
+    assert reclaim["hpa"] == reclaim["in"]["rcx"] and reclaim["out"]["rdx"] == reclaim["hpa"]  # the TDR: owner
+    assert set(aug["in"]) == {"rcx", "rdx", "r8", "r9"} and set(aug["out"]) == {"rcx", "rdx", "r8"}
+
+
+def test_json_injected_call_shows_its_operands() -> None:
+    """An injected status skips the module's decoding; the trace still decodes the GPA from RCX by the leaf's
+    declaration (it showed gpa 0 in format 1)."""
+    rc, out, _ = _json(["run", "busy_on_page_aug", "--json", "-"])
+    assert rc == 0
+    busy = next(s for s in json.loads(out)["seamcalls"] if s["injected"])
+    assert busy["leaf"] == "TDH.MEM.PAGE.AUG" and busy["gpa"] != "0x0" and busy["gpa"] == busy["in"]["rcx"]
+
+
+def test_json_events_list_every_frame_in_order() -> None:
+    """--events: one event per frame, in frame order, with the step's fields: the freeze / unfreeze pair of
+    set_external_spte_present around the SEAMCALL, with old and new values, and mmu_lock taken and released."""
+    rc, out, _ = _json(["run", "first_private_fault", "--json", "-", "--events"])
+    assert rc == 0
+    d = json.loads(out)
+    ev = d["events"]
+    assert [e["frame"] for e in ev] == list(range(d["frames"]))
+    spte = [e for e in ev if e["kind"] in ("spte_cmpxchg", "spte_write") and e["level"] == 1]
+    assert [e["what"] for e in spte] == ["FREEZE", "UNFREEZE"]
+    freeze, unfreeze = spte
+    assert (freeze["old"], freeze["new"], freeze["ok"]) == ("0x8000000000000000", "0x80000000000005a0", True)
+    assert unfreeze["old"] == "0x80000000000005a0" and int(unfreeze["new"], 16) & 1
+    aug = next(e for e in ev if e["kind"] == "seamcall" and e["leaf"] == "TDH_MEM_PAGE_AUG")
+    assert freeze["frame"] < aug["frame"] < unfreeze["frame"]
+    locks = [(e["mode"], e["action"]) for e in ev if e["kind"] == "lock" and e["lock"] == "mmu_lock"]
+    assert locks[:2] == [("read", "acquire"), ("read", "release")]
+
+
+def test_events_need_json() -> None:
+    rc, _out, err = _json(["run", "first_private_fault", "--events"])
+    assert rc == 2 and "--events: expected --json PATH too" in err
