@@ -4,6 +4,7 @@ KVM_TDX_INIT_MEM_REGION / FINALIZE and VM destruction (reference kernel-tdp-mmu.
 
 from __future__ import annotations
 
+import errno
 from typing import Any
 
 from tdxdbg.engine.gmem import (
@@ -19,7 +20,14 @@ from tdxdbg.engine.gmem import (
     hva_page_key,
     hva_split_key,
 )
-from tdxdbg.engine.kvm import K_DESTROYING, K_MN_ACTIVE_INVALIDATE_COUNT, K_PRE_FAULT_ALLOWED, K_VM_BUGGED, Gen
+from tdxdbg.engine.kvm import (
+    K_DESTROYING,
+    K_FILE_USERS,
+    K_MN_ACTIVE_INVALIDATE_COUNT,
+    K_PRE_FAULT_ALLOWED,
+    K_VM_BUGGED,
+    Gen,
+)
 from tdxdbg.engine.mmu import EIO, PFERR_GUEST_FINAL_MASK, PFERR_PRIVATE_ACCESS
 from tdxdbg.engine.mmu_page import AttrFilter, RootTypes
 from tdxdbg.engine.spte import PAGE_SHIFT, PG_LEVEL_4K, PgLevel, gfn_round_for_level, kvm_pages_per_hpage
@@ -27,6 +35,9 @@ from tdxdbg.engine.steps import EngineStep
 from tdxdbg.engine.tdx import EINVAL, EOPNOTSUPP, TdxOps
 from tdxdbg.runtime.step import Step
 from tdxdbg.runtime.waits import waits_for
+
+# An ioctl or fallocate on a closed file descriptor: the VFS answers before KVM is reached.
+EBADF = -errno.EBADF
 
 
 class IoctlOps(TdxOps):
@@ -61,6 +72,35 @@ class IoctlOps(TdxOps):
             return EIO
         ret = yield from body
         return ret
+
+    def vm_file_call(self, call: str, body: Gen) -> Gen:
+        """A system call on one of the VM's files (VM fd, vCPU fd, guest_memfd), `body` being what the file's
+        handler does. kvm_destroy_vm runs only at the last kvm_put_kvm, after userspace closed every such file
+        (kvm_vm_release, kvm_vcpu_release and kvm_gmem_release each drop a reference); the `destroy` host
+        operation models that. So a call issued once teardown began finds its descriptor closed: -EBADF from
+        the VFS, before KVM is reached. A call already in progress holds a file reference (fdget) and so the VM:
+        teardown waits for it to return (kvm_destroy_vm)."""
+        w = self.world
+        if w.get(K_DESTROYING):
+            body.close()
+            yield Step(EngineStep.WARN, {"message": f"{call} after destroy: the VM's file descriptors are closed "
+                                                    "(kvm_destroy_vm runs at the last kvm_put_kvm): -EBADF"})
+            return EBADF
+        w.set(K_FILE_USERS, (*w.get(K_FILE_USERS, ()), w.task))
+        try:
+            ret = yield from body
+        except Exception:
+            # Not `finally`: a generator dropped unfinished (a replay, a fork) must not write the World.
+            self._vm_file_call_done()
+            raise
+        self._vm_file_call_done()
+        return ret
+
+    def _vm_file_call_done(self) -> None:
+        w = self.world
+        users = list(w.get(K_FILE_USERS, ()))
+        users.remove(w.task)
+        w.set(K_FILE_USERS, tuple(users))
 
     def _refused_vm_state(self) -> str:
         return "bugged" if self.world.get(K_VM_BUGGED) else "dead"
@@ -184,6 +224,22 @@ class IoctlOps(TdxOps):
         yield from self.write_unlock()
         # mn_active_invalidate_count-- after the end callback; the last one wakes a waiting memslot swap.
         self.world.set(K_MN_ACTIVE_INVALIDATE_COUNT, self.world.get(K_MN_ACTIVE_INVALIDATE_COUNT) - 1)
+
+    def mm_discard_shared_backing(self, start: int, end: int) -> Gen:
+        """Userspace discards [start, end) of the shared backing (madvise / munmap): the mm calls KVM's mmu
+        notifier around it. Once teardown began, kvm_destroy_vm's mmu_notifier_unregister (which waits for the
+        callbacks in progress) has KVM hear nothing more: the memory is the process's own business."""
+        w = self.world
+        if w.get(K_DESTROYING):
+            yield Step(EngineStep.HOST_OP, {"op": "no KVM mmu notifier registered (mmu_notifier_unregister in "
+                                                  "kvm_destroy_vm): KVM is not called", "start": start, "end": end})
+            return 0
+        w.set(K_FILE_USERS, (*w.get(K_FILE_USERS, ()), w.task))
+        yield from self.kvm_mmu_notifier_invalidate_range_start(start, end)
+        self.discard_shared_backing(start, end)
+        yield from self.kvm_mmu_notifier_invalidate_range_end(start, end)
+        self._vm_file_call_done()
+        return 0
 
     def discard_shared_backing(self, start: int, end: int) -> None:
         """MADV_DONTNEED of exactly [start, end) of the userspace backing (QEMU's kvm_convert_memory ->
@@ -375,10 +431,22 @@ class IoctlOps(TdxOps):
 
     # -- teardown --------------------------------------------------------------------------------------------
     def kvm_destroy_vm(self) -> Gen:
-        """Close guest_memfd (private leaves go while the HKID is assigned), release the HKID, zap the direct
-        roots, tear down every root (mirror tables are reclaimed now), reclaim the TD's control pages."""
+        """Userspace closes the VM's files; the last kvm_put_kvm runs kvm_destroy_vm once the system calls in
+        progress on them returned: close guest_memfd (private leaves go while the HKID is assigned), release the
+        HKID, zap the direct roots, tear down every root (mirror tables are reclaimed now), reclaim the TD's
+        control pages. A second `destroy` finds the files closed already (-EBADF)."""
+        w = self.world
+        if w.get(K_DESTROYING):
+            yield Step(EngineStep.WARN, {"message": "destroy after destroy: the VM's file descriptors are closed "
+                                                    "already: -EBADF"})
+            return EBADF
         yield Step(EngineStep.HOST_OP, {"op": "destroy VM"})
-        self.world.set(K_DESTROYING, True)
+        w.set(K_DESTROYING, True)
+        if w.get(K_FILE_USERS, ()):
+            users = waits_for("the system calls in progress on the VM's files to return (each holds a reference "
+                              "on the VM)", lambda world: world.peek(K_FILE_USERS, ()))
+            yield Step(EngineStep.HOST_OP, {"op": "waiting for in-flight ioctls to drop their VM references"},
+                       users(lambda world: not world.peek(K_FILE_USERS, ())))
         yield from self.kvm_make_all_cpus_request_outside_guest_mode()
         running = waits_for("the vCPU threads to stop",
                             lambda w: tuple(v.name for v in self.vcpus if not w.peek(v.stopped_key)))
@@ -410,11 +478,14 @@ class IoctlOps(TdxOps):
         yield from self.write_lock()
         yield from self.kvm_tdp_mmu_invalidate_roots(RootTypes.KVM_VALID_ROOTS)
         yield from self.write_unlock()
-        # The vCPUs' own references go first (kvm_mmu_unload when each vCPU is destroyed).
+        # The vCPUs' own references go first (kvm_mmu_unload when each vCPU is destroyed: root.hpa becomes
+        # INVALID_PAGE, so the vCPU names no freed root).
         for vcpu in self.vcpus:
-            for root in (vcpu.mirror_root, vcpu.direct_root):
+            for kind in ("mirror", "direct"):
+                root = vcpu.mirror_root if kind == "mirror" else vcpu.direct_root
                 if root:
                     yield from self.kvm_tdp_mmu_put_root(root)
+                    vcpu.set_root(kind, 0)
         yield from self.kvm_tdp_mmu_zap_invalidated_roots(shared=False)
         yield from self.warn_on_once(bool(self.roots()), "TDP MMU roots left after teardown")
 

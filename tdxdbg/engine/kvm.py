@@ -89,6 +89,10 @@ K_HKID = ("kvm.hkid_assigned",)
 K_PRE_FAULT_ALLOWED = ("kvm.pre_fault_allowed",)
 # The VM is being destroyed (kvm_destroy_vm has started): vCPUs stop, the private root may go.
 K_DESTROYING = ("kvm.destroying",)
+# The host tasks inside a system call on one of the VM's files (the VM fd, a vCPU fd, a guest_memfd) or inside
+# an mmu-notifier callback: each holds a reference on the VM, so kvm_destroy_vm (the last kvm_put_kvm) waits
+# for them.
+K_FILE_USERS = ("kvm.file_users",)
 
 
 @attrs.frozen(slots=True)

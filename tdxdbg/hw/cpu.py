@@ -249,7 +249,17 @@ class TdVcpu:
         g = w.get(self.guest_key)
         if g.vmcall is not None:
             self._complete(attrs.evolve(g, vmcall=None), g.vmcall)
-        exit = yield from self._run_guest(cfg)
+        try:
+            exit = yield from self._run_guest(cfg)
+        except Exception:
+            # The guest program raised (a guest panic, e.g. an unexpected #VE): the vCPU's thread ends here, out
+            # of the TD. The model departs from Linux, whose panic() spins in the guest (an IPI still forces a TD
+            # exit and KVM re-enters it): ending the thread instead, the vCPU must still leave the TD as at any
+            # TD exit (its epoch, guest mode, a pending kick), or a TDH.MEM.TRACK would count it in its epoch
+            # and a kick (kvm_make_all_cpus_request) would wait for it forever. Not `finally`: a generator
+            # dropped unfinished (a replay, a fork) must not write the World.
+            self._leave_td(key, tdr)
+            raise
         # TD exit: leave the epoch this vCPU entered in.
         st = w.get(key)
         epoch.leave(w, tdr, st.vcpu_epoch)
@@ -264,6 +274,14 @@ class TdVcpu:
         w.delete(self.kick_key)
         yield Step(TdxStep.TD_EXIT, self._exit_payload(exit))
         return exit
+
+    def _leave_td(self, key: Any, tdr: int) -> None:
+        """The vCPU is out of the TD: out of the epoch it entered in, not in guest mode, no kick pending."""
+        w = self.world
+        st = w.get(key)
+        epoch.leave(w, tdr, st.vcpu_epoch)
+        w.set(key, attrs.evolve(st, in_guest=False))
+        w.delete(self.kick_key)
 
     def _not_entered(self, exit: TdExit, injected: bool) -> Generator[Step, None, TdExit]:
         """VP.ENTER returned without entering: an error status (a SEAMCALL return), or the zero-step filter's

@@ -71,40 +71,46 @@ def host_op(kvm: Any, op: Op) -> Generator[Step, None, Any]:
     k = op.kind
     start, end = op.gpa >> 12, (op.gpa + op.size) >> 12
     # VM and vCPU ioctls go through kvm_vm_ioctl / kvm_vcpu_ioctl, which refuse them on a bugged VM; the
-    # guest_memfd fallocate, the mm's invalidation and closing the VM are not KVM ioctls.
+    # guest_memfd fallocate, the mm's invalidation and closing the VM are not KVM ioctls. Every call on one of
+    # the VM's files goes through vm_file_call: -EBADF once `destroy` closed them, and teardown waits for it.
     if k == "set_attributes":
-        return (yield from kvm.kvm_vm_ioctl("KVM_SET_MEMORY_ATTRIBUTES",
-                                            kvm.kvm_vm_set_mem_attributes(start, end, op.private)))
+        return (yield from kvm.vm_file_call("KVM_SET_MEMORY_ATTRIBUTES", kvm.kvm_vm_ioctl(
+            "KVM_SET_MEMORY_ATTRIBUTES", kvm.kvm_vm_set_mem_attributes(start, end, op.private))))
     if k == "punch_hole":
-        return (yield from kvm.kvm_gmem_punch_hole(start, end))
+        return (yield from kvm.vm_file_call("fallocate(PUNCH_HOLE) on guest_memfd",
+                                            kvm.kvm_gmem_punch_hole(start, end)))
     if k == "invalidate":
-        yield from kvm.kvm_mmu_notifier_invalidate_range_start(start, end)
-        kvm.discard_shared_backing(start, end)
-        yield from kvm.kvm_mmu_notifier_invalidate_range_end(start, end)
-        return 0
+        return (yield from kvm.mm_discard_shared_backing(start, end))
     if k in ("delete_memslot", "dirty_log"):
-        if not any(s.id == op.slot for s in kvm.memslots()):
-            yield Step(EngineStep.WARN, {"message": f"no memslot {op.slot}: -EINVAL"})
-            return -22
-        body = kvm.kvm_delete_memslot(op.slot) if k == "delete_memslot" else kvm.kvm_set_dirty_logging(op.slot,
-                                                                                                       op.on)
-        return (yield from kvm.kvm_vm_ioctl("KVM_SET_USER_MEMORY_REGION2", body))
+        return (yield from kvm.vm_file_call("KVM_SET_USER_MEMORY_REGION2", _memslot_ioctl(kvm, op)))
     if k == "prefault":
         vcpu = kvm.vcpus[0]
-        return (yield from kvm.kvm_vcpu_ioctl(vcpu, "KVM_PRE_FAULT_MEMORY",
-                                              kvm.kvm_vcpu_pre_fault_memory(vcpu, op.gpa, op.size)))
+        return (yield from kvm.vm_file_call("KVM_PRE_FAULT_MEMORY", kvm.kvm_vcpu_ioctl(
+            vcpu, "KVM_PRE_FAULT_MEMORY", kvm.kvm_vcpu_pre_fault_memory(vcpu, op.gpa, op.size))))
     if k == "init_mem_region":
         vcpu = kvm.vcpus[0]
-        return (yield from kvm.kvm_vcpu_ioctl(vcpu, "KVM_MEMORY_ENCRYPT_OP(KVM_TDX_INIT_MEM_REGION)",
-                                              kvm.kvm_tdx_init_mem_region(vcpu, op.gpa, op.size)))
+        ioctl = "KVM_MEMORY_ENCRYPT_OP(KVM_TDX_INIT_MEM_REGION)"
+        return (yield from kvm.vm_file_call(ioctl, kvm.kvm_vcpu_ioctl(
+            vcpu, ioctl, kvm.kvm_tdx_init_mem_region(vcpu, op.gpa, op.size))))
     if k == "finalize":
-        return (yield from kvm.kvm_vm_ioctl("KVM_MEMORY_ENCRYPT_OP(KVM_TDX_FINALIZE_VM)", kvm.tdx_td_finalize()))
+        ioctl = "KVM_MEMORY_ENCRYPT_OP(KVM_TDX_FINALIZE_VM)"
+        return (yield from kvm.vm_file_call(ioctl, kvm.kvm_vm_ioctl(ioctl, kvm.tdx_td_finalize())))
     if k == "destroy":
         return (yield from kvm.kvm_destroy_vm())
     if k == "seamcall":
         r = yield from raw_seamcall(kvm, op)
         return r.status
     raise AssertionError(k)
+
+
+def _memslot_ioctl(kvm: Any, op: Op) -> Generator[Step, None, Any]:
+    """KVM_SET_USER_MEMORY_REGION2 deleting a memslot or toggling its dirty logging."""
+    if not any(s.id == op.slot for s in kvm.memslots()):
+        yield Step(EngineStep.WARN, {"message": f"no memslot {op.slot}: -EINVAL"})
+        return -22
+    body = kvm.kvm_delete_memslot(op.slot) if op.kind == "delete_memslot" else kvm.kvm_set_dirty_logging(op.slot,
+                                                                                                         op.on)
+    return (yield from kvm.kvm_vm_ioctl("KVM_SET_USER_MEMORY_REGION2", body))
 
 
 def raw_seamcall(kvm: Any, op: Op) -> Generator[Step, None, Any]:

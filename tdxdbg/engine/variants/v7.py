@@ -11,6 +11,15 @@ bail in the local retry, ioctls refused once the VM is dead). What differs from 
 - the EPT-violation handler has no local retry loop (RET_PF_RETRY re-enters the guest) and no detection of an
   unexpected pending-page violation (tdx_is_sept_violation_unexpected_pending came with the 2025 merge);
 - RET_PF_* values of that era (RET_PF_FIXED = 4, RET_PF_SPURIOUS = 5).
+
+A consequence the run path reports as a livelock, and rightly: a guest that touches a private page it never
+accepted (`fetch 0x3ff000` with no `accept`; SEPT_VE_DISABLE set, so no #VE) takes an EPT violation on the
+PENDING page; v7's tdx_handle_ept_violation goes straight to __vmx_handle_ept_violation, the mirror SPTE is
+present, the fault is RET_PF_SPURIOUS and the guest is re-entered at the same instruction. After the TDX
+module's zero-step threshold TDH.VP.ENTER's stepping filter refuses the entry with a synthesized EPT violation
+for the same GPA, which is again spurious, and so on: only that vCPU runs, nothing changes, nothing can end it.
+Upstream and v6.16 end it with kvm_vm_dead ("Guest access before accepting", tdx_is_sept_violation_unexpected_
+pending). This is v7's behaviour, not a model artefact.
 """
 
 from __future__ import annotations
