@@ -26,7 +26,7 @@ class Snapshot:
 
 @attrs.frozen(slots=True)
 class DiffRow:
-    category: str          # "SPTE" / "S-EPT" / "lock" / "task"
+    category: str          # "SPTE" / "S-EPT" / "lock" (and TLB epoch, vCPUs) / "task"
     what: str
     left: str
     right: str
@@ -58,6 +58,8 @@ def snapshot(label: str, state: Mapping[Any, Any], ctx: views.VmContext, tasks: 
     for x in st.locks:
         locks[x.name] = x.holders
     locks["TLB epoch"] = str(st.td_epoch)
+    for v in st.vcpus:
+        locks[f"vCPU{v.index}"] = f"in guest, epoch {v.epoch}" if v.in_guest else "outside the guest"
     return Snapshot(label, sptes, sept, locks, dict(tasks))
 
 

@@ -208,13 +208,15 @@ class DiffScreen(ModalScreen[None]):
 
     def compose(self) -> ComposeResult:
         t = Text(no_wrap=True)
-        t.append(f"{'':<6} {'':<26} {self.left:<28} {self.right}\n", style="bold")
+        what = max([len(r.what) for r in self.rows] + [10])
+        left = max([len(r.left) for r in self.rows] + [len(self.left)])
+        t.append(f"{'':<6} {'':<{what}}  {self.left:<{left}}  {self.right}\n", style="bold")
         if not self.rows:
-            t.append("  no difference in SPTEs, S-EPT entries, locks or task positions\n", style="grey62")
+            t.append("  no difference in SPTEs, S-EPT entries, locks, vCPUs or task positions\n", style="grey62")
         for r in self.rows:
             t.append(f"{r.category:<6} ", style="bold cyan")
-            t.append(f"{r.what:<26} ")
-            t.append(f"{r.left:<28} ", style="red")
+            t.append(f"{r.what:<{what}}  ")
+            t.append(f"{r.left:<{left}}  ", style="red")
             t.append(f"{r.right}\n", style="green")
         with VerticalScroll(id="help"):
             yield Static(t)
@@ -260,7 +262,7 @@ class HelpScreen(ModalScreen[None]):
             if not c.palette:
                 continue
             t.append(f"  {key_as_typed(c.key):<8}", style="bold cyan")
-            t.append(f"{c.palette:<44}")
+            t.append(f"{c.palette:<50}")
             t.append(f"{c.help}\n", style="grey50")
         t.append("  1 … 8   focus a pane (on a small terminal: show it)\n", style="")
         t.append("\n  In a pane: up/down/pgup/pgdn/home/end, left/right scroll; Enter on a log line goes to its\n")
