@@ -1,6 +1,6 @@
 """Memslots, per-gfn memory attributes, guest_memfd and the shared (userspace) backing, and the mmu_invalidate
-sequence that makes faults racing an invalidation retry (virt/kvm/kvm_main.c, guest_memfd.c; reference
-kernel-tdp-mmu.md §1.5, §6)."""
+sequence that makes faults racing an invalidation retry (virt/kvm/kvm_main.c:
+kvm_mmu_invalidate_begin/_end, mmu_invalidate_retry_gfn; virt/kvm/guest_memfd.c: kvm_gmem_get_pfn)."""
 
 from __future__ import annotations
 

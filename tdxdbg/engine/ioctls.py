@@ -1,6 +1,7 @@
 """KVM's side of the userspace ioctls that change guest memory: KVM_SET_MEMORY_ATTRIBUTES, guest_memfd hole
 punching, mmu-notifier invalidation of the shared backing, memslot deletion, dirty logging, pre-faulting,
-KVM_TDX_INIT_MEM_REGION / FINALIZE and VM destruction (reference kernel-tdp-mmu.md §6)."""
+KVM_TDX_INIT_MEM_REGION / FINALIZE and VM destruction (virt/kvm/kvm_main.c, virt/kvm/guest_memfd.c,
+arch/x86/kvm/mmu/mmu.c, arch/x86/kvm/vmx/tdx.c)."""
 
 from __future__ import annotations
 

@@ -1,6 +1,6 @@
 """The fault path (arch/x86/kvm/mmu/mmu.c, mmu_internal.h): struct kvm_page_fault, kvm_mmu_page_fault ->
 kvm_mmu_do_page_fault -> kvm_tdp_mmu_page_fault, fast_page_fault, kvm_mmu_faultin_pfn, the invalidation
-sequence checks and kvm_mmu_hugepage_adjust (reference kernel-tdp-mmu.md §1)."""
+sequence checks (is_page_fault_stale) and kvm_mmu_hugepage_adjust."""
 
 from __future__ import annotations
 

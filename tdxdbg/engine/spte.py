@@ -1,7 +1,7 @@
 """SPTE encoding: KVM's software bits over the EPT format, as `kvm_mmu_set_ept_masks` configures them for TDX.
 
-Values from arch/x86/kvm/mmu/spte.h and spte.c (reference kernel-tdp-mmu.md §3). Levels here are KVM's
-(PG_LEVEL_4K = 1 ... 5), unlike the TDX module's (0 = 4K).
+Values from arch/x86/kvm/mmu/spte.h and spte.c (make_spte, make_nonleaf_spte, kvm_mmu_set_ept_masks). Levels here
+are KVM's (PG_LEVEL_4K = 1 ... 5), unlike the TDX module's (0 = 4K).
 """
 
 from __future__ import annotations

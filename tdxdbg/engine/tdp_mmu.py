@@ -2,7 +2,8 @@
 handle_changed_spte, removal of page tables, zapping and the direct-root-only operations.
 
 Mirror SPTEs never become present before the TDX module accepted the change: set_external_spte_present freezes
-the SPTE, runs the hook (a SEAMCALL), and only then writes the new value (reference kernel-tdp-mmu.md §4).
+the SPTE, runs the hook (a SEAMCALL), and only then writes the new value; see docs/architecture.md "The freeze
+protocol".
 """
 
 from __future__ import annotations

@@ -2,7 +2,8 @@
 
 Guest accesses with the shared bit set are translated by a hardware walk of the shared EPT (KVM's direct root
 in host memory), setting A and D bits as the CPU does; private ones go through the TDX module's S-EPT.
-References: tdx-module.md §4 (epochs at entry and exit), §5.3 (what an access does), §6.4 (zero-step).
+TDX module: TDH.VP.ENTER samples the TD epoch at entry (see tdh_mem_track.c for its other side),
+td_ept_violation.c (what an access does), td_exit_stepping.c (zero-step mitigation).
 """
 
 from __future__ import annotations

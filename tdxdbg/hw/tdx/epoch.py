@@ -1,5 +1,5 @@
 """TLB tracking: the TD epoch and its two parity-indexed refcounts (tdx-module `adjust_tlb_tracking_state`,
-`is_tlb_tracked`, TDH.MEM.TRACK; reference tdx-module.md §4)."""
+`is_tlb_tracked`, tdh_mem_track.c)."""
 
 from __future__ import annotations
 

@@ -1,7 +1,7 @@
 """What the TDX module does for the guest: TDG.MEM.PAGE.ACCEPT, the private-GPA translation a TD access goes
 through, EPT-violation TD exits with their extended exit qualification, and zero-step logging.
 
-Reference tdx-module.md §3.5, §5.3 and §6.4.
+TDX module source: tdg_mem_page_accept.c, td_ept_violation.c, td_exit_stepping.c.
 """
 
 from __future__ import annotations

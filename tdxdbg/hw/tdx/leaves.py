@@ -1,4 +1,4 @@
-"""SEAMCALL and TDCALL leaf numbers (tdx-module `tdx_api_defs.h`; reference tdx-module.md §1.1)."""
+"""SEAMCALL and TDCALL leaf numbers (TDX module include/tdx_api_defs.h)."""
 
 from __future__ import annotations
 

@@ -1,6 +1,7 @@
 """Leaves that act on the TD as a whole: TDH.MEM.TRACK, TDH.MR.FINALIZE, and teardown (TDH.VP.FLUSH,
 TDH.MNG.VPFLUSHDONE, TDH.PHYMEM.CACHE.WB, TDH.MNG.KEY.FREEID, TDH.PHYMEM.PAGE.RECLAIM, TDH.PHYMEM.PAGE.WBINVD).
-Reference tdx-module.md §4 and §8.3.
+TDX module source: tdh_mem_track.c, tdh_mr_finalize.c, tdh_vp_flush.c, tdh_mng_vpflushdone.c,
+tdh_phymem_cache_wb.c, tdh_mng_key_freeid.c, tdh_phymem_page_reclaim.c, tdh_phymem_page_wbinvd.c.
 """
 
 from __future__ import annotations

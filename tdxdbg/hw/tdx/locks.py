@@ -2,7 +2,7 @@
 
 All lock state lives in the World so that contention replays and rewinds with everything else. Every acquire is
 a try-lock: the TDX module never spins, it returns TDX_OPERAND_BUSY with the operand that was busy
-(tdx-module `tdx_locks.h`; reference tdx-module.md §6).
+(TDX module include/tdx_locks.h).
 """
 
 from __future__ import annotations

@@ -2,7 +2,8 @@
 
 A SEAMCALL is two steps. The first runs the operand checks and takes the module's locks (or fails early); the
 second does the work, releases the locks and returns the status. Between them is a preemption point, so another
-task can run into a held lock exactly as another logical processor could (reference tdx-module.md §6).
+task can run into a held lock exactly as another logical processor could (TDX module include/tdx_locks.h: every
+lock is a try-lock that fails with TDX_OPERAND_BUSY).
 """
 
 from __future__ import annotations

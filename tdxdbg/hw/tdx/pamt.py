@@ -1,6 +1,6 @@
 """PAMT: the TDX module's per-page metadata (page type, owner TD, size, blocking epoch).
 
-Page types from the tdx-module data structures (reference tdx-module.md §8.1). A page with no PAMT record
+Page types from the TDX module's pamt_manager.h / pamt_manager.c. A page with no PAMT record
 in the World is PT_NDA (not assigned).
 """
 

@@ -1,7 +1,7 @@
 """The Secure EPT: entry states, which leaf is allowed in which state, and the architectural entry value.
 
-States and public values from tdx-module `sept_state_lookup` (reference tdx-module.md §3.1); the allowed-state
-matrix from `seamcall_sept_state_lookup` (§3.2). Only the states a non-migrating TD reaches are modelled.
+States and public values from the TDX module's include/auto_gen/sept_state_lookup.c; the allowed-state matrix
+from its `seamcall_sept_state_lookup`. Only the states a non-migrating TD reaches are modelled.
 """
 
 from __future__ import annotations

@@ -3,7 +3,7 @@ PAGE.REMOVE, SEPT.REMOVE, PAGE.PROMOTE, PAGE.DEMOTE, SEPT.RD and MR.EXTEND.
 
 Each follows the module's order: operand checks, TDR and OP_STATE, the tree lock, the walk, the entry lock,
 then (after the preemption point) the state check against the allowed-state matrix and the transition
-(reference tdx-module.md §3.2-§3.4).
+(TDX module src/vmm_dispatcher/api_calls/tdh_mem_*.c, sept_state_lookup.c).
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """TDX completion status codes (RAX) and operand ids.
 
-Values from intel/tdx-module `tdx_error_codes_defs.h` and Linux `arch/x86/kvm/vmx/tdx_errno.h`
-(see shared/reference/tdx-module.md §2). Bits 63:32 are the class and code, bits 31:0 the operand id or details.
+Values from intel/tdx-module `tdx_error_codes_defs.h` and Linux `arch/x86/kvm/vmx/tdx_errno.h`.
+Bits 63:32 are the class and code, bits 31:0 the operand id or details.
 """
 
 from __future__ import annotations
