@@ -1,6 +1,6 @@
 """Command palette provider: every debugger action, plus parameterised commands typed in the palette, named
 "category: verb" ("frame: go to 42", "break: on TDH.MEM.PAGE.AUG error", "break: on function kvm_tdp_mmu_map",
-"watch: gfn 0x1", "task: run vcpu1")."""
+"watch: gfn 0x1 writes", "task: run vcpu1")."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 from textual.binding import Binding
 from textual.command import DiscoveryHit, Hit, Hits, Provider
 
-from tdxdbg.session import Seamcall
+from tdxdbg.session import GfnWatch, Seamcall
 
 if TYPE_CHECKING:
     from tdxdbg.ui.app import TdxdbgApp
@@ -163,8 +163,11 @@ class DebuggerCommands(Provider):
                 gfn = int(words[2], 0)
             except ValueError:
                 gfn = None
-            if gfn is not None:
-                add(f"watch: gfn {gfn:#x}", partial(app.add_gfn_breakpoint, gfn))
+            modes = [GfnWatch(low[3])] if len(words) > 3 and low[3] in ("writes", "state") else list(GfnWatch)
+            if gfn is not None and gfn >= 0:
+                for mode in modes:
+                    what = "" if mode is GfnWatch.ANY else f" {mode.value}"
+                    add(f"watch: gfn {gfn:#x}{what}", partial(app.add_gfn_breakpoint, gfn, mode))
         if low and low[0] in ("task:", "task") and len(words) >= 3 and low[1] == "run":
             add(f"task: run {words[2]} next here", partial(app.choose_task_named, words[2]))
         return hits

@@ -202,3 +202,17 @@ def test_reload_keeps_the_frame(tmp_path: Path) -> None:
             await settle(pilot, app)
             assert app.session.frame.index == 120 and "frame 120/" in header(app)
     asyncio.run(go())
+
+
+def test_palette_watch_with_a_condition() -> None:
+    """`watch: gfn 0x1 writes` typed in the palette offers that watch; choosing it adds it."""
+    async def go() -> None:
+        app = TdxdbgApp("demo")
+        async with app.run_test(size=SIZE) as pilot:
+            await settle(pilot, app)
+            provider = DebuggerCommands(app.screen)
+            hits = [h async for h in provider.search("watch gfn 0x1 writes")]
+            hit = next(h for h in hits if str(h.text) == "watch: gfn 0x1 writes")
+            hit.command()
+            assert [bp.description for bp in app.session.breakpoints] == ["gfn 0x1 writes"]
+    asyncio.run(go())
