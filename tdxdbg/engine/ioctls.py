@@ -29,7 +29,7 @@ from tdxdbg.engine.kvm import (
     K_VM_BUGGED,
     Gen,
 )
-from tdxdbg.engine.mmu import EIO, PFERR_GUEST_FINAL_MASK, PFERR_PRIVATE_ACCESS
+from tdxdbg.engine.mmu import EINTR, EIO, PFERR_GUEST_FINAL_MASK, PFERR_PRIVATE_ACCESS
 from tdxdbg.engine.mmu_page import AttrFilter, RootTypes
 from tdxdbg.engine.spte import PAGE_SHIFT, PG_LEVEL_4K, PgLevel, gfn_round_for_level, kvm_pages_per_hpage
 from tdxdbg.engine.steps import EngineStep
@@ -364,7 +364,8 @@ class IoctlOps(TdxOps):
     # -- pre-faulting and build time -----------------------------------------------------------------------
     def kvm_vcpu_pre_fault_memory(self, vcpu: Any, gpa: int, size: int) -> Gen:
         """KVM_PRE_FAULT_MEMORY (kvm_vcpu_pre_fault_memory, kvm_main.c): under kvm->srcu, map the range one
-        mapping at a time. Returns 0 once at least one page was mapped, else the first error."""
+        mapping at a time, checking for a pending signal (-EINTR) before each. Returns 0 once at least one page
+        was mapped, else the first error."""
         yield Step(EngineStep.HOST_OP, {"op": "KVM_PRE_FAULT_MEMORY", "gpa": gpa, "size": size})
         if not self.world.get(K_PRE_FAULT_ALLOWED):
             yield Step(EngineStep.WARN, {"message": "KVM_PRE_FAULT_MEMORY before finalize: -EOPNOTSUPP"})
@@ -373,6 +374,9 @@ class IoctlOps(TdxOps):
         full_size = size
         r = 0
         while size:
+            if self.signal_pending():
+                r = EINTR
+                break
             r = yield from self.kvm_arch_vcpu_pre_fault_memory(vcpu, gpa, size)
             if r < 0:
                 break

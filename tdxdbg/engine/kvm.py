@@ -95,6 +95,12 @@ K_DESTROYING = ("kvm.destroying",)
 K_FILE_USERS = ("kvm.file_users",)
 
 
+def signal_key(task: str) -> tuple[str, str]:
+    """A signal sent to the thread of `task` (a vCPU thread or a VMM thread) and not handled yet: what
+    signal_pending(current) reads. The thread handles it on its next return to userspace."""
+    return ("task.signal_pending", task)
+
+
 @attrs.frozen(slots=True)
 class TdConfigSpec:
     """How the VM was created: KVM_TDX_INIT_VM parameters that matter here."""

@@ -39,6 +39,7 @@ PFERR_PRIVATE_ACCESS = 1 << 49
 EFAULT = -errno.EFAULT
 EIO = -errno.EIO
 EAGAIN = -errno.EAGAIN
+EINTR = -errno.EINTR
 # KVM_PFN_ERR_FAULT / KVM_PFN_NOSLOT stand-ins: never valid host pfns.
 KVM_PFN_ERR_FAULT = -1
 KVM_PFN_NOSLOT = -2

@@ -19,8 +19,10 @@ from tdxdbg.engine.kvm import (
     Gen,
     RetPf,
     TdState,
+    signal_key,
 )
 from tdxdbg.engine.mmu import (
+    EINTR,
     EIO,
     PFERR_FETCH_MASK,
     PFERR_GUEST_FINAL_MASK,
@@ -335,7 +337,7 @@ class TdxOps(MmuOps):
             ret = yield from self.vmx_handle_ept_violation(vcpu, gpa, exit_qual)
             if ret is not RetPf.RET_PF_RETRY or not local_retry:
                 break
-            if self.kvm_vcpu_has_events(vcpu):
+            if self.kvm_vcpu_has_events(vcpu) or self.signal_pending():
                 break
             if self.vm_dead:
                 ret = EIO
@@ -371,8 +373,49 @@ class TdxOps(MmuOps):
         return ret
 
     def kvm_vcpu_has_events(self, vcpu: Any) -> bool:
-        """A pending kick (IPI) ends the local retry loop so the request is processed."""
-        return bool(self.world.get(vcpu.hw.kick_key))
+        """kvm_vcpu_has_events (x86.c) for a TD. A TD's APIC is protected (guest_apic_protected), so
+        kvm_cpu_has_interrupt asks tdx_protected_apic_has_interrupt, which is true when the posted-interrupt
+        descriptor holds one (pi_has_pending_interrupt), and tdx_interrupt_allowed is true outside HLT. The
+        other sources (NMI, SMI, INIT/SIPI, pv_unhalted, async page faults, RVI at a HLT exit) are not modelled.
+        A KVM request (a kick: KVM_REQ_OUTSIDE_GUEST_MODE) is not an event: it does not end the local retry."""
+        return self.pi_has_pending_interrupt(vcpu)
+
+    def pi_has_pending_interrupt(self, vcpu: Any) -> bool:
+        """pi_has_pending_interrupt (posted_intr.c): PID.ON, or a PIR bit set (the model sets both together)."""
+        return bool(self.world.get(vcpu.hw.pi_key))
+
+    def signal_pending(self) -> bool:
+        """signal_pending(current): the thread running this code (the task of this step) has a signal it has
+        not handled yet (a VMM's SIG_IPI, a SIGINT, ...)."""
+        return bool(self.world.get(signal_key(self.world.task)))
+
+    def tdx_deliver_interrupt(self, vcpu: Any, vector: int) -> Gen:
+        """tdx_deliver_interrupt -> __vmx_deliver_posted_interrupt: set the vector in the PIR and PID.ON, then
+        kvm_vcpu_trigger_posted_interrupt: a vCPU in guest mode gets the notification IPI and takes the
+        interrupt without a TD exit; one outside guest mode is woken (kvm_vcpu_wake_up) and takes it at its
+        next TD entry. Meanwhile kvm_vcpu_has_events is true for it, which ends a local retry loop."""
+        vcpu.hw.post_interrupt(vector)
+        yield Step(EngineStep.KICK, {"what": f"posted interrupt vector {vector:#x} to vCPU {vcpu.index}",
+                                     "vcpu": vcpu.index, "vector": vector,
+                                     "in_guest": bool(vcpu.hw.in_guest)})
+        return 0
+
+    def send_signal(self, task: str, vcpu: Any | None) -> Gen:
+        """A signal to another thread (tgkill): it is pending for that thread (signal_pending), and
+        signal_wake_up -> kick_process IPIs its CPU, so a vCPU thread in guest mode takes a TD exit
+        (EXTERNAL_INTERRUPT) and sees the signal in vcpu_run."""
+        self.world.set(signal_key(task), True)
+        if vcpu is not None and vcpu.hw.in_guest:
+            vcpu.hw.kick()
+        yield Step(EngineStep.KICK, {"what": f"signal to {task}", "task": task})
+        return 0
+
+    def kvm_handle_signal_exit(self, vcpu: Any) -> Gen:
+        """kvm_handle_signal_exit (kvm_xfer_to_guest_mode_handle_work, from vcpu_run): KVM_RUN returns -EINTR
+        with run->exit_reason = KVM_EXIT_INTR, so the thread handles its signal in userspace."""
+        vcpu.exit_intr = True
+        yield Step(EngineStep.USER_EXIT, {"vcpu": vcpu.index, "reason": "KVM_EXIT_INTR"})
+        return EINTR
 
     # -- build time ----------------------------------------------------------------------------------------
     def tdx_gmem_post_populate(self, vcpu: Any, gfn: int, pfn: int, src_pfn: int, measure: bool) -> Gen:
@@ -395,10 +438,13 @@ class TdxOps(MmuOps):
 
     def kvm_tdp_map_page(self, vcpu: Any, gpa: int, error_code: int, level: list[int] | None = None) -> Gen:
         """kvm_tdp_map_page / kvm_tdp_prefault_page (mmu.c): a prefetch fault (Accessed clear in the leaf),
-        retried while RET_PF_RETRY unless the VM is dead (KVM_REQ_VM_DEAD: -EIO). Returns 0 when mapped (FIXED,
+        retried while RET_PF_RETRY unless a signal is pending (-EINTR) or the VM is dead (KVM_REQ_VM_DEAD: -EIO),
+        both checked before each attempt. Returns 0 when mapped (FIXED,
         SPURIOUS, WRITE_PROTECTED), -ENOENT for an MMIO gfn (RET_PF_EMULATE), else a negative errno (-EIO for a
         RET_PF value that cannot be: "could not fix page fault during prefault")."""
         while True:
+            if self.signal_pending():
+                return EINTR
             if self.vm_dead:
                 return EIO
             r = yield from self.kvm_mmu_do_page_fault(vcpu, gpa, error_code, prefetch=True, level=level)

@@ -6,8 +6,17 @@ from __future__ import annotations
 import copy
 from typing import Any
 
-from tdxdbg.engine.kvm import K_DESTROYING, K_TD_STATE, K_VM_DEAD, K_WAIT_FOR_SEPT_ZAP, Gen, RetPf, TdState
-from tdxdbg.engine.mmu import EFAULT, EIO
+from tdxdbg.engine.kvm import (
+    K_DESTROYING,
+    K_TD_STATE,
+    K_VM_DEAD,
+    K_WAIT_FOR_SEPT_ZAP,
+    Gen,
+    RetPf,
+    TdState,
+    signal_key,
+)
+from tdxdbg.engine.mmu import EFAULT, EINTR, EIO
 from tdxdbg.engine.steps import EngineStep, ExitInfo
 from tdxdbg.hw.cpu import TdExit, TdVcpu
 from tdxdbg.hw.ept import ExitReason
@@ -57,6 +66,8 @@ class KvmVcpu:
     # answering (nr, gpa, npages, attributes).
     map_gpa = _VcpuField((0, 0))
     hypercall = _VcpuField(None)
+    # run->exit_reason == KVM_EXIT_INTR: KVM_RUN returned -EINTR for a pending signal (kvm_handle_signal_exit).
+    exit_intr = _VcpuField(False)
 
     def __init__(self, kvm: Any, index: int, program: GuestProgramFactory) -> None:
         self.kvm = kvm
@@ -137,6 +148,12 @@ class VcpuOps:
     def vmm_vcpu_run(self, vcpu: KvmVcpu) -> Gen:
         """One KVM_RUN and what the VMM does with its result: None to call KVM_RUN again, else why it stops."""
         r = yield from self.kvm_arch_vcpu_ioctl_run(vcpu)
+        # Back in userspace: the thread's pending signal is delivered now (QEMU's SIG_IPI handler), and after
+        # KVM_EXIT_INTR the VMM calls KVM_RUN again (kvm_cpu_exec: -EINTR is EXCP_INTERRUPT).
+        self.world.delete(signal_key(vcpu.name))
+        if r == EINTR and vcpu.exit_intr:
+            vcpu.exit_intr = False
+            return None
         if r == 0 and vcpu.hw.halted:
             return "halted"
         if r == EFAULT and vcpu.memory_fault is not None:
@@ -152,6 +169,9 @@ class VcpuOps:
         while r > 0:
             self.world.quiescent()
             r = yield from self.vcpu_enter_guest(vcpu)
+            if r > 0 and self.signal_pending():
+                # vcpu_run: __xfer_to_guest_mode_work_pending() -> kvm_xfer_to_guest_mode_handle_work.
+                r = yield from self.kvm_handle_signal_exit(vcpu)
         return r
 
     def vcpu_enter_guest(self, vcpu: KvmVcpu) -> Gen:
@@ -173,6 +193,11 @@ class VcpuOps:
         else:
             yield from self.kvm_mmu_load(vcpu)
             self.srcu_read_unlock()
+            if self.signal_pending():
+                # kvm_vcpu_exit_request: xfer_to_guest_mode_work_pending() cancels the entry; vcpu_run then
+                # exits to userspace for the signal.
+                yield Step(EngineStep.EXIT, ExitInfo(vcpu=vcpu.index, what="signal pending: entry cancelled"))
+                return 1
             if w.get(K_WAIT_FOR_SEPT_ZAP):
                 # tdx_vcpu_run: stay out of the TD while a zap retries with vCPUs kept out.
                 yield Step(EngineStep.EXIT, ExitInfo(vcpu=vcpu.index, what="wait_for_sept_zap: not entering"),

@@ -45,6 +45,7 @@ from tdxdbg.hw.tdx.locks import LockMode, release, tree_lock_key, try_acquire
 from tdxdbg.hw.tdx.module import TdxModule
 from tdxdbg.hw.tdx.seamcall import (
     GuestAccessInfo,
+    GuestInterruptInfo,
     SeamcallEntry,
     SeamcallReturn,
     TdcallReturn,
@@ -177,6 +178,11 @@ class TdVcpu:
         return ("vcpu.kick", self.tdvpr)
 
     @property
+    def pi_key(self) -> tuple[str, int]:
+        """The posted-interrupt descriptor (struct pi_desc): the vectors set in its PIR; PID.ON is "any"."""
+        return ("vcpu.pi_desc", self.tdvpr)
+
+    @property
     def eptp_key(self) -> tuple[str, int]:
         return ("vcpu.shared_eptp", self.tdvpr)
 
@@ -198,6 +204,15 @@ class TdVcpu:
         """An IPI: a vCPU in guest mode exits with EXTERNAL_INTERRUPT before its next instruction."""
         if self.world.get(vcpu_key(self.tdvpr)).in_guest:
             self.world.set(self.kick_key, True)
+
+    def post_interrupt(self, vector: int) -> None:
+        """Set `vector` in the PIR and PID.ON (pi_test_and_set_pir, pi_test_and_set_on). The CPU processes the
+        descriptor when the notification vector arrives in guest mode, and the TDX module sends itself that
+        notification at TD entry when PID.ON is set: either way the guest takes the interrupt before its next
+        instruction (see _run_guest)."""
+        pir = self.world.get(self.pi_key) or ()
+        if vector not in pir:
+            self.world.set(self.pi_key, tuple(sorted((*pir, vector), reverse=True)))
 
     def complete_tdvmcall(self, r10: int, r11: int = 0) -> None:
         """The host's answer to the pending TDG.VP.VMCALL; the guest sees it at the next TD entry."""
@@ -361,6 +376,14 @@ class TdVcpu:
             if w.get(self.kick_key):
                 w.delete(self.kick_key)
                 return TdExit.of(ExitReason.EXTERNAL_INTERRUPT)
+            pir = w.get(self.pi_key)
+            if pir and not w.get(self.guest_key).halted:
+                # Posted-interrupt processing: PIR -> vIRR, PID.ON cleared, and the guest takes the vectors at
+                # this instruction boundary. Model: the guest's interrupt handlers are not run (no instructions
+                # retired); each returns to the interrupted instruction, which then executes as it would have.
+                w.delete(self.pi_key)
+                yield Step(TdxStep.GUEST_INTERRUPT, GuestInterruptInfo(self.index, pir, w.get(self.rip_key)))
+                continue
             insn = self._current()
             if insn is None:
                 return TdExit.of(ExitReason.HLT)

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from tdxdbg.engine.gmem import Memslot
+from tdxdbg.engine.kvm import signal_key
 from tdxdbg.engine.steps import EngineStep
 from tdxdbg.engine.vm import VmSetup, load_variant
 from tdxdbg.hw import guest
@@ -57,6 +58,8 @@ def host_step(kvm: Any, op: Op, i: int, key: tuple[str, str]) -> Generator[Step,
     """Operation `i` of a host program, between two HOST_OP frames; the last one also moves the program on."""
     yield Step(EngineStep.HOST_OP, {"op": op.text, "scenario_op": i})
     ret = yield from host_op(kvm, op)
+    # Back in userspace: a signal sent to this thread is handled now (signal_pending is false again).
+    kvm.world.delete(signal_key(kvm.world.task))
     kvm.world.set(key, i + 1)
     yield Step(EngineStep.HOST_OP, {"op": op.text, "scenario_op": i, "ret": _ret_text(ret)})
 
@@ -92,6 +95,15 @@ def host_op(kvm: Any, op: Op) -> Generator[Step, None, Any]:
         ioctl = "KVM_MEMORY_ENCRYPT_OP(KVM_TDX_INIT_MEM_REGION)"
         return (yield from kvm.vm_file_call(ioctl, kvm.kvm_vcpu_ioctl(
             vcpu, ioctl, kvm.kvm_tdx_init_mem_region(vcpu, op.gpa, op.size))))
+    if k == "interrupt":
+        # An MSI from the VMM's device model (KVM_SIGNAL_MSI -> kvm_apic_set_irq -> tdx_deliver_interrupt).
+        vcpu = kvm.vcpus[int(op.task[len("vcpu"):])]
+        return (yield from kvm.vm_file_call("KVM_SIGNAL_MSI", kvm.kvm_vm_ioctl(
+            "KVM_SIGNAL_MSI", kvm.tdx_deliver_interrupt(vcpu, op.value))))
+    if k == "signal":
+        # tgkill() to another thread of the VMM: not an ioctl.
+        target = int(op.task[len("vcpu"):]) if op.task.startswith("vcpu") else None
+        return (yield from kvm.send_signal(op.task, None if target is None else kvm.vcpus[target]))
     if k == "finalize":
         ioctl = "KVM_MEMORY_ENCRYPT_OP(KVM_TDX_FINALIZE_VM)"
         return (yield from kvm.vm_file_call(ioctl, kvm.kvm_vm_ioctl(ioctl, kvm.tdx_td_finalize())))

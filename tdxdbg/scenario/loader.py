@@ -516,6 +516,8 @@ def _check(c: Checker, data: dict[str, Any], file: str, variant_override: str | 
             c.problem(("host", i, "program"), "expected at least one [[vcpu]]: prefault and init_mem_region "
                                               "run on vcpu0, found no [[vcpu]]")
     tasks = [f"vcpu{i}" for i in range(len(vcpus))] + [f"host{i}" for i in range(len(hosts))]
+    for i, t in enumerate(host_tables):
+        _check_targets(c, t, i, hosts[i], tasks)
 
     schedule = _schedule(c, data, tasks)
     inject = _inject(c, data)
@@ -546,6 +548,23 @@ def _check_variant(c: Checker, variant: str, base_dir: Path | None, from_cli: bo
         c.problem(path, f"variant {shown(variant)} is not available in this build: {e}")
     except Exception as e:  # never a traceback
         c.problem(path, f"cannot load variant {shown(variant)}: {type(e).__name__}: {e}")
+
+
+def _check_targets(c: Checker, t: dict[str, Any], i: int, ops: tuple[Op, ...], tasks: list[str]) -> None:
+    """`interrupt vcpuN` names a vCPU of the scenario; `signal TASK` another task of it."""
+    prog = t.get("program", [])
+    texts = [x.strip() if isinstance(x, str) else None for x in prog] if isinstance(prog, list) else []
+    me = f"host{i}"
+    for op in ops:
+        if op.kind not in ("interrupt", "signal"):
+            continue
+        allowed = [x for x in tasks if x.startswith("vcpu")] if op.kind == "interrupt" else \
+            [x for x in tasks if x != me]
+        if op.task in allowed:
+            continue
+        j = texts.index(op.text)
+        c.problem(("host", i, "program", j), f"unknown task {op.task!r}: expected one of "
+                  f"{', '.join(allowed) or '(none)'}", prog[j], 0)
 
 
 def _programs(c: Checker, t: dict[str, Any], p: tuple[Any, ...], guest: bool, td: TdSpec,

@@ -66,6 +66,7 @@ class Op:
     on: bool = False              # dirty_log on|off
     leaf: str = ""                # seamcall: the leaf's enum name (TDH_MEM_SEPT_ADD)
     args: tuple[int, ...] = ()    # seamcall: the numbers given, in the order of the leaf's declared operands
+    task: str = ""                # interrupt / signal: the task whose thread it targets
 
 
 @attrs.frozen

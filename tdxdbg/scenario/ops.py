@@ -21,6 +21,11 @@ U64_HEX_DIGITS = 16
 U64_DEC_DIGITS = 20
 MAX_SHOWN = 60          # characters of the user's text quoted back in a message
 LEVEL_NAMES = {"4K": 0, "2M": 1, "1G": 2}
+# `interrupt vcpuN [VECTOR]`: vectors 0-31 are exceptions (FIRST_EXTERNAL_VECTOR in arch/x86/include/asm/
+# irq_vectors.h); the default is Linux's LOCAL_TIMER_VECTOR.
+FIRST_EXTERNAL_VECTOR = 0x20
+MAX_VECTOR = 0xFF
+DEFAULT_INTERRUPT_VECTOR = 0xEC
 
 GUEST_SYNTAX = {
     "read": "read GPA [expect VALUE]",
@@ -37,6 +42,8 @@ HOST_SYNTAX = {
     "dirty_log": "dirty_log ID on|off",
     "prefault": "prefault GPA SIZE",
     "init_mem_region": "init_mem_region GPA SIZE",
+    "interrupt": "interrupt vcpuN [VECTOR]",
+    "signal": "signal TASK",
     "finalize": "finalize",
     "destroy": "destroy",
     "seamcall": "seamcall LEAF [OPERANDS]",
@@ -194,6 +201,20 @@ def parse_host_op(text: str) -> Op:
         if args[1] not in ("on", "off"):
             raise OpError(f"expected on or off, found {shown(args[1])}")
         return Op(name, t, slot=parse_int(args[0], "a memslot ID"), on=args[1] == "on")
+    if name == "interrupt":
+        _arity(name, args, 1, 2, syn)
+        if not re.fullmatch(r"vcpu\d{1,4}", args[0]):
+            raise OpError(f"expected a vCPU task (vcpu0, vcpu1, ...), found {shown(args[0])}")
+        vector = parse_int(args[1], "a VECTOR") if len(args) > 1 else DEFAULT_INTERRUPT_VECTOR
+        if not FIRST_EXTERNAL_VECTOR <= vector <= MAX_VECTOR:
+            raise OpError(f"expected a VECTOR from {FIRST_EXTERNAL_VECTOR:#x} to {MAX_VECTOR:#x} (below "
+                          f"{FIRST_EXTERNAL_VECTOR:#x} are exceptions), found {shown(args[1])}")
+        return Op(name, t, task=args[0], value=vector)
+    if name == "signal":
+        _arity(name, args, 1, 1, syn)
+        if not re.fullmatch(r"(vcpu|host)\d{1,4}", args[0]):
+            raise OpError(f"expected a task (vcpu0, host1, ...), found {shown(args[0])}")
+        return Op(name, t, task=args[0])
     if name in ("finalize", "destroy"):
         _arity(name, args, 0, 0, syn)
         return Op(name, t)

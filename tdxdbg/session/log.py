@@ -110,7 +110,12 @@ def describe_frame(kind: Any, get: Any, entry: SeamcallEntry | None = None) -> t
     if kind is EngineStep.WARN:
         return f"WARN: {get('message')}", True, Category.ERROR
     if kind is EngineStep.USER_EXIT:
-        return f"exit to userspace: {get('reason')} gpa {get('gpa', 0):#x}", False, Category.NONE
+        gpa = get("gpa")
+        return (f"exit to userspace: {get('reason')}" + (f" gpa {gpa:#x}" if gpa is not None else ""), False,
+                Category.NONE)
+    if kind is TdxStep.GUEST_INTERRUPT:
+        vectors = ", ".join(f"{v:#x}" for v in get("vectors", ()))
+        return f"guest vCPU {get('vcpu')} takes posted interrupt {vectors}", False, Category.NONE
     if kind is EngineStep.HOST_OP:
         return f"host: {get('op')}", False, Category.NONE
     if kind is StepKind.TASK_ERROR:

@@ -108,7 +108,7 @@ def test_unknown_host_operation(tmp_path: Path) -> None:
     text = BASE.replace('"punch_hole 0x1000 4K"', '"punch 0x1000 4K"')
     assert one(tmp_path, text) == ("FILE:21: host[0].program[0]: unknown host operation 'punch': expected one of "
                                    "set_attributes, punch_hole, invalidate, delete_memslot, dirty_log, prefault, "
-                                   "init_mem_region, finalize, destroy, seamcall")
+                                   "init_mem_region, interrupt, signal, finalize, destroy, seamcall")
 
 
 def test_unknown_leaf(tmp_path: Path) -> None:

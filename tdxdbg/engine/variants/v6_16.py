@@ -300,7 +300,7 @@ class V6_16(Upstream):
         return RetPf.RET_PF_RETRY
 
     def tdx_handle_ept_violation(self, vcpu: Any, exit: Any) -> Gen:
-        """The local retry loop of v6.16: it ends on a non-RETRY result, a pending event or a dead VM, but not
+        """The local retry loop of v6.16: it ends on a non-RETRY result, a pending event or signal or a dead VM, but not
         on an invalid memslot (a vCPU faulting on a slot being deleted retries until the deletion is done)."""
         gpa = exit.gpa
         local_retry = False
@@ -321,7 +321,7 @@ class V6_16(Upstream):
             ret = yield from self.vmx_handle_ept_violation(vcpu, gpa, exit_qual)
             if ret is not RetPf.RET_PF_RETRY or not local_retry:
                 break
-            if self.kvm_vcpu_has_events(vcpu):
+            if self.kvm_vcpu_has_events(vcpu) or self.signal_pending():
                 break
             if self.vm_dead:
                 ret = EIO

@@ -27,6 +27,7 @@ class TdxStep(enum.Enum):
     TD_ENTRY = "td_entry"
     TD_EXIT = "td_exit"
     GUEST_ACCESS = "guest_access"
+    GUEST_INTERRUPT = "guest_interrupt"
 
 
 class SeamcallEntry(NamedTuple):
@@ -106,6 +107,14 @@ class TdExitInfo(NamedTuple):
     ext_qual: int
     entered: bool
     injected: bool = False
+
+
+class GuestInterruptInfo(NamedTuple):
+    """The guest took posted interrupts (their vectors, highest priority first) at an instruction boundary."""
+
+    vcpu: int
+    vectors: tuple[int, ...]
+    rip: int
 
 
 class GuestAccessInfo(NamedTuple):
