@@ -6,6 +6,7 @@ import argparse
 import contextlib
 import io
 import os
+import stat
 import sys
 from typing import IO, Any
 
@@ -299,6 +300,9 @@ def _run(ns: argparse.Namespace, out: IO[str], err: IO[str]) -> int:
     if ns.events and not ns.json:
         print("error: --events: expected --json PATH too (the events go into the JSON trace)", file=err)
         return 2
+    if ns.json and ns.json != "-" and (kind := _not_a_regular_file(ns.json)):
+        print(f"error: {Problem(ns.json, '--json', _not_regular_message(kind))}", file=err)
+        return 2
     kwargs: dict[str, Any] = {} if ns.max_frames is None else {"max_frames": ns.max_frames}
     report = run_scenario(scenario, schedule, events=ns.events, **kwargs)
     if ns.json == "-":
@@ -308,12 +312,66 @@ def _run(ns: argparse.Namespace, out: IO[str], err: IO[str]) -> int:
         print_summary(report, out)
         if ns.json:
             try:
-                with open(ns.json, "w", encoding="utf-8") as fh:
-                    fh.write(dumps(report.json_obj()))
+                _write_trace(ns.json, dumps(report.json_obj()))
+            except _NotRegular as e:
+                print(f"error: {Problem(ns.json, '--json', _not_regular_message(e.kind))}", file=err)
+                return 2
             except OSError as e:
                 print(f"error: {Problem(ns.json, '--json', f'cannot write the trace: {e.strerror or e}')}", file=err)
                 return 2
     return 0 if report.ok else 1
+
+
+_FILE_KINDS = ((stat.S_ISDIR, "a directory"), (stat.S_ISFIFO, "a FIFO"), (stat.S_ISSOCK, "a socket"),
+               (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"))
+
+
+class _NotRegular(Exception):
+    def __init__(self, kind: str) -> None:
+        super().__init__(kind)
+        self.kind = kind
+
+
+def _kind_of(mode: int) -> str:
+    return next((name for test, name in _FILE_KINDS if test(mode)), "not a regular file")
+
+
+def _not_a_regular_file(path: str) -> str:
+    """What an existing `path` is when it is not a regular file ("" when it is one, or does not exist yet, or
+    cannot be looked at: opening it will say why). A FIFO would block the write until a reader comes."""
+    try:
+        mode = os.stat(path).st_mode
+    except OSError:
+        return ""
+    return "" if stat.S_ISREG(mode) else _kind_of(mode)
+
+
+def _not_regular_message(kind: str) -> str:
+    return f"expected a regular file (or a new one) for the trace, found {kind}; use '-' for standard output"
+
+
+def _write_trace(path: str, text: str) -> None:
+    """Write the JSON trace to a regular file. O_NONBLOCK: should `path` have become a FIFO since the check
+    before the run, the open fails (ENXIO without a reader) or returns at once instead of waiting; the file is
+    truncated only once it is known to be a regular file."""
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_NONBLOCK | os.O_CLOEXEC, 0o666)
+    except OSError as e:
+        kind = _not_a_regular_file(path)
+        if kind:
+            raise _NotRegular(kind) from e
+        raise
+    try:
+        mode = os.fstat(fd).st_mode
+        if not stat.S_ISREG(mode):
+            raise _NotRegular(_kind_of(mode))
+        os.set_blocking(fd, True)
+        os.ftruncate(fd, 0)
+    except BaseException:
+        os.close(fd)
+        raise
+    with open(fd, "w", encoding="utf-8") as fh:
+        fh.write(text)
 
 
 def _validate(specs: list[str], out: IO[str], err: IO[str]) -> int:

@@ -28,7 +28,7 @@ class Report:
 
     def json_obj(self) -> dict[str, Any]:
         return to_json_obj(self.scenario, self.scenario.td.variant, self.schedule, self.facts, self.results,
-                           self.ok)
+                           self.ok, self.stop_message)
 
 
 class ScheduleError(ValueError):

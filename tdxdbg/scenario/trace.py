@@ -323,7 +323,7 @@ def spte_lookup(kvm: Any, w: Any, root_kind: str, gfn: int, level: int) -> int |
 
 # -- JSON ------------------------------------------------------------------------------------------------------
 def to_json_obj(scenario: Any, variant: str, schedule: Any, facts: Facts, results: Sequence[Any],
-                ok: bool) -> dict[str, Any]:
+                ok: bool, stop_report: str = "") -> dict[str, Any]:
     return {
         "format": FORMAT,
         "scenario": scenario.name,
@@ -333,6 +333,7 @@ def to_json_obj(scenario: Any, variant: str, schedule: Any, facts: Facts, result
         "ok": ok,
         "frames": facts.frames,
         "stop": facts.stop,
+        "stop_report": stop_report or None,
         "tasks": [{"name": t.name, "state": t.state, "result": t.result, "error": t.error} for t in facts.tasks],
         "seamcalls": [{"frame": s.frame, "task": s.task, "leaf": s.leaf,
                        "gpa": None if s.gpa is None else hx(s.gpa), "level": s.level,

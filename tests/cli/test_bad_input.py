@@ -4,6 +4,7 @@ the problem is the environment), in bounded time and memory, never a traceback."
 from __future__ import annotations
 
 import io
+import json
 import os
 import subprocess
 import sys
@@ -256,3 +257,47 @@ def test_a_name_too_long_for_the_file_system(tmp_path: Path, monkeypatch: pytest
     scenario = loader.resolve("first_private_fault")
     shown = f"'{tmp_path}/{'b' * 5000}"[:200]   # the repr, cut to 200 characters
     assert err.getvalue() == f"error: {scenario}: --variant: variant file {shown}...: File name too long\n"
+
+
+@pytest.mark.parametrize("kind", ["a FIFO", "a directory"])
+def test_json_to_an_existing_path_that_is_not_a_regular_file_is_refused_before_the_run(
+        tmp_path: Path, kind: str) -> None:
+    """A FIFO would block the write until something reads it: refused with exit 2, nothing run or written."""
+    path = tmp_path / "trace.json"
+    if kind == "a FIFO":
+        os.mkfifo(path)
+    else:
+        path.mkdir()
+    out, err = io.StringIO(), io.StringIO()
+    assert main(["run", "first_private_fault", "--json", str(path)], out, err) == 2
+    assert out.getvalue() == ""
+    assert err.getvalue() == (f"error: {path}: --json: expected a regular file (or a new one) for the trace, found "
+                              f"{kind}; use '-' for standard output\n")
+
+
+def test_json_to_a_path_that_becomes_a_fifo_during_the_run_does_not_block(tmp_path: Path,
+                                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    """The check before the run passes (no file yet); a FIFO made meanwhile is refused at the write (O_NONBLOCK
+    open: ENXIO without a reader), not waited on."""
+    import tdxdbg.scenario.run as run_module
+
+    path = tmp_path / "trace.json"
+    real = run_module.run_scenario
+
+    def run_then_mkfifo(*a: object, **k: object) -> object:
+        report = real(*a, **k)
+        os.mkfifo(path)
+        return report
+
+    monkeypatch.setattr(run_module, "run_scenario", run_then_mkfifo)
+    err = io.StringIO()
+    assert main(["run", "first_private_fault", "--json", str(path)], io.StringIO(), err) == 2
+    assert err.getvalue() == (f"error: {path}: --json: expected a regular file (or a new one) for the trace, found "
+                              "a FIFO; use '-' for standard output\n")
+
+
+def test_json_overwrites_an_existing_regular_file(tmp_path: Path) -> None:
+    path = tmp_path / "trace.json"
+    path.write_text("x" * 100_000)
+    assert main(["run", "first_private_fault", "--json", str(path)], io.StringIO(), io.StringIO()) == 0
+    assert json.loads(path.read_text())["stop"] == "done"

@@ -80,3 +80,23 @@ def test_a_bad_stop_is_one_problem(tmp_path: Path, value: str, found: str) -> No
                               f"'deadlock'), found {found}\n")
     with pytest.raises(ScenarioError):
         load(p)
+
+
+def test_json_trace_carries_the_livelock_report(tmp_path: Path) -> None:
+    """`stop_report`: the same report text the summary prints, so a script reading the trace sees why it stopped."""
+    import json
+
+    path = tmp_path / "t.json"
+    assert main(["run", str(STORY3), "--json", str(path)], io.StringIO(), io.StringIO()) == 0
+    trace = json.loads(path.read_text())
+    assert (trace["stop"], trace["stop_report"]) == ("livelock", STORY3_MESSAGE)
+
+
+def test_json_trace_stop_report_is_null_when_the_run_ended(tmp_path: Path) -> None:
+    import json
+
+    path = tmp_path / "t.json"
+    assert main(["run", str(STORY3), "--variant", "upstream", "--json", str(path)], io.StringIO(),
+                io.StringIO()) == 1
+    trace = json.loads(path.read_text())
+    assert (trace["stop"], trace["stop_report"]) == ("done", None)
