@@ -174,16 +174,16 @@ class Checker:
         """Hand each invariant the writes with its tags, in write order (invariants in registration order)."""
         batches: dict[Invariant, list[Write]] | None = None
         by_tag = self._by_tag
-        it = iter(effects)
-        for key, old, new in zip(it, it, it, strict=True):
+        for i in range(0, len(effects), 3):
+            key = effects[i]
             if key.__class__ is not tuple:
                 continue
             invs = by_tag.get(key[0])
             if invs is None:
-                continue
+                continue   # most writes: a tag no invariant watches
             if batches is None:
                 batches = {}
-            w = (key, old, new)
+            w = (key, effects[i + 1], effects[i + 2])
             for inv in invs:
                 b = batches.get(inv)
                 if b is None:
