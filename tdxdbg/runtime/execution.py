@@ -15,7 +15,7 @@ from array import array
 from collections.abc import Hashable, Sequence
 from typing import Any
 
-from tdxdbg.runtime.frame import StackCache, Violation, capture
+from tdxdbg.runtime.frame import StackCache, Violation, capture_stack
 from tdxdbg.runtime.runtime import Check, StopReason
 from tdxdbg.runtime.scheduler import Policy, Scheduler, ScheduleSpec
 from tdxdbg.runtime.step import Step, StepKind
@@ -26,10 +26,6 @@ _READY = TaskState.READY
 _WAITING = TaskState.WAITING
 _DONE = TaskState.DONE
 _FAILED = TaskState.FAILED
-
-
-def _stack(gen: Any, cache: StackCache) -> tuple:
-    return capture(gen, cache, False)[0]
 
 
 class Execution:
@@ -51,7 +47,7 @@ class Execution:
             None if any(k is None for k in kinds) else frozenset(id(k) for ks in kinds for k in ks))
         # Per task: reads its current call stack (capture keeps its cache valid however many steps ran between
         # two reads: an activation still suspended in the same sub-generator has not run since).
-        self._stack_of = [functools.partial(_stack, t.gen, StackCache()) for t in self.tasks]
+        self._stack_of = [functools.partial(capture_stack, t.gen, StackCache()) for t in self.tasks]
         # Per step: index into `tasks` of the task that ran, distinct keys read, distinct keys written.
         self.task_col = array("H")
         self.reads: list[tuple[Hashable, ...]] = []

@@ -227,6 +227,49 @@ class StackCache:
         self.since_full = 0
 
 
+def capture_stack(gen: Generator[Any, Any, Any], cache: StackCache) -> tuple[StackEntry, ...]:
+    """The call stack of a suspended generator chain (outermost first), without locals: what `capture` returns
+    first, for runs that record no locals (its cache keeps (generator, sub-iterator, stack down to it) per
+    activation, so a StackCache serves either this function or `capture`, never both).
+
+    The unchanged outer part of the stack is found bottom up as in `capture`: a generator still suspended in
+    `yield from` on the same sub-iterator as at the previous call has not run since, nor has anything above it.
+    """
+    chain = cache.chain
+    depth = 0
+    g: Any = gen
+    if chain and chain[0][0] is gen:
+        k = len(chain) - 1
+        while k >= 0:
+            prev = chain[k]
+            sub = prev[1]
+            if sub is not None and prev[0].gi_yieldfrom is sub:
+                depth = k + 1
+                g = sub if type(sub) is GeneratorType else None
+                break
+            k -= 1
+    del chain[depth:]
+    stack: tuple[StackEntry, ...] = chain[-1][2] if chain else ()
+    entries = _ENTRIES
+    stacks = _STACKS
+    append = chain.append
+    while g is not None:
+        f = g.gi_frame
+        if f is None:
+            break
+        code = f.f_code
+        lasti = f.f_lasti
+        by_lasti = entries.get(id(code))
+        entry = by_lasti.get(lasti) if by_lasti is not None else None
+        if entry is None:
+            entry = _entry(code, lasti, f)
+        stack = stacks.get((id(stack), id(entry))) or _push(stack, entry)
+        sub = g.gi_yieldfrom
+        append((g, sub, stack))
+        g = sub if type(sub) is GeneratorType else None
+    return stack
+
+
 def capture(gen: Generator[Any, Any, Any], cache: StackCache, want_locals: bool = True
             ) -> tuple[tuple[StackEntry, ...], tuple[Any, ...]]:
     """The call stack of a suspended generator chain (outermost first) and a locals entry (see above; decode it

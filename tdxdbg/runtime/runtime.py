@@ -7,7 +7,7 @@ import traceback
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
-from tdxdbg.runtime.frame import Frame, StackCache, Violation, capture
+from tdxdbg.runtime.frame import Frame, StackCache, Violation, capture, capture_stack
 from tdxdbg.runtime.scheduler import Policy, Scheduler, ScheduleSpec
 from tdxdbg.runtime.step import Step, StepKind
 from tdxdbg.runtime.task import Task, TaskState
@@ -149,8 +149,11 @@ class Runtime:
         if state is _DONE or state is _FAILED:
             stack: tuple = ()
             local_values: tuple = ()
+        elif self.record_locals:
+            stack, local_values = capture(gen, self._stack_cache[task.name])
         else:
-            stack, local_values = capture(gen, self._stack_cache[task.name], self.record_locals)
+            stack = capture_stack(gen, self._stack_cache[task.name])
+            local_values = ()
         violations: tuple[Violation, ...] = ()
         checks = self.checks
         if checks and (flat or self._check_kinds is None or id(step.kind) in self._check_kinds):

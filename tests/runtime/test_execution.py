@@ -83,3 +83,31 @@ def test_an_execution_reads_a_call_stack_only_when_a_check_asks() -> None:
     ex.run()
     assert asked == [("test_an_execution_reads_a_call_stack_only_when_a_check_asks.<locals>.outer",
                       "test_an_execution_reads_a_call_stack_only_when_a_check_asks.<locals>.inner"), True]
+
+
+@pytest.mark.parametrize("name", ["demo", "three_vcpus_neighbours", "raw_seamcall_playground"])
+def test_stacks_recorded_without_locals_are_the_stacks_recorded_with_them(name: str) -> None:
+    """capture_stack (no locals) and capture give the same stack at every frame, and an Execution's on-demand
+    stack is that stack too (a SEAMCALL's issuer decides unexpected-tdx-status)."""
+    path = next(p for p in shipped() if p.stem == name)
+    scenario = load(path)
+    setup = build_setup(scenario, path.parent)
+    spec = schedule_of(scenario, "random:3")
+    stacks = []
+    for record_locals in (True, False):
+        built = build_vm(setup)
+        rt = Runtime(built.machine.world, built.tasks, spec, record_locals=record_locals)
+        rt.run(max_frames=200_000)
+        frames = rt.timeline.frames
+        stacks.append([frames.stack_of(i) for i in range(len(frames))])
+    assert stacks[0] == stacks[1] and max(map(len, stacks[0])) >= 3
+    built = build_vm(setup)
+    seen: dict[int, tuple] = {}
+
+    def every_stack(world: World, step: Step, effects: tuple) -> tuple:
+        seen[len(seen)] = world.call_stack()
+        return ()
+
+    ex = Execution(built.machine.world, built.tasks, spec, checks=[every_stack])
+    ex.run(max_steps=200_000)
+    assert [seen[i] for i in range(len(ex))] == stacks[0]
