@@ -262,10 +262,11 @@ class TdVcpu:
             # The filter leaves the log as it is; only forward progress at a TD exit resets it.
         w.set(key, attrs.evolve(st, associated=True, in_guest=True, vcpu_epoch=td_epoch, entry_rip=rip))
         yield Step(TdxStep.TD_ENTRY, TdEntry(self.index, td_epoch, flush, rip))
-        g = w.get(self.guest_key)
-        if g.vmcall is not None:
-            self._complete(attrs.evolve(g, vmcall=None), g.vmcall)
         try:
+            g = w.get(self.guest_key)
+            if g.vmcall is not None:
+                # The TDVMCALL's result reaches the guest program, which may panic on it (a failed MapGPA).
+                self._complete(attrs.evolve(g, vmcall=None), g.vmcall)
             exit = yield from self._run_guest(cfg)
         except Exception:
             # The guest program raised (a guest panic, e.g. an unexpected #VE): the vCPU's thread ends here, out

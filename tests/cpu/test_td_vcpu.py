@@ -10,6 +10,7 @@ import pytest
 from tdxdbg.hw import insn
 from tdxdbg.hw.cpu import TdVcpu
 from tdxdbg.hw.ept import EptBit, ExitReason, pt_index
+from tdxdbg.hw.guest import GuestPanic
 from tdxdbg.hw.insn import TdcallInsn, VirtualizationException
 from tdxdbg.hw.machine import Machine, drive
 from tdxdbg.hw.tdx.epoch import get_epoch
@@ -454,6 +455,51 @@ def test_kick_landing_during_the_td_exit_does_not_cause_a_spurious_exit():
     assert v.kick_key not in m.world
     ex = enter(v)
     assert (ex.reason, ex.gpa) == (ExitReason.EPT_VIOLATION, PRIV)
+
+
+def _panicking(insns, panics_on):
+    """A guest program running `insns` that panics (GuestPanic) when an instruction's result satisfies
+    `panics_on`."""
+    def prog():
+        for i in insns:
+            result = yield i
+            if panics_on(result):
+                raise GuestPanic(f"guest panic on {result}")
+    return prog
+
+
+@pytest.mark.parametrize("where", ["#VE", "TDVMCALL result"])
+def test_a_guest_panic_leaves_guest_mode_its_epoch_and_any_kick(where: str):
+    """The model ends a vCPU's thread when its guest panics (Linux's panic() would spin in the guest): the vCPU
+    must be out of the TD as after a TD exit, or kvm_make_all_cpus_request would wait for it forever (a kick
+    pending) and TDH.MEM.TRACK would count it in its epoch. Either way the guest program panics: on a #VE
+    (PENDING private page, SEPT_VE_DISABLE clear) or on the TDVMCALL result handed over at the next entry."""
+    m, tdr = new_td(TdAttr(0) if where == "#VE" else TdAttr.SEPT_VE_DISABLE)
+    if where == "#VE":
+        add_sept_tables(m, tdr, PRIV)
+        aug(m, tdr, PRIV)
+        v = TdVcpu(m.tdx, m.memory, tdr, 0, _panicking(
+            [insn.read(PRIV)], lambda r: isinstance(r, VirtualizationException) and r.pending))
+        gen = v.enter()
+        assert next(gen).kind is TdxStep.TD_ENTRY
+        # The kick lands after the access met the PENDING page, before the guest takes the #VE.
+        step = next(gen)
+        assert (step.kind, step.payload.ve) == (TdxStep.GUEST_ACCESS, True)
+    else:
+        call = TdcallInsn(Tdcall.TDG_VP_VMCALL, r11=0x10001, r12=PRIV, r13=0x1000)
+        v = TdVcpu(m.tdx, m.memory, tdr, 0, _panicking([call], lambda r: r == TdcallResult(0, r10=1)))
+        assert enter(v).reason is ExitReason.TDCALL
+        v.complete_tdvmcall(r10=1)
+        gen = v.enter()
+        assert next(gen).kind is TdxStep.TD_ENTRY
+    assert v.in_guest and get_epoch(m.world, tdr).refcount != (0, 0)
+    v.kick()
+    assert m.world.peek(v.kick_key) is True
+    with pytest.raises(GuestPanic):
+        drive(gen, m.world, task="vcpu0")
+    assert not v.in_guest
+    assert v.kick_key not in m.world
+    assert get_epoch(m.world, tdr).refcount == (0, 0)
 
 
 # -- TDG.VP.VMCALL ------------------------------------------------------------------------------------------------
