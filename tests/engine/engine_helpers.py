@@ -96,21 +96,23 @@ def ret_pfs(rt: Runtime, task: str | None = None) -> list[tuple[str, int]]:
 
 
 def walk(kvm: Any, root: int, gfn: int, gfn_bits: int = 0) -> list[tuple[int, int, int]]:
-    """(level, index, value) of the entries a hardware-style walk for `gfn` reads under `root`."""
-    from tdxdbg.engine.spte import is_last_spte, is_shadow_present_pte, spte_index, spte_to_pfn
+    """(level, index, value) of each entry a hardware-style walk for `gfn` reads under `root`: walk_spte stopped
+    at each level in turn."""
+    from tdxdbg.engine.tdp_iter import walk_spte
 
     out = []
-    table, level = root, kvm.root_level
-    while True:
-        idx = spte_index((gfn | gfn_bits) << 12, level)
-        v = kvm.memory.read_entry(table, idx)
+    for target in range(kvm.root_level, 0, -1):
+        level, _table, idx, v = walk_spte(kvm.world.peek, root, kvm.root_level, gfn | gfn_bits, target)
         out.append((level, idx, v))
-        if not is_shadow_present_pte(v) or is_last_spte(v, level):
-            return out
-        table, level = spte_to_pfn(v), level - 1
+        if level != target:
+            out.pop()
+            break
+    return out
 
 
 def leaf_value(kvm: Any, root: int, gfn: int, gfn_bits: int = 0) -> tuple[int, int]:
-    """(level, value) of the last entry the walk reaches."""
-    level, _idx, v = walk(kvm, root, gfn, gfn_bits)[-1]
+    """(level, value) of the last entry a hardware-style walk for `gfn` reaches under `root` (walk_spte)."""
+    from tdxdbg.engine.tdp_iter import walk_spte
+
+    level, _table, _idx, v = walk_spte(kvm.world.peek, root, kvm.root_level, gfn | gfn_bits)
     return level, v

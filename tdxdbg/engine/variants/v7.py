@@ -47,6 +47,11 @@ from tdxdbg.runtime.step import Step
 SHADOW_REMOVED_SPTE = FROZEN_SPTE
 
 
+def pinned_key(pfn: int) -> tuple[str, int]:
+    """A private page the v7 series pinned (pin_user_pages_fast) when it faulted it in."""
+    return ("v7.pinned", pfn)
+
+
 class V7(V6_16):
     name = "v7"
     description = "The 2022 v7 TDX series: freeze on every private update, pinned private pages."
@@ -92,7 +97,7 @@ class V7(V6_16):
         yield from self.warn_on_once(not fault.write, "private fault that is not a write")
         assert fault.slot is not None
         fault.pfn, _level = self.hva_to_pfn(fault.slot, fault.gfn)
-        self.world.set(("v7.pinned", fault.pfn), True)
+        self.world.set(pinned_key(fault.pfn), True)
         fault.map_writable = True
         fault.max_level = PG_LEVEL_4K
         return RetPf.RET_PF_CONTINUE
@@ -154,7 +159,7 @@ class V7(V6_16):
         return ret
 
     def page_pinned(self, pfn: int) -> bool:
-        return bool(self.world.get(("v7.pinned", pfn)))
+        return bool(self.world.get(pinned_key(pfn)))
 
     def tdx_sept_drop_private_spte(self, gfn: int, level: int, pfn: int) -> Gen:
         """After PAGE.REMOVE the pin taken at fault time is dropped (kvm_release_pfn); a page whose userspace
@@ -170,8 +175,8 @@ class V7(V6_16):
 
     def _unpin(self, pfn: int) -> None:
         w = self.world
-        if w.get(("v7.pinned", pfn)):
-            w.delete(("v7.pinned", pfn))
+        if w.get(pinned_key(pfn)):
+            w.delete(pinned_key(pfn))
             if w.get(("hva.orphan", pfn)):
                 w.delete(("hva.orphan", pfn))
                 self.memory.free(pfn)
