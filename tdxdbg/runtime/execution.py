@@ -74,7 +74,7 @@ class Execution:
         scheduler = self.scheduler
         pick = scheduler.pick
         order_len = len(scheduler.spec.order)
-        single_fast = scheduler.spec.policy is not Policy.RANDOM
+        randbelow = scheduler._rng._randbelow if scheduler.spec.policy is Policy.RANDOM else None
         reads = world._reads
         writes = world._writes
         checks = self.checks
@@ -99,7 +99,13 @@ class Execution:
             if not runnable:
                 return StopReason.DONE if self.finished else StopReason.STUCK
             index = len(task_col)
-            if len(runnable) == 1 and single_fast and index >= order_len:
+            if index < order_len:
+                choice = pick(tasks, runnable, index)
+            elif randbelow is not None:
+                # Scheduler.pick's RANDOM draw (Random.randrange(n) is _randbelow(n) for n > 0): same stream.
+                choice = runnable[randbelow(len(runnable))]
+                scheduler._last = choice
+            elif len(runnable) == 1:
                 choice = runnable[0]
                 scheduler._last = choice
             else:
