@@ -60,7 +60,7 @@ def build() -> tuple[Any, list[Task], Callable[[], None]]:
             res = yield TdcallInsn(Tdcall.TDG_MEM_PAGE_ACCEPT, rcx=gpa)
             assert res.rax == 0, res
 
-    vcpu = TdVcpu(tdx, mem, tdr, 0, guest())
+    vcpu = TdVcpu(tdx, mem, tdr, 0, guest)
 
     def vcpu_run():
         exit = yield from vcpu.enter()
