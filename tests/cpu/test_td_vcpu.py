@@ -1,5 +1,5 @@
 """The TD vCPU: the shared-EPT hardware walk, private accesses through the S-EPT, epochs at entry and exit,
-kicks, TDG.VP.VMCALL and zero-step mitigation (reference tdx-module.md §4, §5.3, §6.4)."""
+kicks, TDG.VP.VMCALL and zero-step mitigation (TDX module tdh_mem_track.c, td_ept_violation.c, td_exit_stepping.c)."""
 
 from __future__ import annotations
 

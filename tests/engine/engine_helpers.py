@@ -1,7 +1,8 @@
 """Helpers for the engine tests: build a TD with vCPU/host programs, run it under a schedule, and pick frames.
 
-Expected values are literals taken from reference kernel-tdp-mmu.md (§9 worked examples, §1.9 RET_PF values,
-§5 hook/SEAMCALL order) so that a wrong constant or a reordered step in the engine makes a test fail.
+Expected values are literals worked out from the kernel (make_spte, the RET_PF_* values of mmu_internal.h, the
+order of the kvm_x86_ops hooks and their SEAMCALLs in tdx.c) so that a wrong constant or a reordered step in the
+engine makes a test fail.
 """
 
 from __future__ import annotations

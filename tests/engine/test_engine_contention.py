@@ -1,4 +1,4 @@
-"""Races and BUSY on the fault path: two vCPUs on one gfn (race R1) and TDX_OPERAND_BUSY from PAGE.AUG (R2)."""
+"""Races and BUSY on the fault path: two vCPUs on one gfn and TDX_OPERAND_BUSY from PAGE.AUG."""
 
 from __future__ import annotations
 

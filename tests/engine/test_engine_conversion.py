@@ -1,4 +1,5 @@
-"""Private -> shared -> private with data (reference §6.2; the kernel's private_mem_conversions selftest):
+"""Private -> shared -> private with data (kvm_vm_set_mem_attributes, kvm_arch_pre_set_memory_attributes; the
+kernel's private_mem_conversions selftest):
 MapGPA exits to userspace, KVM_SET_MEMORY_ATTRIBUTES zaps the alias that stops being valid, and the private
 page's contents do not survive the round trip."""
 
@@ -57,7 +58,8 @@ def test_map_gpa_exits_and_attributes_flip(conversion):
 
 def test_mirror_leaf_zapped_block_track_remove_under_write_lock(conversion):
     """kvm_arch_pre_set_memory_attributes(KVM_FILTER_PRIVATE) -> tdp_mmu_zap_leafs -> tdp_mmu_set_spte ->
-    remove_external_spte: RANGE.BLOCK, TRACK, PAGE.REMOVE, PHYMEM.PAGE.WBINVD, all under mmu_lock for write (I28)."""
+    remove_external_spte: RANGE.BLOCK, TRACK, PAGE.REMOVE, PHYMEM.PAGE.WBINVD, all under mmu_lock for write ("TDX
+    requires TLB tracking before dropping private page")."""
     _built, rt, _seen = conversion
     to_shared = frames(rt, EngineStep.HOST_OP, op="KVM_SET_MEMORY_ATTRIBUTES")[0]
     zap = next(f for f in frames(rt, EngineStep.SPTE_WRITE, what=SpteWrite.ZAP) if f.step.get("root") == "mirror")

@@ -1,4 +1,4 @@
-"""Invalidations racing faults (reference §1.3 step 13, §1.5, §6.3, race R4): mmu-notifier invalidation of the
+"""Invalidations racing faults (is_page_fault_stale, mmu_invalidate_retry_gfn): mmu-notifier invalidation of the
 shared backing and memslot deletion."""
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
-"""Build time and teardown of a TD (reference §5.2 KVM_TDX_INIT_MEM_REGION / tdx_td_finalize, §6.4 teardown):
+"""Build time and teardown of a TD (KVM_TDX_INIT_MEM_REGION / tdx_td_finalize, kvm_destroy_vm):
 pages premapped then PAGE.ADDed and measured, and a VM destroyed in the kernel's order with the HKID rules of
-tdx_sept_remove_private_spte / tdx_sept_free_private_spt (I13)."""
+tdx_sept_remove_private_spte / tdx_sept_free_private_spt."""
 
 from __future__ import annotations
 

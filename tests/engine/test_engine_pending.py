@@ -1,4 +1,4 @@
-"""A guest access to an AUGed but not yet accepted private page (reference §1.1 step 2,
+"""A guest access to an AUGed but not yet accepted private page (
 tdx_is_sept_violation_unexpected_pending): with SEPT_VE_DISABLE the TD exits and KVM kills the VM; without it
 the TDX module injects #VE into the guest."""
 

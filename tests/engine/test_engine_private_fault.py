@@ -1,4 +1,5 @@
-"""The first private fault on an empty tree (reference §9.1, §1.6, §4.1): kvm_tdp_mmu_map links three mirror
+"""The first private fault on an empty tree (kvm_tdp_mmu_map, set_external_spte_present): kvm_tdp_mmu_map links
+three mirror
 tables through set_external_spte (TDH.MEM.SEPT.ADD at TDX levels 3, 2, 1) and installs the leaf through
 set_external_spte (TDH.MEM.PAGE.AUG); every install goes through set_external_spte_present's freeze protocol."""
 
@@ -109,7 +110,7 @@ def test_ret_pf_fixed_without_reentering(first_fault):
     fault = frames(rt, EngineStep.FAULT)[0]
     entries = [f.index for f in frames(rt, TdxStep.TD_ENTRY)]
     assert not [i for i in entries if fault.index < i < rets[0].index]
-    # Private EPT violations are handled as writes (I25) with PFERR_PRIVATE_ACCESS (bit 49).
+    # Private EPT violations are handled as writes (tdx_handle_ept_violation) with PFERR_PRIVATE_ACCESS (bit 49).
     assert fault.step.get("error_code") & (1 << 49) and fault.step.get("error_code") & 0x2
     assert rt.task("vcpu0").result == "halted"
     no_kvm_bug(rt)

@@ -1,4 +1,4 @@
-"""Shared faults (reference §1.2 step 6, §1.6, §9.2, §9.7): the direct root, gfns without the shared bit, 2M
+"""Shared faults (kvm_tdp_mmu_page_fault on the direct root): the direct root, gfns without the shared bit, 2M
 leaves for THP-backed shared memory, and kvm_mmu_hugepage_adjust refusing a huge leaf over mixed attributes."""
 
 from __future__ import annotations

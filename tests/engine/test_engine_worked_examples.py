@@ -1,4 +1,4 @@
-"""Reference §9: index arithmetic of tdp_iter against real roots (GPAW 48 and 52), the SPTE values of make_spte /
+"""Worked examples: index arithmetic of tdp_iter against real roots (GPAW 48 and 52), the SPTE values of make_spte /
 make_nonleaf_spte, FROZEN_SPTE, the role.word of mirror and direct roots and the root-type filter."""
 
 from __future__ import annotations
@@ -89,7 +89,7 @@ def test_9_3_highest_private_page_and_step_side_at_511(gpaw48):
 
 
 def test_spte_index_and_gfn_round_for_level():
-    """SPTE_INDEX and gfn_round_for_level (§2.5) on 9.1's address."""
+    """SPTE_INDEX and gfn_round_for_level (tdp_iter.h) on the first private fault's address."""
     addr = 0x12345678000
     assert [spte.spte_index(addr, lvl) for lvl in (4, 3, 2, 1)] == [2, 141, 43, 120]
     assert [spte.gfn_round_for_level(0x12345678, lvl) for lvl in (4, 3, 2, 1)] == [
@@ -126,7 +126,7 @@ def test_9_5_gpaw52_bit47_is_a_private_address_bit(gpaw52):
 
 
 def test_tdp_iter_start_refuses_gfn_with_gfn_bits(gpaw48):
-    """tdp_iter_start: WARN and invalid when gfn_bits && next_last_level_gfn >= gfn_bits (I18)."""
+    """tdp_iter_start: WARN and invalid when gfn_bits && next_last_level_gfn >= gfn_bits."""
     kvm, vcpu = gpaw48
     it = kvm.iter_for(vcpu.direct_root, spte.PG_LEVEL_4K, 0x8_0000_0000 | 0x12345678)
     drive(it.start(), kvm.world)

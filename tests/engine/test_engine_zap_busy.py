@@ -1,4 +1,4 @@
-"""BUSY on a zap (reference §5.2 tdx_sept_zap_private_spte, race R5): one retry with every vCPU kept out of the
+"""BUSY on a zap (tdx_sept_zap_private_spte, tdh_do_no_vcpus): one retry with every vCPU kept out of the
 TD (tdx_no_vcpus_enter_start: wait_for_sept_zap + kick); a second BUSY is a KVM_BUG and a dead VM."""
 
 from __future__ import annotations
@@ -56,7 +56,7 @@ def test_block_busy_once_retries_with_vcpus_kept_out():
     # tdx_no_vcpus_enter_start kicks every vCPU out of guest mode (KVM_REQ_OUTSIDE_GUEST_MODE) ...
     kicks = frames(rt, EngineStep.KICK, what="KVM_REQ_OUTSIDE_GUEST_MODE")
     assert any(set_at <= k.index < blocks[1].index for k in kicks)
-    # ... and no vCPU enters the TD while wait_for_sept_zap is set (I24).
+    # ... and no vCPU enters the TD while wait_for_sept_zap is set (tdx_vcpu_run).
     assert not [f for f in frames(rt, TdxStep.TD_ENTRY) if set_at < f.index < clear_at]
     # The zap completes in the kernel's order and the run finishes normally.
     after = [f.step.get("leaf") for f in seamcalls(rt) if f.index > blocks[1].index][:3]

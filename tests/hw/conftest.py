@@ -24,7 +24,7 @@ from tdxdbg.hw.tdx.sept import SeptState
 from tdxdbg.hw.tdx.td import OpState, TdAttr, op_state_key, vcpu_key
 
 SC = Seamcall
-# Literal status values (tdx-module tdx_error_codes_defs.h, reference §2). Kept as literals on purpose.
+# Literal status values (TDX module tdx_error_codes_defs.h). Kept as literals on purpose.
 SUCCESS = 0x0000000000000000
 OPERAND_INVALID_RCX = 0xC000010000000001
 EPT_WALK_FAILED_RCX = 0xC0000B0000000001
@@ -48,7 +48,8 @@ LIFECYCLE_STATE_INCORRECT = 0xC000060700000000
 TD_ASSOCIATED_PAGES_EXIST = 0xC000040000000000
 OP_STATE_INCORRECT = 0xC000060800000000
 
-# Architectural S-EPT entry values as reported in RCX (reference §1.4): SVE = bit 63, PS = bit 7, IPAT = bit 6,
+# Architectural S-EPT entry values as reported in RCX (the TDX module spec's architectural S-EPT entry): SVE = bit
+# 63, PS = bit 7, IPAT = bit 6,
 # memory type WB = 6 in bits 5:3, R/W/Xs = bits 2:0, Xu = bit 10.
 SVE = 1 << 63
 ARCH_FREE = SVE
@@ -64,7 +65,8 @@ PUBLIC = {
 
 
 def arch_entry(state: SeptState, hpa: int = 0) -> int:
-    """The expected RCX for an entry in `state` mapping `hpa` (leaf) — written from §1.4, not from the model."""
+    """The expected RCX for an entry in `state` mapping `hpa` (leaf) — written from the architectural layout, not
+    from the model."""
     if state is SeptState.FREE:
         return ARCH_FREE
     if state is SeptState.NL_MAPPED:

@@ -1,4 +1,4 @@
-"""Lock contention inside the module (tdx-module.md §6, I10, I11; tdx-facts Q4), driven through the runtime.
+"""Lock contention inside the module (TDX module include/tdx_locks.h), driven through the runtime.
 
 A SEAMCALL is two steps (checks + locks, then work + release); a TDCALL ACCEPT is two steps (walk + guest entry
 lock, then state change + release). Forcing the picks puts one caller between the other's two steps.
@@ -99,7 +99,7 @@ def test_two_hosts_same_entry_busy_rcx_with_details(env: Env) -> None:
 
 
 def test_two_augs_different_entries_share_the_tree(env: Env) -> None:
-    """I10: AUG ∥ AUG on different entries both hold the tree shared and both succeed."""
+    """AUG ∥ AUG on different entries both hold the tree shared and both succeed."""
     env.tables_for(G, 0)
     p1, p2 = env.page(), env.page()
     rt = Runtime(env.world, [Task("a", host_calls(env, [(SC.TDH_MEM_PAGE_AUG, G1, p1)])),
@@ -118,7 +118,7 @@ def test_two_augs_different_entries_share_the_tree(env: Env) -> None:
     (SC.TDH_MEM_SEPT_ADD, SC.TDH_MEM_SEPT_REMOVE),
 ], ids=lambda leaf: leaf.name)
 def test_exclusive_tree_users_conflict_busy_sept_tree(env: Env, first: SC, second: SC) -> None:
-    """I10: BLOCK, UNBLOCK and SEPT.REMOVE take the tree exclusive; any overlap with another tree user makes the
+    """BLOCK, UNBLOCK and SEPT.REMOVE take the tree exclusive; any overlap with another tree user makes the
     later one fail with OPERAND_BUSY|SEPT_TREE 0x8000020000000092 and RCX = RDX = 0."""
     env.tables_for(0x40000000, 1)
     env.tables_for(G, 0)
@@ -136,7 +136,7 @@ def test_exclusive_tree_users_conflict_busy_sept_tree(env: Env, first: SC, secon
 
 
 def test_operand_check_before_any_lock(env: Env) -> None:
-    """I2: operand checks run before the tree lock is taken: while BLOCK holds the tree exclusive, an AUG with
+    """Operand checks run before the tree lock is taken: while BLOCK holds the tree exclusive, an AUG with
     the shared bit set gets OPERAND_INVALID|RCX, not OPERAND_BUSY|SEPT_TREE."""
     env.tables_for(G, 0)
     env.aug(G1)

@@ -1,4 +1,4 @@
-"""Random SEAMCALL / ACCEPT sequences never break the module's bookkeeping (I9, I16, tdx-facts Q12).
+"""Random SEAMCALL / ACCEPT sequences never break the module's bookkeeping (PAMT owners and CHLDCNT).
 
 After every operation:
   * CHLDCNT == number of 4K pages whose PAMT owner is the TD (excluding the TDR itself);
@@ -93,7 +93,8 @@ def run_op(env: Env, tdvpr: int, op: str, gpa: int, pick: int) -> None:
     if op == "track":
         env.call(SC.TDH_MEM_TRACK, env.tdr_pa)
     elif op in ("zap", "block_track"):
-        # KVM's zap sequence (§8.2): BLOCK, TRACK, then REMOVE (a leaf) or SEPT.REMOVE (a table).
+        # KVM's zap sequence (tdx_sept_remove_private_spte): BLOCK, TRACK, then REMOVE (a leaf) or SEPT.REMOVE (a
+        # table).
         env.call(SC.TDH_MEM_RANGE_BLOCK, gpa | level)
         env.call(SC.TDH_MEM_TRACK, env.tdr_pa)
         if op == "zap":
@@ -120,7 +121,7 @@ def scaffold(env: Env) -> None:
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(runnable=st.booleans(), ops=st.lists(op_strategy, min_size=1, max_size=40))
 def test_random_sequences_keep_pamt_chldcnt_and_sept_consistent(runnable: bool, ops) -> None:
-    """I9/I16: CHLDCNT, PAMT type/owner and S-EPT references stay consistent under any SEAMCALL sequence."""
+    """CHLDCNT, PAMT type/owner and S-EPT references stay consistent under any SEAMCALL sequence."""
     env = Env(op_state=OpState.RUNNABLE if runnable else OpState.INITIALIZED)
     tdvpr = env.tdx.create_vcpu(env.tdr, 0)
     scaffold(env)

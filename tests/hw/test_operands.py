@@ -1,4 +1,4 @@
-"""Operand checks (I2, §1.2, tdx-facts Q2) and the lifecycle gate after VPFLUSHDONE (tdx-facts "common state gate")."""
+"""Operand checks (the leaves' operand checks run before any lock) and the lifecycle gate after VPFLUSHDONE."""
 
 from __future__ import annotations
 
@@ -25,7 +25,7 @@ GPA_LEAVES = (SC.TDH_MEM_SEPT_ADD, SC.TDH_MEM_PAGE_AUG, SC.TDH_MEM_RANGE_BLOCK, 
               SC.TDH_MEM_SEPT_RD)
 # A level every leaf accepts, so that only the tested defect makes the operand invalid.
 OK_LEVEL = {SC.TDH_MEM_PAGE_AUG: 1}
-# Levels out of range per leaf with GPAW 48 (root level 3), from §1.3 / tdx-facts.
+# Levels out of range per leaf with GPAW 48 (root level 3), as the TDX module checks them.
 BAD_LEVELS = {
     SC.TDH_MEM_SEPT_ADD: (0, 4, 7),
     SC.TDH_MEM_PAGE_AUG: (2, 3, 4),

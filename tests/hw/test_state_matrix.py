@@ -1,10 +1,11 @@
-"""The allowed-state matrix (tdx-module.md §3.2, `seamcall_sept_state_lookup`), restricted to the modelled states.
+"""The allowed-state matrix (TDX module `seamcall_sept_state_lookup`), restricted to the modelled states.
 
 Every (leaf, state) pair is built for real (SEPT.ADD / AUG / guest ACCEPT / BLOCK) at level 1 (a 2M entry, the
 only level where all seven states exist), then the leaf is called on that entry.
 
-OP_STATE: the matrix is checked in INITIALIZED, because in RUNNABLE the block-and-track rule (§3.2 "additional
-rule", I4) turns every allowed REMOVE / SEPT.REMOVE / PROMOTE / DEMOTE / UNBLOCK into GPA_RANGE_NOT_BLOCKED or
+OP_STATE: the matrix is checked in INITIALIZED, because in RUNNABLE the block-and-track rule (a running TD's
+removal needs the entry blocked and TLB-tracked) turns every allowed REMOVE / SEPT.REMOVE / PROMOTE / DEMOTE /
+UNBLOCK into GPA_RANGE_NOT_BLOCKED or
 TLB_TRACKING_NOT_DONE and would mask whether the state itself was allowed. RUNNABLE (with and without a TRACK
 after the block) is checked too, with those exact masking results. Since only a running guest can ACCEPT, the
 TD is built RUNNABLE and its OP_STATE is then set to the tested value directly in the World.
@@ -12,7 +13,7 @@ TD is built RUNNABLE and its OP_STATE is then set to the tested value directly i
 Disallowed pairs must return exactly EPT_ENTRY_STATE_INCORRECT|RCX = 0xC0000B0D00000001 with RCX = the
 architectural entry and RDX = level | public state << 8, and leave the entry unchanged; BLOCK on an already
 blocked entry returns GPA_RANGE_ALREADY_BLOCKED|RCX = 0x00000B0700000001 instead.
-SEPT.ADD on NL_MAPPED: the sheet's matrix row lists NL_MAPPED, but tdx-facts Q1 (process_l1_page, v0 with a page
+SEPT.ADD on NL_MAPPED: the matrix row lists NL_MAPPED, but tdh_mem_sept_add.c (process_l1_page, v0 with a page
 in R8 and allow_existing = 0) returns EPT_ENTRY_STATE_INCORRECT|RCX; the facts win, so it is expected here.
 """
 
@@ -48,7 +49,8 @@ BLOCKED = (S.NL_BLOCKED, S.BLOCKED, S.PENDING_BLOCKED)
 G = 0x80000000
 SI = EPT_ENTRY_STATE_INCORRECT_RCX
 
-# Allowed states per leaf (sheet §3.2 restricted to the modelled states; SEPT.ADD per tdx-facts Q1).
+# Allowed states per leaf (seamcall_sept_state_lookup restricted to the modelled states; SEPT.ADD per
+# tdh_mem_sept_add.c).
 ALLOWED = {
     SC.TDH_MEM_SEPT_ADD: {S.FREE},
     SC.TDH_MEM_PAGE_AUG: {S.FREE},
@@ -142,7 +144,7 @@ def test_sept_state_matrix(leaf: SC, state: SeptState, mode: str) -> None:
     if state in ALLOWED[leaf]:
         assert r.rax != SI
     if want in (SI, GPA_RANGE_ALREADY_BLOCKED_RCX, GPA_RANGE_NOT_BLOCKED_RCX):
-        # Details are filled for these (§1.4): RCX = architectural entry, RDX = level | public state << 8.
+        # Details are filled for these: RCX = architectural entry, RDX = level | public state << 8.
         assert (r.rcx, r.rdx) == (arch_entry(state, hpa), arch_info(1, state))
     if want != SUCCESS:
         assert env.entry(G, 1) == (1, state, hpa)
@@ -220,7 +222,7 @@ ACCEPT_EXPECTED = {
 
 @pytest.mark.parametrize("state", ALL, ids=lambda s: s.name)
 def test_accept_matrix_2m(state: SeptState) -> None:
-    """tdg_mem_page_accept (§3.5, tdx-facts Q8) at 2M on each state: PENDING -> SUCCESS + MAPPED; MAPPED ->
+    """tdg_mem_page_accept (tdg_mem_page_accept.c) at 2M on each state: PENDING -> SUCCESS + MAPPED; MAPPED ->
     PAGE_ALREADY_ACCEPTED|1; non-leaf -> PAGE_SIZE_MISMATCH|1; FREE / BLOCKED / PENDING_BLOCKED -> async
     EPT-violation TD exit with EEQ type 1 (ACCEPT) and R8 = GPA, entry unchanged."""
     env = Env()
@@ -237,7 +239,7 @@ def test_accept_matrix_2m(state: SeptState) -> None:
 
 
 def test_accept_4k_under_2m_pending_exits_and_under_2m_mapped_already_accepted() -> None:
-    """tdg_mem_page_accept 4K under a 2M leaf (tdx-facts Q8 case 1.2): walk stops at level 1; PENDING 2M ->
+    """tdg_mem_page_accept 4K under a 2M leaf (tdg_mem_page_accept.c): walk stops at level 1; PENDING 2M ->
     async TD exit (the VMM must DEMOTE); MAPPED 2M -> PAGE_ALREADY_ACCEPTED|1 (level where the walk stopped)."""
     env = Env()
     build(env, S.PENDING)

@@ -1,4 +1,4 @@
-"""TLB tracking (tdx-module.md §4, I4-I6, tdx-facts Q5): the tracked predicate and TDH.MEM.TRACK."""
+"""TLB tracking (tdh_mem_track.c, is_tlb_tracked): the tracked predicate and TDH.MEM.TRACK."""
 
 from __future__ import annotations
 
@@ -32,7 +32,7 @@ def mapped(env: Env, gpa: int = G1) -> int:
 
 
 def test_initial_epoch_is_one_and_refcounts_zero(env: Env) -> None:
-    """tdx-facts Q5: TDH.MNG.INIT sets td_epoch = 1 and both refcounts to 0."""
+    """TDH.MNG.INIT (tdh_mng_init.c) sets td_epoch = 1 and both refcounts to 0."""
     assert (env.epoch(), env.refcount()) == (1, (0, 0))
 
 

@@ -1,7 +1,7 @@
-"""The 14 worked examples of tdx-module.md §10, with exact RAX/RCX/RDX.
+"""14 worked examples of TDX module SEAMCALLs, with exact RAX/RCX/RDX.
 
-Setup as in §10: GPAW 48, 4-level S-EPT, OP_STATE RUNNABLE unless stated, no vCPU in the guest unless stated.
-Where /work/notes/tdx-facts.md (source-verified) is more precise than the sheet, the docstring says so.
+Setup: GPAW 48, 4-level S-EPT, OP_STATE RUNNABLE unless stated, no vCPU in the guest unless stated.
+Where the TDX module source decides a detail, the docstring names the source file.
 """
 
 from __future__ import annotations
@@ -235,7 +235,7 @@ def test_ex07_block_remove_unblock_track_remove(env: Env) -> None:
     FREE, PT_NDA, CHLDCNT-1."""
     hpa = build_ex5(env)
     e = env.epoch()
-    assert e == 1  # tdx-facts Q5: TDH.MNG.INIT sets td_epoch = 1
+    assert e == 1  # TDH.MNG.INIT (tdh_mng_init.c) sets td_epoch = 1
     r = env.call(SC.TDH_MEM_RANGE_BLOCK, G1 | 0)
     assert (r.rax, r.rcx, r.rdx) == (SUCCESS, 0, 0)
     assert env.state(G1, 0) is SeptState.BLOCKED
@@ -304,7 +304,7 @@ def test_ex09_sept_remove_empty_table_success(env: Env) -> None:
     env.sept_add(G, 2)
     table = env.sept_add(G, 1)
     env.block(G, 1)
-    assert env.pamt(table).bepoch == 1      # BEPOCH goes on the child S-EPT page (tdx-facts Q11)
+    assert env.pamt(table).bepoch == 1      # BEPOCH goes on the child S-EPT page (tdh_mem_range_block.c)
     env.track()
     before = env.chldcnt()
     r = env.call(SC.TDH_MEM_SEPT_REMOVE, G | 1)
@@ -467,8 +467,9 @@ def test_ex13_pending_access_sept_ve_enabled_injects_ve() -> None:
 # -- 14 -------------------------------------------------------------------------------------------------------
 def test_ex14_teardown_reclaim_sequence(env: Env) -> None:
     """Ex.14 tdh_phymem_page_reclaim: after VPFLUSHDONE (TD_BLOCKED), RECLAIM of an S-EPT page ->
-    LIFECYCLE_STATE_INCORRECT 0xC000060700000000; per tdx-facts Q6 the outputs (RCX = 8, RDX = TDR PA, R8 = 0) are
-    written before the lifecycle check, so they are returned on the failure too (the sheet does not say).
+    LIFECYCLE_STATE_INCORRECT 0xC000060700000000; in tdh_phymem_page_reclaim.c the outputs (RCX = 8, RDX = TDR PA,
+    R8 = 0) are
+    written before the lifecycle check, so they are returned on the failure too .
     After CACHE.WB + KEY.FREEID: SUCCESS RCX = 8 (PT_EPT), RDX = TDR PA, R8 = 0. TDR with children ->
     TD_ASSOCIATED_PAGES_EXIST 0xC000040000000000; once every child is reclaimed the TDR is reclaimed."""
     pml4_child = env.sept_add(0, 3)
@@ -511,8 +512,8 @@ def test_ex14_reclaim_while_keys_configured_lifecycle_incorrect(env: Env) -> Non
     assert env.state(0, 3) is SeptState.NL_MAPPED
 
 
-def test_arch_free_constant_matches_sheet() -> None:
-    """§1.4: a FREE entry is reported as SVE only."""
+def test_arch_free_constant_matches_the_architectural_value() -> None:
+    """A FREE entry is reported as SVE only."""
     assert ARCH_FREE == 0x8000000000000000
     assert arch_entry(SeptState.PENDING, 0x1000) == 0x80000000000010F0
 

@@ -1,4 +1,4 @@
-"""Zero-step mitigation (tdx-module.md §6.4, I13; td_exit_stepping.c `td_exit_epf_stepping_log`,
+"""Zero-step mitigation (td_exit_stepping.c `td_exit_epf_stepping_log`,
 `td_entry_stepping_filter`, `is_epf_expected`)."""
 
 from __future__ import annotations
