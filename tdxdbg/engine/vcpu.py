@@ -31,6 +31,11 @@ KVM_MAP_GPA_RANGE_ENCRYPTED = 1 << 4
 KVM_MAP_GPA_RANGE_DECRYPTED = 0
 
 
+def mmio_device_key(gpa: int) -> tuple[str, int]:
+    """The value of the VMM's emulated device register at `gpa` (the model's KVM_EXIT_MMIO answerer)."""
+    return ("vmm.mmio", gpa)
+
+
 class _VcpuField:
     """A field of struct kvm_vcpu that crosses KVM_RUN calls, kept in the World under ("kvm.vcpu.NAME", index):
     a vCPU task recreated at the head of its run loop finds it there. Absent means the default."""
@@ -66,6 +71,10 @@ class KvmVcpu:
     # answering (nr, gpa, npages, attributes).
     map_gpa = _VcpuField((0, 0))
     hypercall = _VcpuField(None)
+    # KVM_EXIT_MMIO for userspace (run->mmio): (gpa, len, is_write, data); data is the VMM's answer to a read.
+    mmio = _VcpuField(None)
+    # vcpu->arch.complete_userspace_io is tdx_complete_mmio_read (a read's answer goes to R11 at the next KVM_RUN).
+    mmio_read_pending = _VcpuField(False)
     # run->exit_reason == KVM_EXIT_INTR: KVM_RUN returned -EINTR for a pending signal (kvm_handle_signal_exit).
     exit_intr = _VcpuField(False)
 
@@ -165,6 +174,9 @@ class VcpuOps:
     def kvm_arch_vcpu_ioctl_run(self, vcpu: KvmVcpu) -> Gen:
         """KVM_RUN (vcpu_run's loop): enter and handle exits in the kernel until one needs userspace (0) or
         fails (< 0). `r` is 1 at every loop head, so a vCPU recreated there carries nothing else."""
+        if vcpu.mmio_read_pending:
+            # kvm_arch_vcpu_ioctl_run: vcpu->arch.complete_userspace_io first.
+            yield from self.tdx_complete_mmio_read(vcpu)
         r = 1
         while r > 0:
             self.world.quiescent()
@@ -243,8 +255,45 @@ class VcpuOps:
         if exit.r11 == Tdvmcall.MAP_GPA:
             ret = yield from self.tdx_map_gpa(vcpu, exit.r12, exit.r13)
             return ret
+        if exit.r11 == Tdvmcall.EPT_VIOLATION:
+            ret = yield from self.tdx_emulate_mmio(vcpu, exit)
+            return ret
         vcpu.hw.complete_tdvmcall(TdvmcallStatus.SUBFUNC_UNSUPPORTED)
         yield Step(EngineStep.EXIT, ExitInfo(vcpu=vcpu.index, what=f"TDVMCALL {exit.r11:#x} unsupported"))
+        return 1
+
+    def tdx_emulate_mmio(self, vcpu: KvmVcpu, exit: TdExit) -> Gen:
+        """TDVMCALL<#VE.RequestMMIO> (tdx_emulate_mmio): size R12, direction R13, GPA R14, value R15 for a write.
+        Size 1/2/4/8, direction 0/1, the access within one page, and no valid memslot at the GPA (shared bit
+        stripped), else TDVMCALL_STATUS_INVALID_OPERAND. No in-kernel device (KVM_FAST_MMIO_BUS, KVM_MMIO_BUS,
+        the local APIC) answers in the model, so it exits to userspace with KVM_EXIT_MMIO; a read completes at
+        the next KVM_RUN (tdx_complete_mmio_read)."""
+        size, write, gpa = exit.r12, exit.r13, exit.r14
+        val = exit.r15 if write else 0
+        gpa &= ~self.spec.gpaw.shared_bit
+        slot = self.kvm_vcpu_gfn_to_memslot(gpa >> 12)
+        if (size not in (1, 2, 4, 8) or write not in (0, 1) or ((gpa + size - 1) ^ gpa) & ~0xFFF
+                or (slot is not None and not slot.invalid)):
+            vcpu.hw.complete_tdvmcall(TdvmcallStatus.OPERAND_INVALID)
+            yield Step(EngineStep.EXIT, ExitInfo(vcpu=vcpu.index, what="MMIO: invalid operand", gpa=gpa))
+            return 1
+        vcpu.mmio = (gpa, size, bool(write), val)
+        vcpu.mmio_read_pending = not write
+        if write:
+            # No complete_userspace_io for a write: the guest gets back R10 as it was at the exit, 0 (SUCCESS).
+            vcpu.hw.complete_tdvmcall(TdvmcallStatus.SUCCESS)
+        yield Step(EngineStep.USER_EXIT, {"vcpu": vcpu.index, "reason": "KVM_EXIT_MMIO", "gpa": gpa, "len": size,
+                                          "is_write": bool(write), "data": val})
+        return 0
+
+    def tdx_complete_mmio_read(self, vcpu: KvmVcpu) -> Gen:
+        """complete_userspace_io after a KVM_EXIT_MMIO read: the data userspace put in run->mmio goes to the
+        guest's R11 (tdvmcall_set_return_val), R10 = SUCCESS."""
+        gpa, _size, _write, data = vcpu.mmio
+        vcpu.mmio = None
+        vcpu.mmio_read_pending = False
+        vcpu.hw.complete_tdvmcall(TdvmcallStatus.SUCCESS, data)
+        yield Step(EngineStep.EXIT, ExitInfo(vcpu=vcpu.index, what=f"MMIO read complete: {data:#x}", gpa=gpa))
         return 1
 
     def tdx_map_gpa(self, vcpu: KvmVcpu, gpa: int, size: int) -> Gen:
@@ -311,6 +360,19 @@ class VcpuOps:
                 return f"KVM_EXIT_MEMORY_FAULT: cannot convert {gpa:#x} to private"
             # An implicit conversion: make the range what the guest accessed it as.
             yield from self.vmm_convert(gpa >> 12, (gpa + size) >> 12, private)
+            return None
+        if vcpu.mmio is not None:
+            gpa, size, write, data = vcpu.mmio
+            key = mmio_device_key(gpa)
+            if write:
+                # The model's device: a bank of 8-byte registers that reads back what was written (0 at first).
+                self.world.set(key, data)
+                vcpu.mmio = None
+            else:
+                vcpu.mmio = (gpa, size, write, self.world.get(key, 0))
+            shown = data if write else self.world.get(key, 0)
+            yield Step(EngineStep.EXIT, ExitInfo(
+                vcpu=vcpu.index, what=f"VMM: MMIO {'write' if write else 'read'} {gpa:#x} = {shown:#x}", gpa=gpa))
             return None
         hc = vcpu.hypercall
         if hc is not None:

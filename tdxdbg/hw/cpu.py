@@ -87,12 +87,14 @@ class TdExit:
     # Not a register: the full GPA of the faulting access, which the module keeps for its zero-step log
     # (td_exit_epf_stepping_log runs before bits 11:0 are cleared for R8).
     fault_gpa: int = 0
+    r14: int = 0
+    r15: int = 0
 
     @classmethod
     def of(cls, reason: ExitReason, exit_qual: int = 0, ext_qual: int = 0, gpa: int = 0, r10: int = 0,
-           r11: int = 0, r12: int = 0, r13: int = 0, entered: bool = True) -> TdExit:
+           r11: int = 0, r12: int = 0, r13: int = 0, entered: bool = True, r14: int = 0, r15: int = 0) -> TdExit:
         """A TD exit (RAX holds the exit reason)."""
-        return cls(reason, reason, exit_qual, ext_qual, gpa, r10, r11, r12, r13, entered)
+        return cls(reason, reason, exit_qual, ext_qual, gpa, r10, r11, r12, r13, entered, r14=r14, r15=r15)
 
     @classmethod
     def ept_exit_to_vmm(cls, reason: ExitReason, gpa: int, exit_qual: int = 0, ext_qual: int = 0,
@@ -408,7 +410,8 @@ class TdVcpu:
                 self._complete(None, result)
             elif insn.leaf is Tdcall.TDG_VP_VMCALL:
                 # Exits to the host with the call's registers; RIP moves when the host completes it.
-                return TdExit.of(ExitReason.TDCALL, r10=insn.r10, r11=insn.r11, r12=insn.r12, r13=insn.r13)
+                return TdExit.of(ExitReason.TDCALL, r10=insn.r10, r11=insn.r11, r12=insn.r12, r13=insn.r13,
+                                 r14=insn.r14, r15=insn.r15)
             elif insn.leaf is Tdcall.TDG_VP_INFO:
                 yield Step(TdxStep.TDCALL_RETURN, TdcallReturn(insn.leaf, 0, 0, 0, "TDX_SUCCESS", False))
                 self._complete(None, TdcallResult(0, rcx=int(cfg.gpaw)))

@@ -66,6 +66,49 @@ def map_gpa(gpa: int, size: int) -> GuestGen:
         gpa = res.r11
 
 
+# arch/x86/coco/tdx/tdx.c: the direction in R13 of TDG.VP.VMCALL<#VE.RequestMMIO>.
+EPT_READ = 0
+EPT_WRITE = 1
+MMIO_SIZE = 8          # the model's MMIO instructions are 8-byte MOVs
+
+
+def _mmio_hypercall(gpa: int, write: bool, value: int = 0) -> GuestGen:
+    """mmio_read / mmio_write (arch/x86/coco/tdx/tdx.c): TDG.VP.VMCALL with R11 = EXIT_REASON_EPT_VIOLATION,
+    R12 = size, R13 = EPT_READ/EPT_WRITE, R14 = the GPA (the #VE's, shared bit included), R15 = the value to
+    write. A status other than SUCCESS makes handle_mmio fail, and an unhandled #VE panics the guest."""
+    res: TdcallResult = yield TdcallInsn(Tdcall.TDG_VP_VMCALL, r11=Tdvmcall.EPT_VIOLATION, r12=MMIO_SIZE,
+                                         r13=EPT_WRITE if write else EPT_READ, r14=gpa, r15=value)
+    if res.r10 != TdvmcallStatus.SUCCESS:
+        raise GuestPanic(f"MMIO {'write' if write else 'read'} at {gpa:#x} failed: R10={res.r10:#x}")
+    return res.r11
+
+
+def mmio_read(gpa: int) -> GuestGen:
+    """An 8-byte MOV load from an MMIO GPA. The access takes a #VE (the MMIO SPTE has SUPPRESS_VE clear); the #VE
+    handler (virt_exception_kernel -> handle_mmio) decodes the MOV and asks the VMM with TDVMCALL<MMIO>, then
+    skips the instruction. A first access without an MMIO SPTE exits to KVM, which installs one; the
+    instruction then runs again and takes the #VE."""
+    value = yield read(gpa)
+    if not isinstance(value, VirtualizationException):
+        return value                # not MMIO after all: plain memory
+    _check_mmio_ve(value)
+    return (yield from _mmio_hypercall(value.gpa, False))
+
+
+def mmio_write(gpa: int, value: int) -> GuestGen:
+    """An 8-byte MOV store to an MMIO GPA: as mmio_read, with EPT_WRITE and the value in R15."""
+    res = yield write(gpa, value)
+    if isinstance(res, VirtualizationException):
+        _check_mmio_ve(res)
+        yield from _mmio_hypercall(res.gpa, True, value)
+
+
+def _check_mmio_ve(ve: VirtualizationException) -> None:
+    """handle_mmio serves only shared GPAs: a #VE on private memory (a PENDING page) is a guest panic."""
+    if ve.pending:
+        raise GuestPanic(f"Unexpected EPT-violation #VE on private memory at gpa {ve.gpa:#x}")
+
+
 def read_value(gpa: int) -> GuestGen:
     value = yield read(gpa)
     if isinstance(value, VirtualizationException):

@@ -36,6 +36,8 @@ class TdcallInsn:
     r11: int = 0
     r12: int = 0
     r13: int = 0
+    r14: int = 0
+    r15: int = 0
 
 
 Insn = MemAccess | TdcallInsn

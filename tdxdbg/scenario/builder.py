@@ -36,6 +36,10 @@ def guest_program(ops: tuple[Op, ...]) -> guest.GuestGen:
             yield from guest.accept_memory(op.gpa, op.size, Level.PD if op.level == 1 else Level.PT)
         elif op.kind == "map_gpa":
             yield from guest.map_gpa(op.gpa, op.size)
+        elif op.kind == "mmio_read":
+            yield from guest.mmio_read(op.gpa)
+        elif op.kind == "mmio_write":
+            yield from guest.mmio_write(op.gpa, op.value or 0)
 
 
 def next_op_key(task: str) -> tuple[str, str]:

@@ -596,7 +596,20 @@ def _programs(c: Checker, t: dict[str, Any], p: tuple[Any, ...], guest: bool, td
         if op.kind == "seamcall":
             ops.append(op)  # raw operands reach the TDX module as written
             continue
-        if op.kind in ("read", "write", "fetch"):
+        if op.kind in ("mmio_read", "mmio_write"):
+            gpa = op.gpa & ~shared_bit
+            if op.gpa % 8:
+                bad(f"misaligned GPA: expected an 8-byte-aligned GPA, found {op.gpa:#x}")
+                continue
+            if op.gpa >= 1 << td.gpaw or not op.gpa & shared_bit:
+                bad(f"expected a shared GPA (with the shared bit {shared_bit:#x}, below 2^{td.gpaw}) for MMIO, "
+                    f"found {op.gpa:#x}")
+                continue
+            if any(s.gpa < gpa + 8 and gpa < s.gpa + s.size for s in slots):
+                bad(f"expected a GPA outside every memslot for MMIO (KVM only emulates MMIO where no memslot is), "
+                    f"found {op.gpa:#x}")
+                continue
+        elif op.kind in ("read", "write", "fetch"):
             if op.gpa % 8:
                 bad(f"misaligned GPA: expected an 8-byte-aligned GPA, found {op.gpa:#x}")
                 continue

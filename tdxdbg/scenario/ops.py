@@ -33,6 +33,8 @@ GUEST_SYNTAX = {
     "fetch": "fetch GPA",
     "accept": "accept GPA [4K|2M]",
     "map_gpa": "map_gpa GPA SIZE private|shared",
+    "mmio_read": "mmio_read GPA",
+    "mmio_write": "mmio_write GPA VALUE",
 }
 HOST_SYNTAX = {
     "set_attributes": "set_attributes GPA SIZE private|shared",
@@ -158,6 +160,12 @@ def parse_guest_op(text: str) -> Op:
     if name == "fetch":
         _arity(name, args, 1, 1, syn)
         return Op("fetch", t, gpa=parse_u64(args[0], "a GPA"))
+    if name == "mmio_read":
+        _arity(name, args, 1, 1, syn)
+        return Op(name, t, gpa=parse_u64(args[0], "a GPA"))
+    if name == "mmio_write":
+        _arity(name, args, 2, 2, syn)
+        return Op(name, t, gpa=parse_u64(args[0], "a GPA"), value=parse_u64(args[1], "a 64-bit VALUE"))
     if name == "accept":
         _arity(name, args, 1, 2, syn)
         level = 0

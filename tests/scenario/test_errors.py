@@ -101,7 +101,7 @@ def test_wrong_type_gpaw(tmp_path: Path) -> None:
 def test_unknown_operation(tmp_path: Path) -> None:
     text = BASE.replace('"accept 0x2000", "read 0x2000"', '"accept 0x2000",\n  "jump 0x2000"')
     assert one(tmp_path, text) == ("FILE:19: vcpu[1].program[1]: unknown guest operation 'jump': expected one of "
-                                   "read, write, fetch, accept, map_gpa")
+                                   "read, write, fetch, accept, map_gpa, mmio_read, mmio_write")
 
 
 def test_unknown_host_operation(tmp_path: Path) -> None:
