@@ -1,10 +1,9 @@
 """Where the time of the two throughput benchmarks goes: the same work with parts of the recording turned off.
 
 For bench/engine.py's private faults (its TD, one vCPU, 5,000 pages here) and bench/seamcalls.py's SEAMCALL cycles:
-  *-unrecorded      the tasks driven straight through, with no Runtime: no frames, stacks, locals, effects or
+  *-unrecorded      the tasks driven straight through, with no Runtime: no frames, stacks, effects or
                     checks kept (the World's per-step read and write lists are just emptied). The ceiling that
                     any recording can only lower.
-  *-no-locals       the Runtime recording frames, stacks, effects and footprints, but not locals.
   *-no-checks       everything recorded, no invariant checks (faults only; the SEAMCALL bench runs none).
   *                 everything on, as the headline benchmarks run.
 Each figure is the best of three runs.
@@ -40,8 +39,7 @@ def time_faults(mode: str) -> float:
         engine.drive_unrecorded(world, tasks)
         return time.perf_counter() - start
     rt = Runtime(world, tasks, ScheduleSpec(Policy.SEQUENTIAL),
-                 checks=make_checks(built.kvm) if mode != "no-checks" else (),
-                 record_locals=mode != "no-locals")
+                 checks=make_checks(built.kvm) if mode != "no-checks" else ())
     start = time.perf_counter()
     rt.run()
     elapsed = time.perf_counter() - start
@@ -56,7 +54,7 @@ def time_seamcalls(mode: str) -> float:
         engine.drive_unrecorded(world, tasks)
         elapsed = time.perf_counter() - start
     else:
-        rt = Runtime(world, tasks, ScheduleSpec(Policy.SEQUENTIAL), record_locals=mode != "no-locals")
+        rt = Runtime(world, tasks, ScheduleSpec(Policy.SEQUENTIAL))
         start = time.perf_counter()
         rt.run()
         elapsed = time.perf_counter() - start
@@ -69,11 +67,11 @@ def best(timer: Callable[[str], float], mode: str) -> float:
 
 
 def main() -> None:
-    for mode in ("unrecorded", "no-locals", "no-checks", ""):
+    for mode in ("unrecorded", "no-checks", ""):
         name = "private-faults-per-second" + (f"-{mode}" if mode else "")
         print(f"{name}: {FAULT_PAGES / best(time_faults, mode):.0f} faults/s")
     calls = seamcalls.PAGES * seamcalls.CALLS_PER_PAGE
-    for mode in ("unrecorded", "no-locals", ""):
+    for mode in ("unrecorded", ""):
         name = "seamcalls-per-second" + (f"-{mode}" if mode else "")
         print(f"{name}: {calls / best(time_seamcalls, mode):.0f} calls/s")
 

@@ -81,7 +81,7 @@ def run(vcpus: int, pages: int, policy: Policy, checks: bool = True) -> tuple[Ru
     are no longer captured at record time)."""
     built = build(vcpus, pages)
     rt = Runtime(built.machine.world, built.tasks, ScheduleSpec(policy),
-                 checks=_checks(built.kvm) if checks else (), record_locals=False)
+                 checks=_checks(built.kvm) if checks else ())
     start = time.perf_counter()
     rt.run()
     elapsed = time.perf_counter() - start
@@ -148,8 +148,7 @@ def main() -> None:
     # goto on a 1,000,000-frame timeline: record one through a Session (without checks, to save time), then
     # rebuild the state of random positions, each far from where the cursor was.
     setup = build_setup(1, GOTO_PAGES)
-    session = Session.open(setup, ScheduleSpec(Policy.SEQUENTIAL), checks_factory=lambda _kvm: (),
-                           record_locals=False)
+    session = Session.open(setup, ScheduleSpec(Policy.SEQUENTIAL), checks_factory=lambda _kvm: ())
     session.run_to_end(None)
     assert session.finished
     tl = session._rt.timeline
@@ -195,7 +194,7 @@ def timeline_rss() -> None:
     gc.collect()
     before = resident_bytes()
     built = build(1, GOTO_PAGES)
-    rt = Runtime(built.machine.world, built.tasks, ScheduleSpec(Policy.SEQUENTIAL), record_locals=False)
+    rt = Runtime(built.machine.world, built.tasks, ScheduleSpec(Policy.SEQUENTIAL))
     rt.run()
     assert all(t.error is None for t in built.tasks), [t.error for t in built.tasks]
     print((resident_bytes() - before) / len(rt.timeline))

@@ -44,7 +44,7 @@ def _payload(payload: object) -> object:
 def frames_of(path: Path, schedule: str) -> list:
     scenario = load(path)
     spec: ScheduleSpec = schedule_of(scenario, schedule)
-    session = Session.open(build_setup(scenario, path.parent), spec, record_locals=False)
+    session = Session.open(build_setup(scenario, path.parent), spec)
     session.run_to_end(500_000)
     return list(session.frames)
 

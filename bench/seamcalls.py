@@ -3,7 +3,7 @@
 10,000 private 4K pages go through the TDX module's whole cycle: TDH.MEM.PAGE.AUG, the guest's
 TDG.MEM.PAGE.ACCEPT, TDH.MEM.RANGE.BLOCK, TDH.MEM.TRACK and TDH.MEM.PAGE.REMOVE (five calls a page). The
 S-EPT tables are built beforehand and not timed. Frames are recorded with stacks, effects and footprints, not
-locals (no longer captured at record time; `--locals` turns them back on). Prints
+locals (not recorded: they are rebuilt by replay when shown, see bench/locals.py). Prints
 `seamcalls-per-second: N calls/s`.
 """
 
@@ -84,7 +84,7 @@ def build() -> tuple[Any, list[Task], Callable[[], None]]:
 
 def main() -> None:
     world, tasks, verify = build()
-    rt = Runtime(world, tasks, ScheduleSpec(Policy.SEQUENTIAL), record_locals="--locals" in sys.argv)
+    rt = Runtime(world, tasks, ScheduleSpec(Policy.SEQUENTIAL))
     start = time.perf_counter()
     rt.run()
     elapsed = time.perf_counter() - start

@@ -3,7 +3,7 @@
 Per step it keeps what an explorer needs and nothing more: which task ran, the distinct World keys the step
 read and the distinct keys it wrote (in first-touch order), and the violations the checks reported. The checks
 run after every step exactly as under `Runtime` (same pre-filter, same `world.task` and `world.call_stack()`), so
-a run here reports what the same schedule reports when recorded. No frames, payloads, effect values, locals or
+a run here reports what the same schedule reports when recorded. No frames, payloads, effect values or
 keyframes are kept; a call stack is read only when a check asks for it (who issued a SEAMCALL).
 """
 

@@ -7,7 +7,7 @@ import traceback
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
-from tdxdbg.runtime.frame import Frame, StackCache, Violation, capture, capture_stack
+from tdxdbg.runtime.frame import Frame, StackCache, Violation, capture_stack
 from tdxdbg.runtime.scheduler import Policy, Scheduler, ScheduleSpec
 from tdxdbg.runtime.step import Step, StepKind
 from tdxdbg.runtime.task import Task, TaskState
@@ -41,7 +41,7 @@ class Runtime:
     """
 
     def __init__(self, world: World, tasks: Sequence[Task], schedule: ScheduleSpec | None = None,
-                 checks: Sequence[Check] = (), record_locals: bool = True) -> None:
+                 checks: Sequence[Check] = ()) -> None:
         names = [t.name for t in tasks]
         if len(set(names)) != len(names):
             raise ValueError(f"task names must be unique: {names}")
@@ -54,7 +54,6 @@ class Runtime:
         kinds = [getattr(c, "step_kinds", None) for c in self.checks]
         self._check_kinds: frozenset[int] | None = (
             None if any(k is None for k in kinds) else frozenset(id(k) for ks in kinds for k in ks))
-        self.record_locals = record_locals
         self.timeline = Timeline(world.snapshot())
         self._record = self.timeline.recorder()
         self._stack_cache: dict[str, StackCache] = {t.name: StackCache() for t in self.tasks}
@@ -148,12 +147,8 @@ class Runtime:
         state = task.state
         if state is _DONE or state is _FAILED:
             stack: tuple = ()
-            local_values: tuple = ()
-        elif self.record_locals:
-            stack, local_values = capture(gen, self._stack_cache[task.name])
         else:
             stack = capture_stack(gen, self._stack_cache[task.name])
-            local_values = ()
         violations: tuple[Violation, ...] = ()
         checks = self.checks
         if checks and (flat or self._check_kinds is None or id(step.kind) in self._check_kinds):
@@ -168,8 +163,7 @@ class Runtime:
             # Checks read through `peek`; drop anything they recorded anyway.
             writes.clear()
             reads.clear()
-        self._record(task.name, step, stack, flat, footprint, local_values, violations, world,
-                     at_rest or world.at_rest)
+        self._record(task.name, step, stack, flat, footprint, violations, world, at_rest or world.at_rest)
         return index
 
     def run(self, max_frames: int | None = None,

@@ -14,7 +14,7 @@ from array import array
 from collections.abc import Hashable, Iterator, Sequence
 from typing import Any, overload
 
-from tdxdbg.runtime.frame import Frame, Scope, StackEntry, Violation, decode_locals
+from tdxdbg.runtime.frame import Frame, StackEntry, Violation
 from tdxdbg.runtime.step import Step
 from tdxdbg.runtime.world import MISSING, Effect, World
 
@@ -24,9 +24,6 @@ KEYFRAME_MIN_WRITES = 4096
 # then cost at most half the memory of the effects they summarise, and rebuilding a position applies at most
 # about two states' worth of effects.
 KEYFRAME_STATE_FACTOR = 2
-# Locals are kept for this many of the most recent frames; older frames keep their stack and show no locals
-# (they cost about half of a frame's memory).
-LOCALS_WINDOW = 100_000
 # Recorded frames live as long as the timeline and hold no reference cycles, yet the cyclic garbage collector
 # would walk all of them again and again as the timeline grows (it halves recording speed at 100,000 frames).
 # Every this many frames the objects alive so far are moved out of the collector's reach (`gc.freeze`); plain
@@ -53,7 +50,7 @@ class _KeyIds(dict):
 
 
 class _Column(Sequence[Any]):
-    """A read-only per-frame view over one of FrameStore's packed columns (`effects`, `reads`, `locals`)."""
+    """A read-only per-frame view over one of FrameStore's packed columns (`effects`, `reads`)."""
 
     __slots__ = ("_get", "_len")
 
@@ -84,7 +81,7 @@ class FrameStore(Sequence[Frame]):
     - effects: packed over all frames, frame i owning entries eff_off[i]:eff_off[i + 1] of three parallel
       columns (key id, old value, new value): no tuple per frame, and each World key object is kept once;
     - footprint: packed the same way as key ids (read_off, read_ids);
-    - locals: one delta-encoded entry per frame (see frame.capture), dropped past LOCALS_WINDOW.
+    - the frames each task began at rest (rest_frames), where replays that rebuild its locals start.
     """
 
     def __init__(self) -> None:
@@ -113,14 +110,12 @@ class FrameStore(Sequence[Frame]):
         # Footprints, packed: frame i read the keys read_ids[read_off[i]:read_off[i + 1]].
         self.read_off = array("I", [0])
         self.read_ids = array("I")
-        self._locals: list[tuple[Any, ...]] = []
         # Per task id: the frames its step began at rest (see World.quiescent), in order.
         self.rest_frames: list[array] = []
         self.violations: dict[int, tuple[Violation, ...]] = {}
         # Per-frame views of the packed columns, for readers that index them (the session, tests).
         self.effects: Sequence[tuple[Any, ...]] = _Column(self.flat_effects_of, self.__len__)
         self.reads: Sequence[tuple[Hashable, ...]] = _Column(self.reads_of, self.__len__)
-        self.locals: Sequence[tuple[Any, ...]] = _Column(self.locals_of, self.__len__)
 
     def _intern_stack(self, stack: tuple[StackEntry, ...]) -> int:
         i = self._stack_eq.get(stack)
@@ -181,13 +176,10 @@ class FrameStore(Sequence[Frame]):
         keys = self._key_ids.keys
         return tuple([keys[k] for k in self.read_ids[a:b]])
 
-    def locals_of(self, i: int) -> tuple[Scope, ...]:
-        return decode_locals(self._locals[i])
-
     def _frame(self, i: int) -> Frame:
         return Frame(i, self._task_names[self.task_col[i]], Step(self._kinds[self.kind_col[i]], self.payloads[i]),
                      self._stacks[self.stack_col[i]], self.effects_of(i), self.reads_of(i),
-                     self.locals_of(i), self.violations.get(i, ()))
+                     self.violations.get(i, ()))
 
     @overload
     def __getitem__(self, index: int) -> Frame: ...
@@ -255,8 +247,8 @@ class Timeline:
         return iter(self.frames)
 
     def recorder(self) -> Any:
-        """The function that records one frame: flat effects (key, old, new, ...), the distinct keys read, and a
-        locals entry made by frame.capture. It appends to every FrameStore column and takes a keyframe when one
+        """The function that records one frame: flat effects (key, old, new, ...), the distinct keys read, and
+        whether the task began it at rest. It appends to every FrameStore column and takes a keyframe when one
         is due. A closure over the columns' bound methods: it runs once per frame, and closure variables are much
         cheaper than attribute look-ups on self."""
         fs = self.frames
@@ -272,8 +264,6 @@ class Timeline:
         read_ids = fs.read_ids
         add_reads = read_ids.extend
         add_read_off = fs.read_off.append
-        loc = fs._locals
-        add_loc = loc.append
         all_violations = fs.violations
         rest_frames = fs.rest_frames
         key_positions = self._key_positions
@@ -282,8 +272,8 @@ class Timeline:
         since_key = 0  # writes since the last keyframe
 
         def record(task: str, step: Step, stack: tuple[StackEntry, ...], flat_effects: Sequence[Any],
-                   reads: Sequence[Hashable], local_values: tuple[Any, ...], violations: tuple[Violation, ...],
-                   world: World, at_rest: bool = False) -> None:
+                   reads: Sequence[Hashable], violations: tuple[Violation, ...], world: World,
+                   at_rest: bool = False) -> None:
             nonlocal since_key
             i = task_ids.get(task)
             if i is None:
@@ -300,10 +290,7 @@ class Timeline:
             if reads:
                 add_reads(map(kid, reads))
             add_read_off(len(read_ids))
-            add_loc(local_values)
-            n = len(loc)
-            if n > LOCALS_WINDOW:
-                loc[n - LOCALS_WINDOW - 1] = ()
+            n = len(payloads)
             if violations:
                 all_violations[n - 1] = violations
             if not n % GC_FREEZE_EVERY:
@@ -355,6 +342,33 @@ class Timeline:
             self._cursor_pos = self._key_positions[k + 1]
         self._move_cursor(position)
         return self._cursor_state
+
+    @property
+    def cursor_position(self) -> int:
+        """The position the cursor state is at (moved by `state_at`)."""
+        return self._cursor_pos
+
+    @property
+    def cursor_state(self) -> dict[Hashable, Any]:
+        """The state at `cursor_position`. Owned by the timeline: do not mutate it."""
+        return self._cursor_state
+
+    def values_at(self, position: int, other: int) -> dict[Hashable, Any]:
+        """For every key written between positions `position` and `other`, its value at `position` (MISSING:
+        absent): what turns the state at `other` into the state at `position`. Costs those writes only."""
+        frames = self.frames
+        keys = frames._key_ids.keys
+        off = frames.eff_off
+        if position < other:
+            a, b = off[position], off[other]
+            # The value before the first write in [position, other): iterate backwards so the first one wins.
+            ids = frames.eff_keys[a:b]
+            ids.reverse()
+            olds = frames.eff_old[a:b]
+            olds.reverse()
+            return dict(zip(map(keys.__getitem__, ids), olds, strict=True))
+        a, b = off[other], off[position]
+        return dict(zip(map(keys.__getitem__, frames.eff_keys[a:b]), frames.eff_new[a:b], strict=True))
 
     def _move_cursor(self, position: int) -> None:
         """Walk the cursor state to `position`. The writes of frames pos..position are contiguous in the packed

@@ -65,12 +65,12 @@ def run_setup(setup: VmSetup, schedule: ScheduleSpec,
               max_frames: int | None = DEFAULT_MAX_FRAMES) -> tuple[Sequence[Frame], FinalState, VmInfo, str]:
     """Build the VM and run every task to the end (or until stuck, or `max_frames`). Returns
     (frames, final state, VM info, stop reason: "done" | "stuck" | "livelock" | "max_frames")."""
-    s = Session.open(setup, schedule, record_locals=False)
+    s = Session.open(setup, schedule)
     ev = s.run_to_end(max_frames)
     stop = {"end": "done"}.get(ev.reason.value, ev.reason.value)
     frames = list(s.frames)
     final = PeekState(s.state_at())
     res = _results(frames)
-    tasks = tuple(TaskEnd(t.name, t.state, *res.get(t.name, (None, None))) for t in s.task_views())
+    tasks = tuple(TaskEnd(t.name, t.state, *res.get(t.name, (None, None))) for t in s.task_views(with_locals=False))
     message = ev.message if stop in ("stuck", "livelock") else ""
     return frames, FinalState(final, tasks, message), VmInfo(s.context.tdr, s.context.gfn_direct_bits), stop

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import bisect
 import threading
+from collections import OrderedDict
 from collections.abc import Callable, Hashable, Iterator, Sequence
 from types import MappingProxyType
 from typing import Any
@@ -19,10 +20,11 @@ import attrs
 
 from tdxdbg.engine.checks import make_checks
 from tdxdbg.engine.steps import EngineStep
-from tdxdbg.engine.vm import BuiltVm, VmSetup, build_vm
+from tdxdbg.engine.vm import BuiltVm, VmSetup, build_vm, clone_vm
 from tdxdbg.hw.ept import level_size
 from tdxdbg.hw.tdx.seamcall import TdxStep
 from tdxdbg.runtime.frame import Frame, Violation, plain_locals
+from tdxdbg.runtime.replay import ReplayMismatch, TaskReplay
 from tdxdbg.runtime.runtime import Check, Runtime
 from tdxdbg.runtime.scheduler import ScheduleSpec
 from tdxdbg.runtime.step import StepKind
@@ -112,17 +114,21 @@ class FramesView(Sequence[Frame]):
 _TABLE_KEYS = frozenset({"pte", "sept", "kvm.sp", "mem.fill"})
 # Moving further than this many frames rebuilds the trees from scratch instead of replaying changes.
 TREE_CACHE_SPAN = 5000
+# Live replays kept (runtime/replay.py): stepping forward from a shown frame continues one of them, so showing
+# the next frame's locals costs the frames in between, not a replay from the task's last quiescent point.
+REPLAY_CACHE = 8
+# Rebuilt locals kept, per (task, frame).
+LOCALS_CACHE = 64
 
 
 class Session:
     """One TD under the debugger: a setup, a schedule, the timeline recorded so far and a cursor on it."""
 
     def __init__(self, setup: VmSetup, schedule: ScheduleSpec | None = None,
-                 checks_factory: ChecksFactory | None = None, record_locals: bool = True) -> None:
+                 checks_factory: ChecksFactory | None = None) -> None:
         self.setup = setup
         self.schedule = schedule or ScheduleSpec()
         self._checks_factory = checks_factory
-        self._record_locals = record_locals
         self._interrupt = threading.Event()
         # Called every INTERRUPT_EVERY frames of a long command with the number of frames recorded so far, from
         # the thread running it (the UI posts it as a message; it must not read the session).
@@ -143,16 +149,16 @@ class Session:
 
     @classmethod
     def open(cls, setup: VmSetup, schedule: ScheduleSpec | None = None,
-             checks_factory: ChecksFactory | None = None, record_locals: bool = True) -> Session:
+             checks_factory: ChecksFactory | None = None) -> Session:
         """Build the VM (nothing runs yet: position 0). `checks_factory(kvm)` gives the runtime checks; by
         default `tdxdbg.engine.checks.make_checks`."""
-        return cls(setup, schedule, checks_factory if checks_factory is not None else make_checks, record_locals)
+        return cls(setup, schedule, checks_factory if checks_factory is not None else make_checks)
 
     # -- building and replaying ---------------------------------------------------------------------------------
     def _build(self, picks: Sequence[str] = ()) -> _Recording:
         vm = build_vm(self.setup)
         checks = list(self._checks_factory(vm.kvm)) if self._checks_factory is not None else []
-        rt = Runtime(vm.machine.world, vm.tasks, self.schedule, checks, record_locals=self._record_locals)
+        rt = Runtime(vm.machine.world, vm.tasks, self.schedule, checks)
         rec = _Recording(vm, rt, self.schedule.livelock_frames)
         for name in picks:
             if rec.step(name) is None:
@@ -167,6 +173,9 @@ class Session:
         self._prev = rec.prev
         self._waits = rec.waits
         self._tree_cache = views.TreeCache()   # cached trees belong to the timeline they were built from
+        # Live replays and rebuilt locals belong to it too.
+        self._replays: OrderedDict[int, TaskReplay] = OrderedDict()
+        self._locals: OrderedDict[tuple[str, int, Any], views.TaskLocals] = OrderedDict()
 
     # -- read-only state --------------------------------------------------------------------------------------
     @property
@@ -339,8 +348,78 @@ class Session:
                 return t
         return None
 
-    def task_views(self, position: int | None = None) -> tuple[views.TaskView, ...]:
-        """Each task's state and call stack (with locals) as of its latest frame at or before `position`."""
+    # -- locals (rebuilt by replay) -------------------------------------------------------------------------------
+    def task_locals(self, task: str, index: int | None = None,
+                    render: Callable[[dict[str, Any]], Any] = plain_locals) -> views.TaskLocals:
+        """`task`'s local variables, per activation of its call stack (outermost first), after its latest frame
+        at or before frame `index` (default: the frame at the cursor), as they were then.
+
+        They are not recorded: the task is recreated at its last quiescent point before that frame and
+        re-executed over the World as it was (runtime/replay.py), each frame checked against the record; a
+        difference is reported in `error` ("replay mismatch at frame K: ..."). `render` turns each activation's
+        live locals into the values returned (default: for display, rendered as they are then)."""
+        if task not in self._task_names:
+            raise KeyError(task)
+        frames = self._rt.timeline.frames
+        pos = self._pos if index is None else index + 1
+        j = self._latest_of(task, min(pos, len(frames)))
+        if j is None or frames.kind_of(j) in _DONE_KINDS:
+            return views.TaskLocals(task, j)
+        memo_key = (task, j, render)
+        hit = self._locals.get(memo_key)
+        if hit is not None:
+            self._locals.move_to_end(memo_key)
+            return hit
+        try:
+            replay = self._replay_for(task, j)
+            replay.advance_to(j)
+            live = replay.locals()
+            if len(live) != len(frames.stack_of(j)):
+                raise ReplayMismatch(f"replay mismatch at frame {j}: {task} has {len(live)} activations, "
+                                     f"recorded {len(frames.stack_of(j))}")
+            out = views.TaskLocals(task, j, tuple(render(scope) for scope in live))
+        except ReplayMismatch as exc:
+            self._drop_replays(task)
+            out = views.TaskLocals(task, j, (), str(exc))
+        except Exception as exc:  # an engine bug while re-executing: reported, never a traceback
+            self._drop_replays(task)
+            out = views.TaskLocals(task, j, (), f"replay mismatch at frame {j}: {type(exc).__name__}: {exc}")
+        self._locals[memo_key] = out
+        if len(self._locals) > LOCALS_CACHE:
+            self._locals.popitem(last=False)
+        return out
+
+    def _replay_for(self, task: str, index: int) -> TaskReplay:
+        """A live replay of `task` that can reach its frame `index`: a cached one already between the task's
+        last quiescent frame before `index` and `index`, else a new one started there."""
+        timeline = self._rt.timeline
+        start = timeline.frames.rest_before(task, index)
+        if start is None:
+            raise ReplayMismatch(f"replay mismatch at frame {index}: {task} has no frame to start from")
+        best = None
+        for key, r in self._replays.items():
+            if (r.task == task and not r.finished and r.frame is not None and start <= r.frame <= index
+                    and (best is None or r.frame > best[1].frame)):
+                best = (key, r)
+        if best is not None:
+            self._replays.move_to_end(best[0])
+            return best[1]
+        kvm = self._vm.kvm
+        entry = self._vm.entries[task]
+        replay = TaskReplay(timeline, task, start, self._task_frames[task],
+                            lambda world: entry(clone_vm(kvm, world)))
+        self._replays[id(replay)] = replay
+        if len(self._replays) > REPLAY_CACHE:
+            self._replays.popitem(last=False)
+        return replay
+
+    def _drop_replays(self, task: str) -> None:
+        for key in [k for k, r in self._replays.items() if r.task == task]:
+            del self._replays[key]
+
+    def task_views(self, position: int | None = None, with_locals: bool = True) -> tuple[views.TaskView, ...]:
+        """Each task's state and call stack (with its locals, unless `with_locals` is false) as of its latest
+        frame at or before `position`."""
         pos = self._pos if position is None else position
         frames = self._rt.timeline.frames
         out = []
@@ -367,11 +446,13 @@ class Session:
                 state = "ready"
             stack = []
             names = stack_names(f.stack)
+            loc = self.task_locals(info.name, j) if with_locals and f.stack else None
+            scopes = loc.scopes if loc is not None else ()
             for k, entry in enumerate(f.stack):
-                scope = plain_locals(f.locals[k]) if k < len(f.locals) else ()
+                scope = scopes[k] if k < len(scopes) else ()
                 stack.append(views.ActivationView(names[k], entry.function, entry.filename, entry.line, scope))
             out.append(views.TaskView(info.name, info.kind, state, j, tuple(stack),
-                                      getattr(kind, "value", str(kind))))
+                                      getattr(kind, "value", str(kind)), loc.error if loc is not None else ""))
         return tuple(out)
 
     def runnable_tasks(self, position: int | None = None) -> tuple[str, ...]:

@@ -392,10 +392,22 @@ class TaskView:
     frame_index: int | None    # its latest frame at or before the position
     stack: tuple[ActivationView, ...]
     step: str = ""             # kind of its latest step
+    locals_error: str = ""     # why its locals could not be rebuilt (a replay mismatch is an engine bug)
 
     @property
     def depth(self) -> int:
         return len(self.stack)
+
+
+@attrs.frozen(slots=True)
+class TaskLocals:
+    """A task's local variables after one of its frames, per activation of its call stack (outermost first), as
+    they were then; or why they could not be rebuilt (`error`)."""
+
+    task: str
+    frame_index: int | None
+    scopes: tuple[tuple[tuple[str, Any], ...], ...] = ()
+    error: str = ""
 
 
 @attrs.frozen(slots=True)

@@ -343,6 +343,9 @@ class TdxdbgApp(App[int]):
                            center=True)
             source.border_subtitle = src.plain.split("\n", 1)[0]     # the file and line, even when scrolled
             title = Text(f"locals of {a.function} (Enter expands, y copies)", style="bold")
+            if tv.locals_error:   # a replay that did not reproduce the record: an engine bug, never data
+                title = Text(f"locals of {a.function}: ", style="bold")
+                title.append(tv.locals_error, style="bold red")
             locals_pane.show(title, (task or "", str(act), a.qualname), a.locals)
         else:
             source.update(panes.source_text(None, None))

@@ -108,7 +108,7 @@ def _violations(path: Path, schedule: str | None, prefilter: bool) -> list[tuple
     scenario = load(path)
     built = build_vm(build_setup(scenario, path.parent))
     rt = Runtime(built.machine.world, built.tasks, schedule_of(scenario, schedule),
-                 checks=make_checks(built.kvm, prefilter=prefilter), record_locals=False)
+                 checks=make_checks(built.kvm, prefilter=prefilter))
     rt.run(max_frames=200_000)
     frames = rt.timeline.frames
     return [(i, frames.violations[i]) for i in sorted(frames.violations)]

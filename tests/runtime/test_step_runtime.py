@@ -15,6 +15,7 @@ import pytest
 import tdxdbg.runtime.timeline as timeline_mod
 from tdxdbg.runtime import MISSING, Policy, Runtime, Step, StepKind, StopReason, Task, TaskState, World
 from tdxdbg.runtime.frame import plain_locals
+from tdxdbg.runtime.replay import TaskReplay
 from tdxdbg.runtime.runtime import replay
 from tdxdbg.runtime.scheduler import ScheduleSpec
 
@@ -46,7 +47,7 @@ def sig(frame):
     """Everything a frame records, as comparable plain data."""
     return (frame.index, frame.task, frame.kind, dict(frame.step.payload),
             tuple((s.function, s.filename, s.line) for s in frame.stack),
-            frame.effects, frame.reads, repr([plain_locals(scope) for scope in frame.locals]))
+            frame.effects, frame.reads)
 
 
 # -- workloads ------------------------------------------------------------------------------------------------
@@ -290,13 +291,18 @@ def test_stack_is_outermost_first_with_function_names_and_lines():
     assert rt.task("t").result == 12
 
 
-def test_locals_keep_immutable_values_and_show_mutable_ones_by_type_name():
-    """Locals are captured per activation outermost first and rendered by plain_locals: ints, strs, small
-    tuples and frozen attrs are kept; lists, dicts and other mutable objects are shown as <TypeName>."""
+def test_rebuilt_locals_keep_immutable_values_and_show_mutable_ones_by_type_name():
+    """Frames record no locals; a replay from the task's first frame rebuilds them per activation outermost
+    first, and plain_locals renders them: ints, strs, small tuples and frozen attrs kept; lists, dicts and other
+    mutable objects shown as <TypeName>."""
     world = World()
     rt = Runtime(world, [Task("t", outer_fn(world))])
     frame = rt.step()
-    outer, middle, leaf = (dict(plain_locals(scope)) for scope in frame.locals)
+    assert len(frame.stack) == 3
+    assert rt.timeline.frames.rest_before("t", 0) == 0
+    r = TaskReplay(rt.timeline, "t", 0, [0], outer_fn)
+    r.advance_to(0)
+    outer, middle, leaf = (dict(plain_locals(scope)) for scope in r.locals())
     assert {k: repr(v) for k, v in outer.items()} == {"world": "<World>"}
     assert middle["depth"] == 7
     assert repr(middle["world"]) == "<World>"
@@ -307,15 +313,6 @@ def test_locals_keep_immutable_values_and_show_mutable_ones_by_type_name():
     assert leaf["pair"] == (7, "x")
     assert leaf["cfg"] == Cfg(level=7)
     assert set(leaf) == {"world", "depth", "items", "table", "cfg", "pair"}
-
-
-def test_locals_are_not_recorded_when_disabled():
-    """record_locals=False leaves Frame.locals empty but still records the stack."""
-    world = World()
-    rt = Runtime(world, [Task("t", outer_fn(world))], record_locals=False)
-    frame = rt.step()
-    assert frame.locals == ()
-    assert len(frame.stack) == 3
 
 
 # -- blocking -------------------------------------------------------------------------------------------------

@@ -116,7 +116,7 @@ def test_run_prints_the_report_and_exits_1(scenarios: Path, name: str, message: 
 
 def _session(path: Path) -> Session:
     scenario = load(path)
-    return Session.open(build_setup(scenario, path.parent), schedule_of(scenario), record_locals=False)
+    return Session.open(build_setup(scenario, path.parent), schedule_of(scenario))
 
 
 def test_continue_stops_at_the_livelock_recorded_or_not(scenarios: Path) -> None:
