@@ -126,7 +126,8 @@ def chain_locals(gen: Any) -> list[dict[str, Any]]:
 
 
 class TaskReplay:
-    """Task `task` re-executed from its frame `start` (one that began at rest) over an overlay World.
+    """Task `task` re-executed from its frame `start` (one where it passed a quiescent point) over an overlay
+    World.
     `frame` is the task's last re-executed frame (None before the first)."""
 
     def __init__(self, timeline: Timeline, task: str, start: int, task_frames: Sequence[int],
@@ -137,8 +138,14 @@ class TaskReplay:
         self._task_frames = task_frames
         self.world = OverlayWorld(timeline, start)
         self.world.task = task
+        # The writes of frame `start` made before its quiescent point: the entry starts after them.
+        skip = timeline.frames.rest_offsets.get(start, 0)
+        if skip:
+            flat = timeline.frames.flat_effects_of(start)
+            self.world.apply(flat[0:skip:3], flat[2:skip:3])
+        self._skip = skip
         self.gen = factory(self.world)
-        self.position = start      # the overlay holds the state at this position
+        self.position = start      # the overlay holds the state at this position (plus those writes)
         self.frame: int | None = None
         self.finished = False
 
@@ -194,6 +201,9 @@ class TaskReplay:
                                  f"{_describe(step.kind, payload)}, recorded {_describe(kind, recorded)}")
         writes = tuple(world._writes)
         recorded_writes = frames.flat_effects_of(index)
+        if self._skip:
+            recorded_writes = recorded_writes[self._skip:]
+            self._skip = 0
         if writes != recorded_writes:
             raise ReplayMismatch(f"replay mismatch at frame {index}: {self.task} wrote {_describe_writes(writes)}, "
                                  f"recorded {_describe_writes(recorded_writes)}")

@@ -114,9 +114,9 @@ class Runtime:
         gen = task.gen
         # A task is at rest when its step starts before it ran at all, or passes a quiescent point (World.quiescent)
         # before writing: its entry, started on the state before this frame, then replays this frame.
-        at_rest = not task.started
+        first = not task.started
         task.started = True
-        world.at_rest = False
+        world.at_rest = -1
         try:
             step = gen.send(None)
         except StopIteration as stop:
@@ -163,7 +163,7 @@ class Runtime:
             # Checks read through `peek`; drop anything they recorded anyway.
             writes.clear()
             reads.clear()
-        self._record(task.name, step, stack, flat, footprint, violations, world, at_rest or world.at_rest)
+        self._record(task.name, step, stack, flat, footprint, violations, world, 0 if first else world.at_rest)
         return index
 
     def run(self, max_frames: int | None = None,

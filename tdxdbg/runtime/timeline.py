@@ -110,8 +110,10 @@ class FrameStore(Sequence[Frame]):
         # Footprints, packed: frame i read the keys read_ids[read_off[i]:read_off[i + 1]].
         self.read_off = array("I", [0])
         self.read_ids = array("I")
-        # Per task id: the frames its step began at rest (see World.quiescent), in order.
+        # Per task id: the frames in which it passed a quiescent point (World.quiescent), in order; and for those
+        # where it wrote before that point, how many flat write entries came first.
         self.rest_frames: list[array] = []
+        self.rest_offsets: dict[int, int] = {}
         self.violations: dict[int, tuple[Violation, ...]] = {}
         # Per-frame views of the packed columns, for readers that index them (the session, tests).
         self.effects: Sequence[tuple[Any, ...]] = _Column(self.flat_effects_of, self.__len__)
@@ -248,9 +250,9 @@ class Timeline:
 
     def recorder(self) -> Any:
         """The function that records one frame: flat effects (key, old, new, ...), the distinct keys read, and
-        whether the task began it at rest. It appends to every FrameStore column and takes a keyframe when one
-        is due. A closure over the columns' bound methods: it runs once per frame, and closure variables are much
-        cheaper than attribute look-ups on self."""
+        where in it the task was at rest (-1: nowhere). It appends to every FrameStore column and takes a keyframe
+        when one is due. A closure over the columns' bound methods: it runs once per frame, and closure variables
+        are much cheaper than attribute look-ups on self."""
         fs = self.frames
         task_ids, kind_ids, stack_ids = fs._task_ids, fs._kind_ids, fs._stack_ids
         intern_task, intern_kind, intern_stack = fs._intern_task, fs._intern_kind, fs._intern_stack
@@ -266,6 +268,7 @@ class Timeline:
         add_read_off = fs.read_off.append
         all_violations = fs.violations
         rest_frames = fs.rest_frames
+        rest_offsets = fs.rest_offsets
         key_positions = self._key_positions
         key_states = self._key_states
         freeze = gc.freeze
@@ -273,14 +276,16 @@ class Timeline:
 
         def record(task: str, step: Step, stack: tuple[StackEntry, ...], flat_effects: Sequence[Any],
                    reads: Sequence[Hashable], violations: tuple[Violation, ...], world: World,
-                   at_rest: bool = False) -> None:
+                   at_rest: int = -1) -> None:
             nonlocal since_key
             i = task_ids.get(task)
             if i is None:
                 i = intern_task(task)
             task_col(i)
-            if at_rest:
+            if at_rest >= 0:
                 rest_frames[i].append(len(payloads))
+                if at_rest:
+                    rest_offsets[len(payloads)] = at_rest
             kind = step.kind
             i = kind_ids.get(id(kind))
             kind_col(intern_kind(kind) if i is None else i)

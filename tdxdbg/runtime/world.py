@@ -41,8 +41,9 @@ class World:
         # either. A runner that does not read every stack leaves None and a `stack_source` that reads it.
         self.stack: tuple | None = ()
         self.stack_source: Callable[[], tuple] | None = None
-        # Set by `quiescent()` during a step, cleared by the runtime before each one; not state.
-        self.at_rest: bool = False
+        # Set by `quiescent()` during a step to the number of flat write entries made before it (-1: not at rest),
+        # reset by the runtime before each step; not state.
+        self.at_rest: int = -1
 
     # -- recorded access -------------------------------------------------------------------------------
     def get(self, key: Hashable, default: Any = None) -> Any:
@@ -67,11 +68,11 @@ class World:
 
     def quiescent(self) -> None:
         """The running task is at a quiescent point: everything it carries from here on is in the World, so its
-        entry generator, started afresh on this state, reaches this point with the same locals. It counts only
-        before the step's first write (the state the step started from is then the state here); the recorder
-        marks such frames, and locals are rebuilt by replaying from them."""
-        if not self._writes:
-            self.at_rest = True
+        entry generator, started afresh on the World as it is here, reaches this point with the same locals. The
+        first such point of a step counts; the recorder marks the frame with how many of its writes came before
+        it (the replay applies those, then starts the entry), and locals are rebuilt by replaying from there."""
+        if self.at_rest < 0:
+            self.at_rest = len(self._writes)
 
     def call_stack(self) -> tuple:
         """The call stack of the step just run (outermost first), for checks that ask who issued it."""
