@@ -22,6 +22,7 @@ Figures:
 
 from __future__ import annotations
 
+import functools
 import gc
 import os
 import random
@@ -39,6 +40,7 @@ from tdxdbg.engine.gmem import Memslot
 from tdxdbg.engine.steps import EngineStep
 from tdxdbg.engine.vm import BuiltVm, VmSetup, build_vm
 from tdxdbg.hw import guest
+from tdxdbg.hw.insn import OpProgramFactory
 from tdxdbg.runtime import Runtime, Task, TaskState
 from tdxdbg.runtime.scheduler import Policy, ScheduleSpec
 from tdxdbg.session import Session
@@ -58,11 +60,10 @@ def _checks(kvm):
     return make_checks(kvm)
 
 
-def accept_pages(first: int, count: int):
-    def program():
-        for i in range(count):
-            yield from guest.accept_memory((first + i) << 12, 0x1000)
-    return program
+def accept_pages(first: int, count: int) -> OpProgramFactory:
+    """`count` operations `accept GPA 4K`, as a scenario's program of accepts builds them."""
+    return OpProgramFactory([functools.partial(guest.accept_memory, (first + i) << 12, 0x1000)
+                             for i in range(count)])
 
 
 def build_setup(vcpus: int, pages: int) -> VmSetup:

@@ -122,14 +122,16 @@ Retired = tuple[Any, "Retired"] | None
 @attrs.frozen(slots=True)
 class GuestCpu:
     """The guest side of a TD vCPU, in the World: whether the program started or ended, the instruction it is
-    at (re-executed after a TD exit until it retires), the results of every instruction it retired (its
-    position: the program replayed with them is where it was), and the host's answer to a pending
+    at (re-executed after a TD exit until it retires), its position (the operation it is in, for programs made
+    of operations, and the results of the instructions it retired since that operation began: the program
+    rebuilt at that operation and replayed with them is where it was), and the host's answer to a pending
     TDG.VP.VMCALL, which the guest sees at the next TD entry."""
 
     started: bool = False
     halted: bool = False
     pending: Any = None
     retired: Retired = None
+    op: int = 0
     vmcall: TdcallResult | None = None
 
 
@@ -150,8 +152,10 @@ class TdVcpu:
         self.index = index
         self.tdvpr = module.create_vcpu(tdr, index)
         self._program = program
-        # The live guest program and the GuestCpu.retired it has been sent (compared by identity).
+        # The live guest program and the position (GuestCpu.op, GuestCpu.retired) it is at (retired compared by
+        # identity).
         self._gen: guest.GuestProgram | None = None
+        self._gen_op = 0
         self._gen_at: Retired = None
         self.world.set(self.rip_key, 0)
         self.world.set(self.guest_key, IDLE_GUEST)
@@ -163,6 +167,7 @@ class TdVcpu:
         other.memory = memory
         other.world = module.world
         other._gen = None
+        other._gen_op = 0
         other._gen_at = None
         return other
 
@@ -319,12 +324,12 @@ class TdVcpu:
 
     # -- guest execution --------------------------------------------------------------------------------------
     def _program_at(self, g: GuestCpu) -> guest.GuestProgram:
-        """The guest program positioned at `g`: the live one when it is there, else a new one sent every
-        result `g` records (the program is deterministic in what it receives)."""
+        """The guest program positioned at `g`: the live one when it is there, else a new one started at `g`'s
+        operation and sent every result `g` records since (the program is deterministic in what it receives)."""
         gen = self._gen
-        if gen is not None and self._gen_at is g.retired:
+        if gen is not None and self._gen_at is g.retired and self._gen_op == g.op:
             return gen
-        gen = self._program()
+        gen = self._program(g.op) if g.op else self._program()
         insn = next(gen)
         results = []
         node = g.retired
@@ -335,7 +340,7 @@ class TdVcpu:
             insn = gen.send(result)
         if insn != g.pending:
             raise RuntimeError(f"guest program of vCPU {self.index} replayed to {insn}, expected {g.pending}")
-        self._gen, self._gen_at = gen, g.retired
+        self._gen, self._gen_op, self._gen_at = gen, g.op, g.retired
         return gen
 
     def _current(self) -> guest.Insn | None:
@@ -350,8 +355,9 @@ class TdVcpu:
             except StopIteration:
                 w.set(self.guest_key, attrs.evolve(g, started=True, halted=True))
                 return None
-            self._gen, self._gen_at = gen, None
-            w.set(self.guest_key, attrs.evolve(g, started=True, pending=insn))
+            op = getattr(gen, "op", 0)
+            self._gen, self._gen_op, self._gen_at = gen, op, None
+            w.set(self.guest_key, attrs.evolve(g, started=True, pending=insn, op=op))
             return insn
         return g.pending
 
@@ -370,8 +376,11 @@ class TdVcpu:
             self._gen = None
             w.set(self.guest_key, attrs.evolve(g, pending=None, halted=True, retired=retired))
             return
-        self._gen_at = retired
-        w.set(self.guest_key, attrs.evolve(g, pending=insn, retired=retired))
+        op = getattr(gen, "op", 0)
+        if op != g.op:
+            retired = None  # a new operation began: the position restarts there
+        self._gen_op, self._gen_at = op, retired
+        w.set(self.guest_key, attrs.evolve(g, pending=insn, retired=retired, op=op))
 
     def _run_guest(self, cfg: TdConfig) -> Generator[Step, None, TdExit]:
         w = self.world

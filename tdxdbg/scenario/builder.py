@@ -5,6 +5,7 @@ Tasks are vcpu0, vcpu1, ... (one per [[vcpu]]) then host0, host1, ... (one per [
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Generator
 from pathlib import Path
 from typing import Any
@@ -15,6 +16,7 @@ from tdxdbg.engine.steps import EngineStep
 from tdxdbg.engine.vm import VmSetup, load_variant
 from tdxdbg.hw import guest
 from tdxdbg.hw.ept import Gpaw, Level
+from tdxdbg.hw.insn import OpProgramFactory
 from tdxdbg.hw.tdx.leaves import Seamcall
 from tdxdbg.hw.tdx.seamcall import LEAVES, Arg, Reg
 from tdxdbg.runtime.step import Step
@@ -23,23 +25,27 @@ from tdxdbg.scenario.model import Op, Scenario
 PAGES_PER_2M = 512
 
 
-def guest_program(ops: tuple[Op, ...]) -> guest.GuestGen:
-    """The vCPU's guest kernel: the operations in order, each as the Linux guest does it."""
-    for op in ops:
-        if op.kind == "read":
-            yield from guest.read_value(op.gpa)
-        elif op.kind == "write":
-            yield from guest.write_value(op.gpa, op.value or 0)
-        elif op.kind == "fetch":
-            yield from guest.fetch_value(op.gpa)
-        elif op.kind == "accept":
-            yield from guest.accept_memory(op.gpa, op.size, Level.PD if op.level == 1 else Level.PT)
-        elif op.kind == "map_gpa":
-            yield from guest.map_gpa(op.gpa, op.size)
-        elif op.kind == "mmio_read":
-            yield from guest.mmio_read(op.gpa)
-        elif op.kind == "mmio_write":
-            yield from guest.mmio_write(op.gpa, op.value or 0)
+def guest_op(op: Op) -> guest.GuestGen:
+    """One operation of the vCPU's guest kernel, as the Linux guest does it."""
+    if op.kind == "read":
+        yield from guest.read_value(op.gpa)
+    elif op.kind == "write":
+        yield from guest.write_value(op.gpa, op.value or 0)
+    elif op.kind == "fetch":
+        yield from guest.fetch_value(op.gpa)
+    elif op.kind == "accept":
+        yield from guest.accept_memory(op.gpa, op.size, Level.PD if op.level == 1 else Level.PT)
+    elif op.kind == "map_gpa":
+        yield from guest.map_gpa(op.gpa, op.size)
+    elif op.kind == "mmio_read":
+        yield from guest.mmio_read(op.gpa)
+    elif op.kind == "mmio_write":
+        yield from guest.mmio_write(op.gpa, op.value or 0)
+
+
+def guest_program(ops: tuple[Op, ...]) -> OpProgramFactory:
+    """The vCPU's guest kernel: the operations in order. A vCPU can rebuild it at any operation."""
+    return OpProgramFactory([functools.partial(guest_op, op) for op in ops])
 
 
 def next_op_key(task: str) -> tuple[str, str]:
@@ -171,7 +177,7 @@ def build_setup(scenario: Scenario, base_dir: Path | None = None) -> VmSetup:
     slots = tuple(Memslot(s.id, s.gpa >> 12, s.size >> 12, s.guest_memfd, s.readonly, s.dirty_log)
                   for s in scenario.memslots)
     private = tuple((gpa >> 12, (gpa + size) >> 12) for gpa, size in scenario.private)
-    vcpu_programs = tuple(_guest_factory(ops) for ops in scenario.vcpus)
+    vcpu_programs = tuple(guest_program(ops) for ops in scenario.vcpus)
     host_programs = tuple(_host_factory(ops) for ops in scenario.hosts)
     inject = tuple((Seamcall[i.leaf], i.occurrence, i.status) for i in scenario.inject)
     return VmSetup(gpaw=Gpaw.GPAW_52 if td.gpaw == 52 else Gpaw.GPAW_48, sept_ve_disable=td.sept_ve_disable,
@@ -179,8 +185,6 @@ def build_setup(scenario: Scenario, base_dir: Path | None = None) -> VmSetup:
                    private_ranges=private, vcpu_programs=vcpu_programs, host_programs=host_programs, inject=inject)
 
 
-def _guest_factory(ops: tuple[Op, ...]) -> Any:
-    return lambda: guest_program(ops)
 
 
 def _host_factory(ops: tuple[Op, ...]) -> Any:
