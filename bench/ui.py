@@ -56,7 +56,8 @@ class TimedApp(TdxdbgApp):
         self.first_paint: float | None = None
 
     def on_mount(self) -> None:
-        super().on_mount()
+        # Textual runs TdxdbgApp.on_mount itself (handlers are called along the MRO): calling super() here
+        # opened the scenario twice, and the second session replaced the one being recorded.
         self.call_after_refresh(self._painted)
 
     def _painted(self) -> None:
@@ -75,7 +76,10 @@ async def measure(path: str) -> None:
         while app.first_paint is None:
             await pilot.pause(0.001)
         cold = (app.first_paint - t0) * 1000
-        # Let the background recording finish, then stand in the middle of the run.
+        # Let the background recording start (it is handed to a worker after the first paint) and finish, then
+        # stand in the middle of the run.
+        while not app._run_label and not len(app.session.frames):
+            await pilot.pause(0.01)
         while app._run_label:
             await pilot.pause(0.1)
         await app.workers.wait_for_complete()
@@ -100,8 +104,7 @@ sys.path.insert(0, {root!r})
 from tdxdbg.ui.app import TdxdbgApp
 
 class App(TdxdbgApp):
-    def on_mount(self):
-        super().on_mount()
+    def on_mount(self):  # TdxdbgApp.on_mount runs too: Textual calls handlers along the MRO
         self.call_after_refresh(lambda: print(time.time(), flush=True) or self.exit())
 
 async def main():
