@@ -505,11 +505,12 @@ class Session:
 
     def fork_points(self) -> tuple[int, ...]:
         """Positions where another branch leaves the current timeline (the common prefix of their picks)."""
+        others = [b for b in self._branches.values() if b.id != self.branch]
+        if not others:
+            return ()  # the UI asks at every refresh: don't list a long timeline's picks for nothing
         mine = self.picks
         out = set()
-        for b in self.branches():
-            if b.id == self.branch:
-                continue
+        for b in others:
             n = 0
             for x, y in zip(mine, b.picks, strict=False):
                 if x != y:
