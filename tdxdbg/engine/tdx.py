@@ -76,6 +76,9 @@ class TdxOps(MmuOps):
     # Whether KVM_TDX_INIT_MEM_REGION premaps mirror leaves before their TDH.MEM.PAGE.ADD (kvm_tdx->nr_premapped,
     # v6.16); the invariant checks allow a FREE S-EPT leaf under a present mirror SPTE before finalize only then.
     tdx_premaps_init_mem_region = False
+    # Whether tdx_handle_ept_violation's local retry ends when the faulting gfn's memslot is being deleted
+    # (kvm-x86; v6.16 retries until the deletion is done, which deadlocks against synchronize_srcu).
+    tdx_local_retry_bails_on_invalid_slot = True
 
     # Override points a patch typically changes: the external-SPT hooks (set_external_spte ->
     # tdx_sept_set_private_spte -> tdx_sept_map_nonleaf_spte / tdx_sept_map_leaf_spte (tdx_mem_page_aug,
@@ -342,9 +345,10 @@ class TdxOps(MmuOps):
             if self.vm_dead:
                 ret = EIO
                 break
-            slot = self.kvm_vcpu_gfn_to_memslot((gpa >> 12) & ~self.gfn_direct_bits)
-            if slot is not None and slot.invalid:
-                break
+            if self.tdx_local_retry_bails_on_invalid_slot:
+                slot = self.kvm_vcpu_gfn_to_memslot((gpa >> 12) & ~self.gfn_direct_bits)
+                if slot is not None and slot.invalid:
+                    break
             retries += 1
             yield Step(EngineStep.EXIT, ExitInfo(vcpu=vcpu.index, what="local retry", gpa=gpa, retry=retries))
         vcpu.fault_retries = retries

@@ -50,7 +50,7 @@ from tdxdbg.engine.spte import (
     is_shadow_present_pte,
     spte_to_pfn,
 )
-from tdxdbg.engine.steps import EngineStep, ExitInfo
+from tdxdbg.engine.steps import EngineStep
 from tdxdbg.engine.tdx import (
     EBUSY,
     EINVAL,
@@ -75,6 +75,7 @@ class V6_16(Upstream):
     name = "v6.16"
     description = "Linux v6.16: premapped KVM_TDX_INIT_MEM_REGION, KVM_BUG_ON, no memslot bail in the local retry."
     tdx_premaps_init_mem_region = True
+    tdx_local_retry_bails_on_invalid_slot = False  # no memslot bail in the v6.16 local retry
 
     # -- kvm_main.c ------------------------------------------------------------------------------------------
     def kvm_ioctls_refused(self) -> bool:
@@ -298,35 +299,3 @@ class V6_16(Upstream):
     def kvm_faultin_invalid_slot(self, fault: KvmPageFault) -> Any:
         """v6.16 kvm_mmu_faultin_pfn: RET_PF_RETRY on an invalid memslot, prefetch or not."""
         return RetPf.RET_PF_RETRY
-
-    def tdx_handle_ept_violation(self, vcpu: Any, exit: Any) -> Gen:
-        """The local retry loop of v6.16: it ends on a non-RETRY result, a pending event or signal or a dead VM, but not
-        on an invalid memslot (a vCPU faulting on a slot being deleted retries until the deletion is done)."""
-        gpa = exit.gpa
-        local_retry = False
-        if self.tdx_is_private_gpa(gpa):
-            if self.tdx_is_sept_violation_unexpected_pending(exit):
-                yield from self.kvm_vm_dead(f"Guest access before accepting {gpa:#x} on vCPU {vcpu.index}")
-                return EIO
-            exit_qual = EPT_VIOLATION_ACC_WRITE
-            local_retry = True
-        else:
-            exit_qual = exit.exit_qual
-            if (yield from self.kvm_bug_on(bool(exit_qual & EPT_VIOLATION_ACC_INSTR),
-                                           "instruction fetch from shared memory")):
-                return EIO
-        ret: Any = RetPf.RET_PF_RETRY
-        retries = 0
-        while True:
-            ret = yield from self.vmx_handle_ept_violation(vcpu, gpa, exit_qual)
-            if ret is not RetPf.RET_PF_RETRY or not local_retry:
-                break
-            if self.kvm_vcpu_has_events(vcpu) or self.signal_pending():
-                break
-            if self.vm_dead:
-                ret = EIO
-                break
-            retries += 1
-            yield Step(EngineStep.EXIT, ExitInfo(vcpu=vcpu.index, what="local retry", gpa=gpa, retry=retries))
-        vcpu.fault_retries = retries
-        return ret
