@@ -16,7 +16,7 @@ from collections.abc import Hashable, Sequence
 from typing import Any
 
 from tdxdbg.runtime.frame import StackCache, Violation, capture_stack
-from tdxdbg.runtime.runtime import Check, StopReason
+from tdxdbg.runtime.runtime import Check, StopReason, checked_step_kinds, unique_tasks
 from tdxdbg.runtime.scheduler import Policy, Scheduler, ScheduleSpec
 from tdxdbg.runtime.step import Step, StepKind
 from tdxdbg.runtime.task import Task, TaskState
@@ -35,16 +35,11 @@ class Execution:
 
     def __init__(self, world: World, tasks: Sequence[Task], schedule: ScheduleSpec | None = None,
                  checks: Sequence[Check] = ()) -> None:
-        names = [t.name for t in tasks]
-        if len(set(names)) != len(names):
-            raise ValueError(f"task names must be unique: {names}")
+        self.tasks = unique_tasks(tasks)
         self.world = world
-        self.tasks = list(tasks)
         self.scheduler = Scheduler(schedule or ScheduleSpec())
         self.checks = list(checks)
-        kinds = [getattr(c, "step_kinds", None) for c in self.checks]
-        self._check_kinds: frozenset[int] | None = (
-            None if any(k is None for k in kinds) else frozenset(id(k) for ks in kinds for k in ks))
+        self._check_kinds = checked_step_kinds(self.checks)
         # Per task: reads its current call stack (capture keeps its cache valid however many steps ran between
         # two reads: an activation still suspended in the same sub-generator has not run since).
         self._stack_of = [functools.partial(capture_stack, t.gen, StackCache()) for t in self.tasks]

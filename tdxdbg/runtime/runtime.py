@@ -27,6 +27,21 @@ _FAILED = TaskState.FAILED
 Check = Callable[[World, Step, tuple], Iterable[Violation]]
 
 
+def unique_tasks(tasks: Sequence[Task]) -> list[Task]:
+    """The tasks as a list, refusing two with one name (frames name their task)."""
+    names = [t.name for t in tasks]
+    if len(set(names)) != len(names):
+        raise ValueError(f"task names must be unique: {names}")
+    return list(tasks)
+
+
+def checked_step_kinds(checks: Sequence[Check]) -> frozenset[int] | None:
+    """Ids of the step kinds any check looks at (by identity: an enum member hashes in Python); None when some
+    check looks at every frame."""
+    kinds = [getattr(c, "step_kinds", None) for c in checks]
+    return None if any(k is None for k in kinds) else frozenset(id(k) for ks in kinds for k in ks)
+
+
 class StopReason(enum.Enum):
     DONE = "done"            # every task finished
     STUCK = "stuck"          # tasks remain but none is runnable
@@ -42,18 +57,11 @@ class Runtime:
 
     def __init__(self, world: World, tasks: Sequence[Task], schedule: ScheduleSpec | None = None,
                  checks: Sequence[Check] = ()) -> None:
-        names = [t.name for t in tasks]
-        if len(set(names)) != len(names):
-            raise ValueError(f"task names must be unique: {names}")
+        self.tasks = unique_tasks(tasks)
         self.world = world
-        self.tasks = list(tasks)
         self.scheduler = Scheduler(schedule or ScheduleSpec())
         self.checks = list(checks)
-        # Ids of the step kinds any check looks at (by identity: an enum member hashes in Python); None when some
-        # check looks at every frame.
-        kinds = [getattr(c, "step_kinds", None) for c in self.checks]
-        self._check_kinds: frozenset[int] | None = (
-            None if any(k is None for k in kinds) else frozenset(id(k) for ks in kinds for k in ks))
+        self._check_kinds = checked_step_kinds(self.checks)
         self.timeline = Timeline(world.snapshot())
         self._record = self.timeline.recorder()
         self._stack_cache: dict[str, StackCache] = {t.name: StackCache() for t in self.tasks}
